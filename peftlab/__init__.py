@@ -1,0 +1,49 @@
+"""peftlab: parameter-efficient fine-tuning for Hugging Face transformers.
+
+Public API only; each method lives in ``peftlab.methods.<name>`` and registers itself.
+"""
+
+from ._version import __version__
+from .api import (
+    count_parameters,
+    disable_adapters,
+    is_merged,
+    merge,
+    print_trainable_parameters,
+    unmerge,
+    unwrap,
+    wrap,
+)
+from .config import PeftConfig
+from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
+from .hf_peft import export_peft, import_peft
+from .io import load_adapter, save_adapter, save_merged
+from .methods.lora import LoraConfig
+from .models import load_model, resolve_model_path
+
+__all__ = [
+    "__version__",
+    "wrap",
+    "unwrap",
+    "merge",
+    "unmerge",
+    "is_merged",
+    "disable_adapters",
+    "count_parameters",
+    "print_trainable_parameters",
+    "save_adapter",
+    "load_adapter",
+    "save_merged",
+    "export_peft",
+    "import_peft",
+    "load_model",
+    "resolve_model_path",
+    "PeftConfig",
+    "LoraConfig",
+    "PeftlabError",
+    "ConfigError",
+    "TargetError",
+    "MergeError",
+    "AdapterFileError",
+    "WrapError",
+]

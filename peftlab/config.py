@@ -1,0 +1,103 @@
+"""Base configuration shared by every PEFT method.
+
+Each method defines a dataclass that subclasses :class:`PeftConfig`, sets a unique
+``method`` name and registers itself with :func:`register_config`. Configs round-trip
+through JSON (``to_dict`` / ``PeftConfig.from_dict``) and validate in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError
+
+_CONFIGS: dict[str, type[PeftConfig]] = {}
+
+
+def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
+    """Class decorator: make ``cls`` loadable by its ``method`` name."""
+    if not cls.method:
+        raise TypeError(f"{cls.__name__} must set a non-empty `method` class attribute")
+    _CONFIGS[cls.method] = cls
+    return cls
+
+
+def known_methods() -> list[str]:
+    """Names of every registered method, sorted."""
+    return sorted(_CONFIGS)
+
+
+def config_class(method: str) -> type[PeftConfig]:
+    """The config dataclass registered for ``method``; a clear error lists the valid names."""
+    try:
+        return _CONFIGS[method]
+    except KeyError:
+        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(known_methods())}") from None
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method has.
+
+    Args:
+        target_modules: which modules get an adapter. A list of names (each matches a module
+            path exactly or as a dotted suffix, e.g. ``"query"`` matches
+            ``bert.encoder.layer.0.attention.self.query``), a regex string matched in full
+            against module paths, ``"all-linear"``, or ``None`` for the architecture default.
+        modules_to_save: modules (suffix match) kept fully trainable and saved with the
+            adapter, e.g. a freshly initialised classifier head.
+        adapter_name: the adapter's name; wrapping twice with the same name is an error.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    adapter_name: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ConfigError(
+                f"target_modules must be a list of names, a regex string, 'all-linear' or None; "
+                f"got {type(self.target_modules).__name__}"
+            )
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list; give at least one module name or None")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if not self.adapter_name or not isinstance(self.adapter_name, str):
+            raise ConfigError(f"adapter_name must be a non-empty string, got {self.adapter_name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with a ``method`` key."""
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> PeftConfig:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error that names them."""
+        data = dict(data)
+        method = data.pop("method", None)
+        if method is None:
+            raise ConfigError(f"adapter config has no 'method' key; valid methods: {', '.join(known_methods())}")
+        cls = config_class(method)
+        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown keys for method {method!r}: {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> PeftConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

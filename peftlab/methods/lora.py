@@ -1,0 +1,275 @@
+r"""LoRA: Low-Rank Adaptation (Hu et al., 2021, arXiv:2106.09685).
+
+::
+
+            x ──────────────► W (frozen) ─────────────┐
+            │                                          ▼
+            └─► dropout ─► A (r×d_in) ─► B (d_out×r) ─► × s ─► (+) ─► h
+
+    h = W x + b + s · B A dropout(x),   s = alpha / r   (rsLoRA: s = alpha / sqrt(r))
+
+A is Kaiming-uniform and B is zero, so a freshly wrapped model computes exactly the base
+model. ``merge`` folds s·B A into W; ``unmerge`` subtracts it again.
+
+Shapes: x (..., d_in); A (r, d_in); B (d_out, r); h (..., d_out). GPT-2 ``Conv1D`` stores its
+weight transposed (d_in, d_out); the layer handles both through :mod:`peftlab.layers`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PeftConfig, register_config
+from ..errors import ConfigError
+from ..inject import replace_module
+from ..layers import AdapterLayer, is_conv1d, layer_dims, weight_shape
+from ..registry import Method, register_method
+from ..targeting import resolve_targets
+
+BIAS_OPTIONS = ("none", "all", "lora_only")
+
+
+@register_config
+@dataclass
+class LoraConfig(PeftConfig):
+    r"""LoRA hyper-parameters.
+
+    Args:
+        r: rank of the update (> 0).
+        alpha: scaling numerator (> 0); the update is scaled by alpha/r (or alpha/sqrt(r)).
+        dropout: dropout on the adapter input, in [0, 1).
+        use_rslora: rank-stabilised scaling alpha/sqrt(r) (Kalajievski, 2023).
+        bias: "none", "all" (every bias in the model trains) or "lora_only" (biases of the
+            adapted layers train).
+        rank_pattern / alpha_pattern: per-module overrides, ``{name_or_regex: value}``; a key
+            matches a module path when ``re.match(rf"(.*\.)?({key})$", path)`` does.
+        use_kernel: "auto" (Triton on CUDA when importable, torch otherwise), "triton" or "torch".
+    """
+
+    method = "lora"
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    use_rslora: bool = False
+    bias: str = "none"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in BIAS_OPTIONS:
+            raise ConfigError(f"LoRA bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
+        if self.use_kernel not in ("auto", "triton", "torch"):
+            raise ConfigError(f"use_kernel must be 'auto', 'triton' or 'torch', got {self.use_kernel!r}")
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """Rank and alpha for the module at ``path`` after the per-module patterns."""
+        return pattern_value(self.rank_pattern, path, self.r), pattern_value(self.alpha_pattern, path, self.alpha)
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
+    """The value of the first key of ``pattern`` that matches ``path`` as HF PEFT does."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """Adapter weights train in fp32 when the base is half precision or quantized (as HF PEFT)."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is None or not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight.dtype
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA around a frozen linear-like layer (``nn.Linear``, ``Conv1D``, bitsandbytes linears).
+
+    Args:
+        base_layer: the frozen layer; its forward is what runs for the base term.
+        adapter_name: name of this adapter.
+        r, alpha, scaling: rank, alpha and the resulting scale s.
+        dropout: dropout probability on the adapter input.
+        use_kernel: "auto", "triton" or "torch" (see :class:`LoraConfig`).
+    """
+
+    prefix = "lora_"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        use_kernel: str = "auto",
+    ) -> None:
+        super().__init__(base_layer, adapter_name)
+        d_in, d_out = layer_dims(base_layer)
+        self.in_features, self.out_features = d_in, d_out
+        self.r, self.alpha, self.scaling = r, alpha, scaling
+        self.dropout_p = float(dropout)
+        self.use_kernel = use_kernel
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        weight = getattr(base_layer, "weight", None)
+        device = weight.device if weight is not None else None
+        dtype = adapter_dtype(base_layer)
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A ~ Kaiming-uniform(a=sqrt(5)) as nn.Linear, B = 0 (so the update starts at zero)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A, shape (d_out, d_in), fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.active:
+            return self.base_layer(x, *args, **kwargs)
+        from .lora_ops import lora_forward
+
+        return lora_forward(self, x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"adapter={self.adapter_name!r}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout_p:g}"
+        )
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, skip: list[str] = ()) -> dict[str, Any]:
+    """Wrap every target with :class:`LoraLinear`; set bias trainability per ``config.bias``."""
+    from ..targeting import is_linear
+
+    targets = resolve_targets(model, config.target_modules, predicate=_adaptable(is_linear), skip=skip)
+    shapes = {}
+    for path in targets:
+        base = model.get_submodule(path)
+        shapes[path] = weight_shape(base)
+        r, alpha = config.rank_and_alpha(path)
+        layer = LoraLinear(base, config.adapter_name, r, alpha, config.scaling(r, alpha), config.dropout, config.use_kernel)
+        replace_module(model, path, layer)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if "bias" in name:  # as HF PEFT: every parameter with "bias" in its name
+                p.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for path in targets:
+            bias = getattr(model.get_submodule(path).base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+    fan_in_fan_out = any(model.get_submodule(t).fan_in_fan_out for t in targets)
+    return {"targets": targets, "shapes": shapes, "info": {"fan_in_fan_out": fan_in_fan_out}}
+
+
+def _adaptable(is_linear):
+    def predicate(module: nn.Module) -> bool:
+        return is_linear(module) or (isinstance(module, LoraLinear))
+
+    return predicate
+
+
+# ---- HF PEFT interop ---------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+def to_peft_key(key: str) -> str:
+    """``x.lora_A`` -> ``base_model.model.x.lora_A.weight``; other keys just get the prefix."""
+    if key.endswith((".lora_A", ".lora_B")):
+        key = key + ".weight"
+    return PEFT_PREFIX + key
+
+
+def from_peft_key(key: str) -> str:
+    key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    if key.endswith((".lora_A.weight", ".lora_B.weight")):
+        key = key[: -len(".weight")]
+    return key
+
+
+def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA",
+        "task_type": state.info.get("task_type"),
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "bias": config.bias,
+        "target_modules": sorted({t.rsplit(".", 1)[-1] for t in state.targets}),
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "modules_to_save": config.modules_to_save,
+        "fan_in_fan_out": state.info.get("fan_in_fan_out", False),
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": state.base_model_name,
+    }
+
+
+def from_peft_config(data: dict[str, Any]) -> LoraConfig:
+    unsupported = {
+        k: data[k]
+        for k in ("use_dora", "layers_to_transform", "megatron_config")
+        if data.get(k) not in (None, False, [], {})
+    }
+    if unsupported:
+        raise ConfigError(f"HF PEFT LoRA options not supported by peftlab: {unsupported}")
+    targets = data.get("target_modules")
+    if isinstance(targets, (list, set, tuple)):
+        targets = sorted(targets)
+    return LoraConfig(
+        r=data["r"],
+        alpha=data.get("lora_alpha", 8),
+        dropout=data.get("lora_dropout", 0.0),
+        use_rslora=data.get("use_rslora", False),
+        bias=data.get("bias", "none"),
+        target_modules=targets,
+        rank_pattern=data.get("rank_pattern") or {},
+        alpha_pattern=data.get("alpha_pattern") or {},
+        modules_to_save=data.get("modules_to_save"),
+    )
+
+
+register_method(
+    Method(
+        name="lora",
+        inject=inject_lora,
+        peft_type="LORA",
+        to_peft_config=to_peft_config,
+        from_peft_config=from_peft_config,
+        to_peft_key=to_peft_key,
+        from_peft_key=from_peft_key,
+    )
+)
