@@ -68,14 +68,35 @@ def is_merged(model: nn.Module, adapter_name: str | None = None) -> bool:
     )
 
 
-def unwrap(model: nn.Module, merge: bool = False, adapter_name: str | None = None) -> nn.Module:
+def on_train_step(model: nn.Module, step: int) -> None:
+    """Call once per optimizer step, after ``backward()`` and before ``zero_grad()``.
+
+    Runs each adapter method's per-step hook (e.g. AdaLoRA's importance update and rank
+    allocation); a no-op for methods that have none. peftlab's training loop and its
+    ``transformers.TrainerCallback`` call it for you.
+    """
+    for state in adapters(model).values():
+        method = get_method(state.config.method)
+        if method.on_step is not None:
+            method.on_step(model, state, step)
+
+
+def unwrap(
+    model: nn.Module, merge: bool = False, adapter_name: str | None = None, dequantize: bool = False
+) -> nn.Module:
     """Remove the adapter(s) and return the plain model (the same object).
 
     Args:
         merge: fold the adapter into the base weights first (if not merged already). With
             ``merge=False`` a merged adapter is unmerged, so the base weights are restored.
         adapter_name: remove only this adapter (default: all of them).
+        dequantize: replace quantized (bitsandbytes) base layers by full-precision ones first,
+            so that ``merge=True`` gives a plain full-precision merged model.
     """
+    if dequantize:
+        from .quant import dequantize_model
+
+        dequantize_model(model)
     names = [adapter_name] if adapter_name else list(adapters(model))[::-1]
     if not names:
         get_state(model)  # raises the "not wrapped" error

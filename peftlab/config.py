@@ -31,6 +31,13 @@ def known_methods() -> list[str]:
 
 def config_class(method: str) -> type[PeftConfig]:
     """The config dataclass registered for ``method``; a clear error lists the valid names."""
+    if method not in _CONFIGS and isinstance(method, str) and method.isidentifier():
+        import importlib
+
+        try:  # methods register on import; load the module named after the method if it exists
+            importlib.import_module(f"peftlab.methods.{method}")
+        except ModuleNotFoundError:
+            pass
     try:
         return _CONFIGS[method]
     except KeyError:

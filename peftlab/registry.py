@@ -36,6 +36,8 @@ class Method:
         to_peft_key / from_peft_key: map one state-dict key between our layout (relative to the
             model) and HF PEFT's saved layout (``base_model.model.`` prefix included).
         merge / unmerge: ``(model, state)`` for methods that are not AdapterLayers.
+        on_step: ``(model, state, step)`` called once per optimizer step, after backward and
+            before ``zero_grad`` (AdaLoRA's rank allocation); see :func:`peftlab.on_train_step`.
         prepare_export: optional ``(model, state_dict, state) -> state_dict`` transform applied
             before writing HF PEFT files (e.g. folding a prefix MLP).
         prepare_import: optional ``(model, state_dict, state) -> state_dict`` applied after key
@@ -48,6 +50,7 @@ class Method:
     set_enabled: Callable | None = None
     merge: Callable | None = None
     unmerge: Callable | None = None
+    on_step: Callable | None = None
     peft_type: str | None = None
     to_peft_config: Callable | None = None
     from_peft_config: Callable | None = None
@@ -66,6 +69,10 @@ def register_method(method: Method) -> Method:
 
 
 def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        from .config import config_class
+
+        config_class(name)  # imports the method's module, which registers it
     try:
         return _METHODS[name]
     except KeyError:

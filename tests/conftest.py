@@ -1,0 +1,45 @@
+"""Shared fixtures: packaged real models, tiny random models of other families, SST-2 data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from helpers import DATA_DIR, minilm_path, smollm2_path, tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def sst2_dir() -> Path:
+    path = DATA_DIR / "sst2"
+    if not (path / "train.tsv").is_file():
+        pytest.skip(f"SST-2 data not found in {path} (set PEFTLAB_DATA)")
+    return path
+
+
+@pytest.fixture
+def tiny():
+    """Factory: tiny_model('gpt2' | 'opt' | 't5' | 'llama' | 'bert')."""
+    return tiny_model
