@@ -39,10 +39,8 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         out_dtype = x.dtype
-        if bias is not None:
-            y = torch.addmm(bias.to(out_dtype), x2, weight.t())
-        else:
-            y = x2 @ weight.t()
+        # the base term exactly as nn.Linear computes it, so an adapter at init is bit-identical
+        y = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(out_dtype))
         xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
         if p > 0:
             xin = xin * _dropout_mask(xin.shape, p, seed, xin.device, xin.dtype)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the test suite on a fresh machine: sets up .venv, then pytest (kernels in Triton's CPU interpreter).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+"$PY" -m pytest -q -p no:cacheprovider "$@"

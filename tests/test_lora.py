@@ -1,0 +1,212 @@
+"""LoRA layer and the generic API: identity at init, merge/unmerge, disable, unwrap, gradients, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+
+import peftlab
+from peftlab.methods.lora import LoraLinear
+from peftlab.methods.lora_ops import LoraLinearFunction
+
+
+def randomize_lora(model, scale=0.05):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_B.normal_(0, scale)
+
+
+def ids(n=2, t=11, vocab=100):
+    torch.manual_seed(3)
+    return torch.randint(1, vocab, (n, t))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "t5", "llama", "bert"])
+@torch.no_grad()  # T5's attention picks another kernel when grads are (not) required: compare like with like
+def test_identity_at_init_and_merge_roundtrip_tiny(tiny, family):
+    model = tiny(family)
+    x = ids()
+    base = model(input_ids=x)[0].detach()
+    peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, dropout=0.1, target_modules="all-linear"))
+    model.eval()
+    torch.testing.assert_close(model(input_ids=x)[0], base, rtol=0, atol=0)
+    randomize_lora(model)
+    adapted = model(input_ids=x)[0].detach()
+    assert (adapted - base).abs().max() > 1e-4
+    peftlab.merge(model)
+    torch.testing.assert_close(model(input_ids=x)[0], adapted, rtol=1e-5, atol=1e-5)
+    peftlab.unmerge(model)
+    torch.testing.assert_close(model(input_ids=x)[0], adapted, rtol=1e-5, atol=1e-5)
+    with peftlab.disable_adapters(model):
+        torch.testing.assert_close(model(input_ids=x)[0], base, rtol=1e-6, atol=1e-6)
+    plain = peftlab.unwrap(model, merge=True)
+    assert not any(isinstance(m, LoraLinear) for m in plain.modules())
+    assert not hasattr(plain, "peftlab_adapters")
+    torch.testing.assert_close(plain(input_ids=x)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_targets_and_default(tiny):
+    model = tiny("gpt2")
+    peftlab.wrap(model, peftlab.LoraConfig(r=2))  # default for gpt2: c_attn (Conv1D)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 2 and all(m.fan_in_fan_out for m in layers)
+    assert layers[0].lora_A.shape == (2, 32) and layers[0].lora_B.shape == (96, 2)
+
+
+def test_minilm_identity_trainable_and_grads(minilm_dir):
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
+    x = ids(3, 16, 1000)
+    base = model(input_ids=x).logits.detach()
+    peftlab.wrap(model, peftlab.LoraConfig(r=8, alpha=16, dropout=0.05, modules_to_save=["classifier"]))
+    model.eval()
+    torch.testing.assert_close(model(input_ids=x).logits, base, rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or n.startswith("classifier.") for n in trainable)
+    assert sum("lora_A" in n for n in trainable) == 12  # 6 layers x (query, value)
+    model.train()
+    randomize_lora(model)
+    loss = model(input_ids=x, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+def test_smollm2_identity_and_generate(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
+    enc = tok(["The capital of France is"], return_tensors="pt")
+    base = model(**enc).logits.detach()
+    base_gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    peftlab.wrap(model, peftlab.LoraConfig(r=16, target_modules="all-linear"))
+    model.eval()
+    torch.testing.assert_close(model(**enc).logits, base, rtol=0, atol=0)
+    assert torch.equal(model.generate(**enc, max_new_tokens=5, do_sample=False), base_gen)
+    targets = peftlab.inject.get_state(model).targets
+    assert len(targets) == 30 * 7 and not any("lm_head" in t for t in targets)
+    assert "Paris" in tok.decode(base_gen[0])
+
+
+def _reference_lora(x, w, b, a, bb, s, mask):
+    xd = x * mask if mask is not None else x
+    y = x @ w.t() + s * (xd @ a.t()) @ bb.t()
+    return y + b if b is not None else y
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_lean_autograd_matches_reference(p, with_bias):
+    torch.manual_seed(0)
+    m, d_in, d_out, r, s = 13, 7, 5, 3, 1.7
+    x = torch.randn(2, m, d_in, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, dtype=torch.float64)
+    b = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if with_bias else None
+    a = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    seed = 1234
+    y = LoraLinearFunction.apply(x, w, b, a, bb, s, p, seed)
+    mask = None
+    if p > 0:
+        from peftlab.methods.lora_ops import _dropout_mask
+
+        mask = _dropout_mask((2 * m, d_in), p, seed, x.device, x.dtype).reshape(2, m, d_in)
+    ref = _reference_lora(x, w, b, a, bb, s, mask)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    inputs = [t for t in (x, b, a, bb) if t is not None]
+    got = torch.autograd.grad(y, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g)
+    for gv, wv in zip(got, want):
+        torch.testing.assert_close(gv, wv)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_backward_merge(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).to(dtype).requires_grad_(False)
+    layer = LoraLinear(lin, "default", r=8, alpha=16, scaling=2.0)
+    assert layer.lora_A.dtype == torch.float32  # adapters train in fp32 over half bases
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    x = torch.randn(4, 10, 64, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = (x.float() @ lin.weight.float().t() + lin.bias.float()) + 2.0 * (
+        x.float() @ layer.lora_A.t() @ layer.lora_B.t()
+    )
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=3e-2)
+    y.float().square().mean().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and x.grad is not None
+    assert lin.weight.grad is None
+    before = y.detach()
+    layer.merge()
+    torch.testing.assert_close(layer(x).detach().float(), before.float(), rtol=3e-2, atol=6e-2)
+
+
+def test_rslora_bias_and_patterns(tiny):
+    model = tiny("bert")
+    cfg = peftlab.LoraConfig(
+        r=4,
+        alpha=8,
+        use_rslora=True,
+        bias="lora_only",
+        target_modules=["query", "value"],
+        rank_pattern={"layer.1.attention.self.query": 2},
+        alpha_pattern={"value": 3},
+    )
+    peftlab.wrap(model, cfg)
+    q0 = model.get_submodule("bert.encoder.layer.0.attention.self.query")
+    q1 = model.get_submodule("bert.encoder.layer.1.attention.self.query")
+    v0 = model.get_submodule("bert.encoder.layer.0.attention.self.value")
+    assert q0.r == 4 and q1.r == 2 and q0.scaling == pytest.approx(8 / 2.0) and q1.scaling == pytest.approx(8 / 2**0.5)
+    assert v0.scaling == pytest.approx(3 / 2.0)
+    assert q0.base_layer.bias.requires_grad and not model.bert.encoder.layer[0].attention.output.dense.bias.requires_grad
+
+
+def test_merge_errors_and_disable_while_merged(tiny):
+    model = tiny("llama")
+    peftlab.wrap(model, peftlab.LoraConfig(r=2))
+    with pytest.raises(peftlab.MergeError, match="not merged"):
+        peftlab.unmerge(model)
+    peftlab.merge(model)
+    with pytest.raises(peftlab.MergeError, match="already merged"):
+        peftlab.merge(model)
+    with pytest.raises(peftlab.MergeError, match="unmerge"):
+        with peftlab.disable_adapters(model):
+            pass
+
+
+def test_unwrap_without_merge_restores_base_exactly(tiny):
+    model = tiny("opt")
+    x = ids()
+    base = model(input_ids=x).logits.detach()
+    orig = {n: p.requires_grad for n, p in model.named_parameters()}
+    peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules="all-linear"))
+    randomize_lora(model)
+    peftlab.merge(model)
+    peftlab.unwrap(model, merge=False)
+    torch.testing.assert_close(model(input_ids=x).logits, base, rtol=1e-5, atol=1e-6)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == orig
+
+
+def test_two_named_adapters_stack_and_save_separately(tiny, tmp_path):
+    model = tiny("llama")
+    x = ids()
+    peftlab.wrap(model, peftlab.LoraConfig(r=2, adapter_name="a"))
+    peftlab.wrap(model, peftlab.LoraConfig(r=3, adapter_name="b", target_modules=["o_proj"]))
+    randomize_lora(model)
+    out = model(input_ids=x).logits.detach()
+    peftlab.save_adapter(model, tmp_path / "a", adapter_name="a")
+    peftlab.save_adapter(model, tmp_path / "b", adapter_name="b")
+    fresh = tiny("llama")
+    peftlab.load_adapter(fresh, tmp_path / "a")
+    peftlab.load_adapter(fresh, tmp_path / "b")
+    torch.testing.assert_close(fresh(input_ids=x).logits, out, rtol=1e-6, atol=1e-6)
