@@ -12,16 +12,15 @@ from pathlib import Path
 
 from torch import nn
 
-from .api import wrap
 from .errors import AdapterFileError, ConfigError
 from .inject import get_state
 from .io import (
     adapter_state_dict,
     atomic_save_safetensors,
     atomic_write_json,
-    load_adapter_tensors,
     read_json,
     read_safetensors,
+    wrap_and_load,
 )
 from .registry import get_method, method_for_peft_type
 
@@ -81,12 +80,15 @@ def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default
         head_keys = [k for k in tensors if any(f"model.{h}." in k for h in heads)]
         if head_keys:
             config = config.replace(modules_to_save=heads)
-    wrap(model, config)
-    state = get_state(model, adapter_name)
     ours = {method.from_peft_key(k): v for k, v in tensors.items()}
-    if method.prepare_import is not None:
-        ours = method.prepare_import(model, ours, state)
-    load_adapter_tensors(model, ours, adapter_name)
+
+    def transform(tensors):
+        if method.prepare_import is None:
+            return tensors
+        return method.prepare_import(model, tensors, get_state(model, adapter_name))
+
+    wrap_and_load(model, config, ours, transform)
+    state = get_state(model, adapter_name)
     if not trainable:
         params = dict(model.named_parameters())
         for key in state.saved_keys:

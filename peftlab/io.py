@@ -182,6 +182,20 @@ def read_adapter_config(path: str | Path) -> tuple[PeftConfig, dict[str, Any]]:
     return PeftConfig.from_dict(cfg), raw
 
 
+def wrap_and_load(model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], transform=None) -> None:
+    """Wrap ``model`` with ``config`` and load ``tensors``; on any failure the model is unwrapped again."""
+    from .api import unwrap
+
+    wrap(model, config)
+    try:
+        if transform is not None:
+            tensors = transform(tensors)
+        load_adapter_tensors(model, tensors, config.adapter_name)
+    except BaseException:
+        unwrap(model, adapter_name=config.adapter_name)
+        raise
+
+
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None, trainable: bool = False) -> nn.Module:
     """Wrap ``model`` with the adapter saved in ``path`` and load its weights.
 
@@ -194,8 +208,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
     check_shapes(model, raw.get("shapes") or {})
     if adapter_name:
         config = config.replace(adapter_name=adapter_name)
-    wrap(model, config)
-    load_adapter_tensors(model, tensors, config.adapter_name)
+    wrap_and_load(model, config, tensors)
     state = get_state(model, config.adapter_name)
     if not trainable:
         params = dict(model.named_parameters())
