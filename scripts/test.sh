@@ -5,4 +5,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$PY" -m pytest -q -p no:cacheprovider "$@"
+# the pytest entry point (not `python -m pytest`) keeps the repo root off sys.path, so the
+# top-level kernels/ folder never shadows the PyPI package `kernels` that bitsandbytes imports
+"$VENV/bin/pytest" -q -p no:cacheprovider "$@"
