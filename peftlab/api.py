@@ -31,8 +31,12 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Fold the adapter into the base weights (W <- W + ΔW). Merging twice is an error."""
+def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = False) -> nn.Module:
+    """Fold the adapter into the base weights (W <- W + ΔW). Merging twice is an error.
+
+    Args:
+        safe: check every merged weight for NaN/inf before writing it (slower; raises MergeError).
+    """
     state = get_state(model, adapter_name)
     method = get_method(state.config.method)
     if method.merge is not None:
@@ -41,6 +45,9 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     layers = [layer for _, layer in wrapped_layers(model, state.config.adapter_name)]
     if layers and all(layer.merged for layer in layers):
         raise MergeError(f"adapter {state.config.adapter_name!r} is already merged; call unmerge() first")
+    if safe:  # check every layer before touching any weight, so a failure leaves the model as it was
+        for layer in layers:
+            layer.check_safe_merge()
     for layer in layers:
         layer.merge()
     return model

@@ -104,7 +104,8 @@ class AdapterLayer(nn.Module):
         """The (out, in) weight update this adapter represents."""
         raise MergeError(f"{type(self).__name__} cannot be merged into the base weights")
 
-    def merge(self) -> None:
+    def merge(self, safe: bool = False) -> None:
+        """W <- W + ΔW. With ``safe=True`` the merged weight is checked for NaN/inf before it is written."""
         if not self.mergeable:
             raise MergeError(
                 f"{type(self).__name__} adapters cannot be merged into the base weights (they add a "
@@ -112,9 +113,20 @@ class AdapterLayer(nn.Module):
             )
         if self.merged:
             raise MergeError(f"adapter {self.adapter_name!r} is already merged; call unmerge() first")
+        if safe:
+            self.check_safe_merge()
         with torch.no_grad():
             add_to_base_weight(self.base_layer, self.delta_weight())
         self.merged = True
+
+    @torch.no_grad()
+    def check_safe_merge(self) -> None:
+        """Raise MergeError if W + ΔW would contain NaN/inf."""
+        if not torch.isfinite(get_base_weight(self.base_layer).float() + self.delta_weight().float()).all():
+            raise MergeError(
+                f"merging adapter {self.adapter_name!r} would put NaN/inf into the base weight "
+                f"({type(self.base_layer).__name__} {weight_shape(self.base_layer)}); the adapter is broken"
+            )
 
     def unmerge(self) -> None:
         if not self.mergeable:

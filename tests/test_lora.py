@@ -210,3 +210,16 @@ def test_two_named_adapters_stack_and_save_separately(tiny, tmp_path):
     peftlab.load_adapter(fresh, tmp_path / "a")
     peftlab.load_adapter(fresh, tmp_path / "b")
     torch.testing.assert_close(fresh(input_ids=x).logits, out, rtol=1e-6, atol=1e-6)
+
+
+def test_safe_merge_refuses_nan_and_leaves_weights(tiny):
+    model = tiny("llama")
+    peftlab.wrap(model, peftlab.LoraConfig(r=2))
+    layer = model.get_submodule("model.layers.1.self_attn.v_proj")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    with pytest.raises(peftlab.MergeError, match="NaN/inf"):
+        peftlab.merge(model, safe=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # nothing merged at all
+    assert not peftlab.is_merged(model)
