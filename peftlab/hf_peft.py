@@ -56,9 +56,18 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str | None = N
         tensors = method.prepare_export(model, tensors, state)
     state.info.setdefault("task_type", task_type(model))
     config = method.to_peft_config(state.config, state)
-    config.setdefault("task_type", task_type(model))
     if config.get("task_type") is None:
         config["task_type"] = task_type(model)
+    if config["task_type"] in ("SEQ_CLS", "TOKEN_CLS"):
+        # peft always treats the classification head of these tasks as modules_to_save and expects it in
+        # the file; write the head we have (trained or not) so peft reproduces our outputs exactly.
+        saved = list(config.get("modules_to_save") or [])
+        for head in ("classifier", "score"):
+            module = getattr(model, head, None)
+            if isinstance(module, nn.Module) and head not in state.modules_to_save:
+                tensors.update({f"{head}.{k}": v.detach() for k, v in module.state_dict().items()})
+                saved.append(head)
+        config["modules_to_save"] = saved or None
     path = Path(path)
     atomic_save_safetensors(path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"})
     atomic_write_json(path / PEFT_CONFIG_NAME, config)

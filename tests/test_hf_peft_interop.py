@@ -124,3 +124,20 @@ def test_import_peft_errors(tmp_path, tiny):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(peftlab.ConfigError, match=r"'IA3' is not supported; supported: .*LORA"):
         peftlab.import_peft(tiny("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_export_with_trained_biases(tiny, tmp_path, bias):
+    model = peftlab.wrap(tiny("bert"), peftlab.LoraConfig(r=4, bias=bias, target_modules=["query", "value"]))
+    randomize(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(0.3)
+    x = torch.randint(1, 100, (2, 9))
+    ours = model(input_ids=x).logits
+    peftlab.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny("bert"), str(tmp_path)).eval()
+    assert max_diff(theirs(input_ids=x).logits, ours) <= 1e-5
+    back = peftlab.import_peft(tiny("bert"), tmp_path)
+    assert max_diff(back(input_ids=x).logits, ours) <= 1e-5
