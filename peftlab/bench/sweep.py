@@ -1,0 +1,125 @@
+"""Sweep files: a YAML grid over model × task × method × method parameters × seeds × training parameters.
+
+```yaml
+name: quick
+models: [minilm-l6]                 # packaged short names, local paths or hub ids
+tasks:                              # names, or {name, models, train} to narrow or override
+  - sst2
+seeds: [0]
+train: {max_steps: 300, batch_size: 32, lr: 1.0e-3, max_length: 64, eval_every: 100, dev_limit: 500}
+methods:
+  - {method: full, train: {lr: 5.0e-5}}
+  - {method: lora, params: {r: [4, 8], alpha: 16}}   # a list is a grid axis
+```
+
+Lists in ``params`` and ``train`` are grid axes, except for parameters whose value is itself a
+list (``target_modules``, ``modules_to_save``...): give those as a list of lists to sweep them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from .providers import PROVIDERS
+from .tasks import TASKS
+
+SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device"}
+TASK_KEYS = {"name", "models", "train"}
+METHOD_KEYS = {"method", "params", "train", "label", "models", "tasks"}
+TRAIN_KEYS = {
+    "max_steps", "epochs", "batch_size", "lr", "max_length", "eval_every", "dev_limit", "train_limit",
+    "test_limit", "eval_batch_size", "warmup_ratio", "weight_decay", "device", "progress",
+}
+LIST_VALUED = {"target_modules", "modules_to_save", "layers", "skip_modules"}
+TRAIN_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "max_length": 64, "max_steps": 300}
+
+
+def _unknown(found: set, valid: set, where: str) -> None:
+    extra = sorted(found - valid)
+    if extra:
+        raise ConfigError(f"unknown key(s) {extra} in {where}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _axes(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Expand list values into a grid (list-valued parameters only when given as a list of lists)."""
+    keys, choices = [], []
+    for key, value in values.items():
+        if isinstance(value, list) and (key not in LIST_VALUED or (value and isinstance(value[0], list))):
+            keys.append(key)
+            choices.append(value)
+        else:
+            keys.append(key)
+            choices.append([value])
+    return [dict(zip(keys, combo)) for combo in itertools.product(*choices)] or [{}]
+
+
+def run_id(spec: dict) -> str:
+    """A stable id from everything that defines the run (resume skips ids already in results.jsonl)."""
+    blob = json.dumps({k: spec[k] for k in ("model", "task", "method", "params", "train", "seed")}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def expand(sweep: dict) -> list[dict]:
+    """Validate a sweep dict and expand it into run specs."""
+    _unknown(set(sweep), SWEEP_KEYS, "the sweep")
+    for key in ("models", "tasks", "methods"):
+        if not sweep.get(key):
+            raise ConfigError(f"the sweep needs a non-empty '{key}' list")
+    base_train = {**TRAIN_DEFAULTS, **(sweep.get("train") or {})}
+    _unknown(set(base_train), TRAIN_KEYS, "train")
+    specs = []
+    for task_entry in sweep["tasks"]:
+        task = {"name": task_entry} if isinstance(task_entry, str) else dict(task_entry)
+        _unknown(set(task), TASK_KEYS, f"task {task.get('name')!r}")
+        if task["name"] not in TASKS:
+            raise ConfigError(f"unknown task {task['name']!r}; valid tasks: {', '.join(TASKS)}")
+        _unknown(set(task.get("train") or {}), TRAIN_KEYS, f"train of task {task['name']!r}")
+        for method_entry in sweep["methods"]:
+            method = {"method": method_entry} if isinstance(method_entry, str) else dict(method_entry)
+            _unknown(set(method), METHOD_KEYS, f"method {method.get('method')!r}")
+            if method.get("method") not in PROVIDERS:
+                raise ConfigError(f"unknown method {method.get('method')!r}; valid methods: {', '.join(PROVIDERS)}")
+            _unknown(set(method.get("train") or {}), TRAIN_KEYS, f"train of method {method['method']!r}")
+            if method.get("tasks") and task["name"] not in method["tasks"]:
+                continue
+            models = task.get("models") or sweep["models"]
+            if method.get("models"):
+                models = [m for m in models if m in method["models"]]
+            train = {**base_train, **(task.get("train") or {}), **(method.get("train") or {})}
+            if sweep.get("device"):
+                train.setdefault("device", sweep["device"])
+            for model, params, train_point, seed in itertools.product(
+                models, _axes(method.get("params") or {}), _axes(train), sweep.get("seeds") or [0]
+            ):
+                spec = {
+                    "sweep": sweep.get("name", "sweep"),
+                    "model": model,
+                    "task": task["name"],
+                    "method": method["method"],
+                    "label": method.get("label") or method["method"],
+                    "params": params,
+                    "train": train_point,
+                    "seed": seed,
+                    "data": sweep.get("data"),
+                }
+                spec["run_id"] = run_id(spec)
+                specs.append(spec)
+    return specs
+
+
+def load_sweep(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} not found")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping with keys {sorted(SWEEP_KEYS)}")
+    data.setdefault("name", path.stem)
+    return data

@@ -1,0 +1,201 @@
+"""Benchmark tasks: data from a local folder (../shared/data or $PEFTLAB_DATA), batching and scoring.
+
+* ``sst2``: sentence classification, scored by accuracy.
+* ``conll2003``: token classification (IOB2 NER), scored by entity-level F1; labels sit on the
+  first sub-word of each word, the others get -100.
+* ``sst2-gen``: SST-2 as instruction-style generation for causal LMs: the loss is on the label
+  word only; scored by the accuracy of the greedily generated label.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .metrics import accuracy, entity_f1
+
+CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+GEN_LABELS = {0: "negative", 1: "positive"}
+GEN_PROMPT = "Review: {sentence}\nIs this review positive or negative?\nAnswer:"
+
+
+def data_dir(override: str | None = None) -> Path:
+    """The data folder: an explicit override, $PEFTLAB_DATA, or ../shared/data beside the repo."""
+    if override:
+        return Path(override)
+    if os.environ.get("PEFTLAB_DATA"):
+        return Path(os.environ["PEFTLAB_DATA"])
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd().parent / "shared" / "data"
+
+
+def _check_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"data file {path} not found; set --data or PEFTLAB_DATA to the folder holding sst2/ and conll2003/")
+    return path
+
+
+def read_sst2(folder: Path, split: str) -> list[tuple[str, int]]:
+    with open(_check_file(folder / "sst2" / f"{split}.tsv"), newline="") as f:
+        return [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def read_conll(folder: Path, split: str) -> list[tuple[list[str], list[str]]]:
+    sentences, words, tags = [], [], []
+    for line in open(_check_file(folder / "conll2003" / f"{split}.txt")):
+        line = line.strip()
+        if not line or line.startswith("-DOCSTART-"):
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        parts = line.split()
+        words.append(parts[0])
+        tags.append(parts[-1])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+@dataclass
+class Task:
+    """One benchmark task. ``kind`` is the model head it needs (see peftlab.models.load_model)."""
+
+    name: str
+    kind: str
+    metric: str
+
+    def load(self, folder: Path, split: str, limit: int | None = None, seed: int = 0) -> list:
+        rows = read_conll(folder, split) if self.name == "conll2003" else read_sst2(folder, split)
+        if limit and limit < len(rows):
+            rows = random.Random(seed).sample(rows, limit)
+        return rows
+
+    def model_kwargs(self) -> dict:
+        if self.name == "sst2":
+            return {"num_labels": 2}
+        if self.name == "conll2003":
+            return {
+                "num_labels": len(CONLL_TAGS),
+                "id2label": dict(enumerate(CONLL_TAGS)),
+                "label2id": {t: i for i, t in enumerate(CONLL_TAGS)},
+            }
+        return {}
+
+    # ---- batching ----
+
+    def batches(self, tokenizer, rows: list, batch_size: int, max_length: int, seed: int | None) -> Iterator[dict]:
+        order = list(range(len(rows)))
+        if seed is not None:
+            random.Random(seed).shuffle(order)
+        for i in range(0, len(order), batch_size):
+            chunk = [rows[j] for j in order[i : i + batch_size]]
+            yield self.collate(tokenizer, chunk, max_length)
+
+    def collate(self, tokenizer, rows: list, max_length: int) -> dict:
+        if self.name == "sst2":
+            enc = tokenizer([s for s, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc["labels"] = torch.tensor([y for _, y in rows])
+            return dict(enc)
+        if self.name == "conll2003":
+            enc = tokenizer([w for w, _ in rows], is_split_into_words=True, padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            labels = torch.full(enc["input_ids"].shape, -100)
+            for b, (_, tags) in enumerate(rows):
+                previous = None
+                for t, word in enumerate(enc.word_ids(b)):
+                    if word is not None and word != previous:
+                        labels[b, t] = CONLL_TAGS.index(tags[word])
+                    previous = word
+            enc["labels"] = labels
+            return dict(enc)
+        return self.collate_gen(tokenizer, rows, max_length)
+
+    def collate_gen(self, tokenizer, rows: list, max_length: int) -> dict:
+        """Prompt + " label" + eos, right-padded; labels -100 everywhere but the answer tokens."""
+        ids, labels = [], []
+        for sentence, y in rows:
+            prompt = tokenizer(GEN_PROMPT.format(sentence=sentence.strip()), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(" " + GEN_LABELS[y], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt = prompt[: max(1, max_length - len(answer))]
+            ids.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
+        }
+
+    # ---- scoring ----
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, rows: list, batch_size: int, max_length: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            if self.name == "sst2":
+                preds = []
+                for batch in self.batches(tokenizer, rows, batch_size, max_length, None):
+                    batch.pop("labels")
+                    preds += model(**batch).logits.argmax(-1).tolist()
+                return {"accuracy": accuracy(preds, [y for _, y in rows])}
+            if self.name == "conll2003":
+                preds, refs = [], []
+                for i in range(0, len(rows), batch_size):
+                    chunk = rows[i : i + batch_size]
+                    batch = self.collate(tokenizer, chunk, max_length)
+                    labels = batch.pop("labels")
+                    out = model(**batch).logits.argmax(-1)
+                    for b, (_, tags) in enumerate(chunk):
+                        keep = labels[b] != -100
+                        predicted = [CONLL_TAGS[t] for t in out[b][keep].tolist()]
+                        # words cut by truncation count as predicted "O"
+                        preds.append(predicted + ["O"] * (len(tags) - len(predicted)))
+                        refs.append(tags)
+                return entity_f1(preds, refs)
+            return {"accuracy": self.evaluate_gen(model, tokenizer, rows, batch_size, max_length)}
+        finally:
+            model.train(was_training)
+
+    def evaluate_gen(self, model, tokenizer, rows: list, batch_size: int, max_length: int) -> float:
+        correct = 0
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i : i + batch_size]
+                prompts = [GEN_PROMPT.format(sentence=s.strip()) for s, _ in chunk]
+                enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                                add_special_tokens=False)
+                out = model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                correct += sum(t.strip().lower().startswith(GEN_LABELS[y]) for t, (_, y) in zip(texts, chunk))
+        finally:
+            tokenizer.padding_side = side
+        return correct / len(rows)
+
+
+TASKS = {
+    "sst2": Task("sst2", "seq-cls", "accuracy"),
+    "conll2003": Task("conll2003", "token-cls", "f1"),
+    "sst2-gen": Task("sst2-gen", "causal-lm", "accuracy"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]

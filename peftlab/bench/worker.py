@@ -1,0 +1,135 @@
+"""One benchmark run, executed in its own subprocess so its peak memory is its own.
+
+``python -m peftlab.bench.worker SPEC.json RESULT.json``: build the model for the method,
+train with :func:`peftlab.train.train` (best dev checkpoint kept), evaluate on dev and test,
+measure, and write one result record (JSON). Failures are recorded, not raised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_mb(device: str) -> float:
+    """CUDA max allocated on a GPU; the process's peak RSS on a CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def environment(device: str) -> dict:
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }
+
+
+def run(spec: dict) -> dict:
+    import peftlab
+    from peftlab.models import load_model
+    from peftlab.train import cycle, train
+
+    from .providers import get_provider
+    from .tasks import data_dir, get_task
+
+    start = time.perf_counter()
+    cfg = spec["train"]
+    device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(spec["seed"])
+    task = get_task(spec["task"])
+    folder = data_dir(spec.get("data"))
+    train_rows = task.load(folder, "train", cfg.get("train_limit"), spec["seed"])
+    dev_rows = task.load(folder, "dev", cfg.get("dev_limit"), 0)
+    test_rows = task.load(folder, "test", cfg.get("test_limit"), 0)
+
+    model, tokenizer = load_model(spec["model"], kind=task.kind, **task.model_kwargs())
+    ctx = {"task_kind": task.kind}
+    bs = cfg["batch_size"]
+    steps = cfg.get("max_steps") or math.ceil(cfg.get("epochs", 1) * len(train_rows) / bs)
+    ctx["total_steps"] = steps
+    model = get_provider(spec["method"])(model, dict(spec.get("params") or {}), ctx)
+    model.to(device)
+    trainable, total = peftlab.count_parameters(model)
+
+    max_len, eval_bs = cfg["max_length"], cfg.get("eval_batch_size", 64)
+
+    def evaluate_dev() -> float:
+        return task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)[task.metric]
+
+    batches = cycle(lambda epoch: task.batches(tokenizer, train_rows, bs, max_len, spec["seed"] * 1000 + epoch))
+    if device != "cpu":
+        batches = ({k: v.to(device) for k, v in b.items()} for b in batches)
+    loss_fn = (lambda m, b: m(**b).loss) if spec["method"].startswith("hf-") else None
+    kwargs = {"loss_fn": loss_fn} if loss_fn else {}
+    result = train(
+        model, batches, steps, lr=cfg["lr"], warmup_ratio=cfg.get("warmup_ratio", 0.06),
+        weight_decay=cfg.get("weight_decay", 0.0), evaluate=evaluate_dev, eval_every=cfg.get("eval_every") or steps,
+        desc=f"{spec['method']} {spec['task']}", progress=cfg.get("progress", True), **kwargs,
+    )
+    dev = task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)
+    test = task.evaluate(model, tokenizer, test_rows, eval_bs, max_len)
+    median_step = statistics.median(result.step_times)
+    return {
+        "status": "ok",
+        "metric": task.metric,
+        "dev": dev,
+        "test": test,
+        "best_step": result.best_step,
+        "evals": result.evals,
+        "steps": steps,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100 * trainable / total,
+        "peak_memory_mb": peak_memory_mb(device),
+        # throughput over the steps after the first (which pays one-time allocation and warm-up costs)
+        "tokens_per_s": result.tokens * (len(result.step_times) - 1) / len(result.step_times)
+        / max(sum(result.step_times[1:]), 1e-9) if len(result.step_times) > 1 else result.tokens / result.step_times[0],
+        "median_step_s": median_step,
+        "train_seconds": result.train_seconds,
+        "final_train_loss": statistics.fmean(result.losses[-20:]),
+        "wall_s": time.perf_counter() - start,
+        "env": environment(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        record = run(spec)
+    except Exception as exc:  # recorded as a failed run; the sweep goes on
+        record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+    from ..io import atomic_write_json
+
+    atomic_write_json(argv[1], {**spec, **record})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
