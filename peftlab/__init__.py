@@ -19,6 +19,7 @@ from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .hf_peft import export_peft, import_peft
 from .io import load_adapter, save_adapter, save_merged
+from .methods.adapter import AdapterConfig
 from .methods.lora import LoraConfig
 from .models import load_model, resolve_model_path
 
@@ -42,6 +43,7 @@ __all__ = [
     "resolve_model_path",
     "PeftConfig",
     "LoraConfig",
+    "AdapterConfig",
     "PeftlabError",
     "ConfigError",
     "TargetError",
