@@ -15,10 +15,12 @@ from .api import (
     unwrap,
     wrap,
 )
+from .callbacks import PeftlabCallback
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .hf_peft import export_peft, import_peft
 from .io import load_adapter, save_adapter, save_merged
+from .methods.adalora import AdaLoraConfig, adalora_orth_loss, adalora_step
 from .methods.adapter import AdapterConfig
 from .methods.lora import LoraConfig
 from .models import load_model, resolve_model_path
@@ -44,6 +46,10 @@ __all__ = [
     "PeftConfig",
     "LoraConfig",
     "AdapterConfig",
+    "AdaLoraConfig",
+    "adalora_step",
+    "adalora_orth_loss",
+    "PeftlabCallback",
     "PeftlabError",
     "ConfigError",
     "TargetError",

@@ -76,7 +76,7 @@ def is_merged(model: nn.Module, adapter_name: str | None = None) -> bool:
 
 
 def on_train_step(model: nn.Module, step: int) -> None:
-    """Call once per optimizer step, after ``backward()`` and before ``zero_grad()``.
+    """Call once per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``.
 
     Runs each adapter method's per-step hook (e.g. AdaLoRA's importance update and rank
     allocation); a no-op for methods that have none. peftlab's training loop and its

@@ -1,8 +1,8 @@
 """A minimal training loop for wrapped (or fully trainable) models.
 
 AdamW on the trainable parameters, linear warm-up then linear decay, gradient clipping, a
-per-step ``peftlab.on_train_step`` call (AdaLoRA's rank allocation runs there, after backward and
-before ``zero_grad``), periodic evaluation that keeps the best dev checkpoint of the trainable
+per-step ``peftlab.on_train_step`` call (AdaLoRA's rank allocation runs there, after
+``optimizer.step()`` and before ``zero_grad``), periodic evaluation that keeps the best dev checkpoint of the trainable
 parameters in memory and restores it at the end, and a tqdm bar.
 """
 
@@ -89,8 +89,8 @@ def train(
         loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        on_train_step(model, step)
         opt.step()
+        on_train_step(model, step)  # after the update, before zero_grad (AdaLoRA reads the gradients)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if device is not None and str(device).startswith("cuda"):

@@ -98,10 +98,10 @@ def train_steps(model, batches, steps: int, lr: float = 1e-3, on_step=None) -> l
         batch = batches[step % len(batches)]
         loss = model(**batch).loss
         loss.backward()
+        opt.step()
         peftlab.on_train_step(model, step)
         if on_step is not None:
             on_step(step)
-        opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     model.eval()
