@@ -79,19 +79,21 @@ class RankAllocator:
                 self.ipt[key].mul_(b1).add_(sensitivity, alpha=1 - b1)
                 self.unc[key].mul_(b2).add_((sensitivity - self.ipt[key]).abs(), alpha=1 - b2)
 
-    def scores(self) -> dict[str, torch.Tensor]:
-        """Triplet scores S (shape (r,)) per layer; zeros where no importance was gathered yet."""
-        out = {}
-        for path, layer in self.layers.items():
-            def s(name):
-                key = f"{path}.{name}"
-                p = getattr(layer, name)
-                if key not in self.ipt:
-                    return torch.zeros(p.shape, device=p.device)
-                return self.ipt[key] * self.unc[key]
+    def element_score(self, path: str, layer, name: str) -> torch.Tensor:
+        """s(w) = Ī · Ū for every entry of one adapter matrix (zeros before any update)."""
+        key = f"{path}.{name}"
+        if key not in self.ipt:
+            return torch.zeros(getattr(layer, name).shape, device=getattr(layer, name).device)
+        return self.ipt[key] * self.unc[key]
 
-            out[path] = s("lora_E").view(-1) + s("lora_A").mean(dim=1) + s("lora_B").mean(dim=0)
-        return out
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Triplet scores S_i = s(λ_i) + mean_j s(P_ji) + mean_j s(Q_ij), shape (r,), per layer."""
+        return {
+            path: self.element_score(path, layer, "lora_E").view(-1)
+            + self.element_score(path, layer, "lora_A").mean(dim=1)
+            + self.element_score(path, layer, "lora_B").mean(dim=0)
+            for path, layer in self.layers.items()
+        }
 
     @torch.no_grad()
     def mask_to_budget(self, total: int) -> dict[str, list[bool]]:
