@@ -27,7 +27,7 @@ from torch import nn
 from ._version import __version__
 from .api import is_merged, merge, unmerge, wrap
 from .config import PeftConfig
-from .errors import AdapterFileError
+from .errors import AdapterFileError, MergeError
 from .inject import get_state, wrapped_layers
 from .layers import weight_shape
 
@@ -222,7 +222,15 @@ def save_merged(model: nn.Module, path: str | Path, **save_kwargs: Any) -> Path:
     """Save the model with every adapter merged, as a plain ``save_pretrained`` checkpoint.
 
     The wrapped model is left as it was (adapters merged only for the duration of the save).
+    A quantized (bitsandbytes) base is refused: merging and unmerging would requantize it twice.
     """
+    from .quant_layers import is_bnb_linear
+
+    if any(is_bnb_linear(m) for m in model.modules()):
+        raise MergeError(
+            "save_merged cannot save a quantized (bitsandbytes) base: merging then unmerging would requantize "
+            "it twice. Call peftlab.unwrap(model, merge=True, dequantize=True), then model.save_pretrained(path)"
+        )
     states = list(getattr(model, "peftlab_adapters", {}))
     merged_here = []
     for name in states:

@@ -410,3 +410,33 @@ def test_dequantize_model_reaches_adapter_base_layers(tiny):
     assert type(layer.base_layer) is nn.Linear and layer.lora_A.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_save_merged_refuses_a_quantized_base(tiny, tmp_path):
+    model, _ = trained_lora(tiny, bits=4, steps=1)
+    before = [m.weight.data.clone() for m in bnb_layers(model)]
+    with pytest.raises(peftlab.MergeError, match=r"unwrap\(model, merge=True, dequantize=True\)"):
+        peftlab.save_merged(model, tmp_path / "merged")
+    assert all(
+        torch.equal(m.weight.data, b) for m, b in zip(bnb_layers(model), before)
+    )  # nothing requantized
+
+
+def test_gpt2_conv1d_layers_are_quantized_transposed(tiny):
+    """GPT-2 Conv1D stores W as (d_in, d_out); the 4-bit layer must hold it as (d_out, d_in)."""
+    model = tiny("gpt2")
+    x = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        ref = model(x).logits
+        conv = model.transformer.h[0].attn.c_attn
+        w = conv.weight.t().clone()
+        quantize(model, bits=8)
+        layer = model.transformer.h[0].attn.c_attn
+        assert isinstance(layer, bnb.nn.Linear8bitLt) and (layer.out_features, layer.in_features) == tuple(
+            w.shape
+        )
+        scale = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        deq = layer.weight.data.float() * scale[:, None] / 127
+        assert (deq - w).abs().max() <= scale.max() / 127
+        rel = ((model(x).logits - ref).abs().mean() / ref.abs().mean()).item()
+    assert rel < 0.05
