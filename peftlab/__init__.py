@@ -23,6 +23,7 @@ from .io import load_adapter, save_adapter, save_merged
 from .methods.adalora import AdaLoraConfig, adalora_orth_loss, adalora_step
 from .methods.adapter import AdapterConfig
 from .methods.lora import LoraConfig
+from .methods.prefix import PrefixConfig
 from .models import load_model, resolve_model_path
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "LoraConfig",
     "AdapterConfig",
     "AdaLoraConfig",
+    "PrefixConfig",
     "adalora_step",
     "adalora_orth_loss",
     "PeftlabCallback",

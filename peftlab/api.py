@@ -70,9 +70,10 @@ def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
 
 def is_merged(model: nn.Module, adapter_name: str | None = None) -> bool:
     state = get_state(model, adapter_name)
-    return any(layer.merged for _, layer in wrapped_layers(model, state.config.adapter_name)) or bool(
-        state.info.get("merged")
-    )
+    method = get_method(state.config.method)
+    if method.is_merged is not None:
+        return method.is_merged(state)
+    return any(layer.merged for _, layer in wrapped_layers(model, state.config.adapter_name))
 
 
 def on_train_step(model: nn.Module, step: int) -> None:
@@ -110,6 +111,11 @@ def unwrap(
     for name in names:
         state = get_state(model, name)
         method = get_method(state.config.method)
+        if merge and not method.folds_into_base:
+            raise MergeError(
+                f"{state.config.method} adapters can't be folded into the base weights; unwrap(merge=False) removes "
+                f"the adapter, or keep it wrapped for inference"
+            )
         merged = is_merged(model, name)
         if merge and not merged:
             globals()["merge"](model, name)

@@ -35,7 +35,10 @@ class Method:
         from_peft_config: ``(dict) -> PeftConfig``.
         to_peft_key / from_peft_key: map one state-dict key between our layout (relative to the
             model) and HF PEFT's saved layout (``base_model.model.`` prefix included).
-        merge / unmerge: ``(model, state)`` for methods that are not AdapterLayers.
+        merge / unmerge: ``(model, state)`` for methods that are not AdapterLayers; ``is_merged(state)``
+            tells their merge state.
+        folds_into_base: False when merging cannot put the adapter into the base weights (prefix
+            tuning): ``unwrap(merge=True)`` then refuses instead of silently dropping the adapter.
         on_step: ``(model, state, step)`` called once per optimizer step, after backward and
             before ``zero_grad`` (AdaLoRA's rank allocation); see :func:`peftlab.on_train_step`.
         prepare_export: optional ``(model, state_dict, state) -> state_dict`` transform applied
@@ -51,6 +54,8 @@ class Method:
     merge: Callable | None = None
     unmerge: Callable | None = None
     on_step: Callable | None = None
+    is_merged: Callable | None = None
+    folds_into_base: bool = True
     peft_type: str | None = None
     to_peft_config: Callable | None = None
     from_peft_config: Callable | None = None

@@ -1,0 +1,92 @@
+r"""How prefix keys/values reach attention: a wrapper around transformers' attention interface.
+
+transformers 5.x attention modules call ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
+with the projected (and, for Llama, rotated) keys and values. We register two implementations,
+``peftlab_prefix_sdpa`` and ``peftlab_prefix_eager``, that prepend the layer's prefix before calling
+the original one::
+
+    K' = [P_K ; K],  V' = [P_V ; V]        P_K, P_V: (batch, kv_heads, n_prefix, head_dim)
+    mask' = [attend-all (n_prefix columns) | mask]
+
+Keys and values are prepended at the key/value-head level (before grouped-query repetition),
+so GQA models take a prefix of ``num_key_value_heads`` heads. The KV cache of ``generate`` holds
+only real tokens; the prefix is prepended at every call, so cached and uncached decoding agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ORIGINAL = {"peftlab_prefix_sdpa": "sdpa", "peftlab_prefix_eager": "eager"}
+_REGISTERED = False
+
+
+class PrefixHolder:
+    """Plain object (not a Module) shared by the attention modules of one model.
+
+    ``kv``: (n_layers, 2, kv_heads, n_prefix, head_dim) for the current forward, or None.
+    """
+
+    def __init__(self, n_prefix: int) -> None:
+        self.n_prefix = n_prefix
+        self.kv: torch.Tensor | None = None
+        self.folded: torch.Tensor | None = None  # the merged (MLP-free) table, when merged
+        self.enabled = True
+
+
+def _prefix_mask(attention_mask, module, q_len: int, k_len: int, n_prefix: int, query: torch.Tensor):
+    """The attention mask with ``n_prefix`` always-attended columns in front."""
+    if attention_mask is None:
+        if not getattr(module, "is_causal", False) or q_len == 1:
+            return None
+        # causal over the real keys (queries are the last q_len of the k_len keys), prefix always visible
+        i = torch.arange(q_len, device=query.device).view(-1, 1) + (k_len - q_len)
+        j = torch.arange(k_len, device=query.device).view(1, -1)
+        attention_mask = (j <= i).view(1, 1, q_len, k_len)
+    lead = attention_mask.shape[:-1]
+    if attention_mask.dtype == torch.bool:
+        ones = torch.ones(*lead, n_prefix, dtype=torch.bool, device=attention_mask.device)
+    else:
+        ones = torch.zeros(*lead, n_prefix, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([ones, attention_mask], dim=-1)
+
+
+def _make_attention(impl_name: str):
+    def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        original = ORIGINAL[impl_name]
+        if original == "eager":
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        else:
+            fn = ALL_ATTENTION_FUNCTIONS[original]
+        holder: PrefixHolder | None = getattr(module, "_peftlab_prefix", None)
+        if holder is not None and holder.enabled and holder.kv is not None:
+            layer = module.layer_idx
+            batch = query.shape[0]
+            pk = holder.kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype)
+            pv = holder.kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1).to(value.dtype)
+            attention_mask = _prefix_mask(attention_mask, module, query.shape[2], key.shape[2], holder.n_prefix, query)
+            if attention_mask is not None and attention_mask.shape[-1] != key.shape[2] + holder.n_prefix:
+                attention_mask = attention_mask[..., : key.shape[2] + holder.n_prefix]
+            key = torch.cat([pk, key], dim=2)
+            value = torch.cat([pv, value], dim=2)
+            kwargs.pop("is_causal", None)  # the explicit mask (or none, for encoders) decides
+        return fn(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def register() -> None:
+    """Register the two wrapper implementations (and their mask functions) once."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for name, original in ORIGINAL.items():
+        AttentionInterface.register(name, _make_attention(name))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    _REGISTERED = True
