@@ -1,8 +1,8 @@
 """Fused LoRA kernels (Triton), shipped as ``peftlab.kernels``.
 
 ``triton_available()`` tells whether the Triton path can run; ``lora_linear`` is the fused
-LoRA linear (see ``peftlab.kernels.lora``); ``peftlab.kernels.reference`` holds pure-torch
-references of every kernel.
+LoRA linear (see :mod:`peftlab.kernels.lora`, imported lazily so that importing peftlab never
+needs Triton); :mod:`peftlab.kernels.reference` holds pure-torch references of every kernel.
 """
 
 
@@ -13,3 +13,10 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+    """y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ with the fused Triton kernels; see :func:`peftlab.kernels.lora.lora_linear`."""
+    from .lora import lora_linear as fused
+
+    return fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
