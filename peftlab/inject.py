@@ -101,6 +101,7 @@ def inject(model: nn.Module, config: PeftConfig, method) -> AdapterState:
 
     to_save = resolve_modules_to_save(model, config.modules_to_save)
     record = method.inject(model, config, skip=to_save)
+    model.train(model.training)  # new adapter modules take the model's mode (no dropout in an eval model)
     for path in to_save:
         for p in model.get_submodule(path).parameters():
             p.requires_grad_(True)

@@ -49,6 +49,15 @@ def test_roundtrip_equal_outputs_and_config_content(tiny, tmp_path):
     assert sum(p.requires_grad for p in again.parameters()) == 12
 
 
+def test_adapter_modules_follow_the_model_mode(tiny):
+    model = tiny("llama")  # in eval mode
+    peftlab.wrap(model, peftlab.LoraConfig(r=2, dropout=0.5))
+    assert not any(m.training for m in model.modules())
+    x = ids()
+    randomize(model)
+    torch.testing.assert_close(model(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+
+
 def test_modules_to_save_roundtrip(minilm_dir, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=3).eval()
     peftlab.wrap(model, peftlab.LoraConfig(r=2, modules_to_save=["classifier"]))
