@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 LOAD_MODES = {
@@ -34,6 +35,7 @@ TRAIN_MODES = {
     "lora (fp32 base)": {"quant": None, "checkpointing": False},
     "qlora (nf4+dq base)": {"quant": "nf4+dq", "checkpointing": False},
     "qlora (nf4+dq) + grad. checkpointing": {"quant": "nf4+dq", "checkpointing": True},
+    "qlora (int8 base)": {"quant": "int8", "checkpointing": False},
 }
 
 
@@ -100,7 +102,6 @@ def sst2_generation_batches(tokenizer, batch_size: int, n_batches: int, max_leng
     """SST-2 as generation: ``Review: <s>\\nSentiment: positive|negative``; loss on all non-pad tokens."""
     import csv
 
-
     data = Path(os.environ.get("PEFTLAB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     rows = []
     with open(data / "sst2" / "train.tsv", newline="") as f:
@@ -145,7 +146,7 @@ def worker_train(name: str, device: str, steps: int, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
     import peftlab
-    from peftlab.quant import memory_report, prepare_for_kbit_training
+    from peftlab.quant import memory_report, merge_quantized, prepare_for_kbit_training
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -185,6 +186,11 @@ def worker_train(name: str, device: str, steps: int, batch_size: int) -> dict:
         losses.append(loss.item())
     end = proc_mem()
     trainable, total = peftlab.count_parameters(model)
+    # merge into the (quantized) base and measure how much the logits move on the first batch
+    probe = {k: v for k, v in batches[0].items() if k != "labels"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the int8 warning carries the same numbers as the report
+        merge = merge_quantized(model, probe)
     out = {
         "mode": name,
         "step_s_median": statistics.median(times),
@@ -193,6 +199,10 @@ def worker_train(name: str, device: str, steps: int, batch_size: int) -> dict:
         "trainable_params": trainable,
         "weights_mb": memory_report(model)["total_mb"],
         "saved_for_backward_mb": max(saved) / 1e6,
+        "merge": {
+            k: merge.get(k)
+            for k in ("max_abs", "mean_abs", "rel", "adapter_effect_mean_abs", "quantized_layers")
+        },
         "rss_after_setup_mb": (setup["VmRSS"] - before["VmRSS"]) / 1e6,
         "peak_rss_rise_training_mb": (end["VmHWM"] - setup["VmRSS"]) / 1e6 if peak_reset else None,
         "peak_rss_rise_total_mb": (end["VmHWM"] - before["VmRSS"]) / 1e6,
@@ -218,7 +228,14 @@ def markdown(result: dict) -> str:
         "",
         f"Measured {meta['date']} on {meta['device']} ({meta['cpu_threads']} torch threads), torch {meta['torch']}, "
         f"bitsandbytes {meta['bitsandbytes']}, transformers {meta['transformers']}. MB = 10⁶ bytes. "
-        f"Produced by `python benchmarks/quant_memory.py`.",
+        f"Produced by `python benchmarks/quant_memory.py`."
+        + (
+            f" The machine was shared: 1-minute load average {meta['loadavg_start']:.1f} at the start and "
+            f"{meta['loadavg_end']:.1f} at the end on {meta['cpu_count']} cores, so step times are noisy; "
+            "the minimum over steps is the least disturbed."
+            if "loadavg_start" in meta
+            else ""
+        ),
         "",
         "## Footprint and load-time peak memory",
         "",
@@ -247,19 +264,42 @@ def markdown(result: dict) -> str:
         "the process before loading (whole run) and over the state after setup (training only); on the CPU it "
         "includes memory glibc's heap keeps after freeing transients (e.g. the per-layer dequantized weights).",
         "",
-        "| run | step s (median) | weights MB | saved for backward MB | peak RSS rise, total MB | peak RSS rise, training MB | first → last loss |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| run | step s (median) | step s (min) | weights MB | saved for backward MB | peak RSS rise, total MB | peak RSS rise, training MB | first → last loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in result["train"]:
         train_peak = (
             f"{r['peak_rss_rise_training_mb']:.0f}" if r["peak_rss_rise_training_mb"] is not None else "n/a"
         )
         lines.append(
-            f"| {r['mode']} | {r['step_s_median']:.2f} | {r['weights_mb']:.0f} | {r['saved_for_backward_mb']:.0f} | "
+            f"| {r['mode']} | {r['step_s_median']:.2f} | {min(r['step_s_all']):.2f} | {r['weights_mb']:.0f} | {r['saved_for_backward_mb']:.0f} | "
             f"{r['peak_rss_rise_total_mb']:.0f} | {train_peak} | "
             f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |"
         )
+    lines += [
+        "",
+        "## Merging the trained adapter into its base",
+        "",
+        "`peftlab.quant.merge_quantized(model, first_batch)` after the run above: quantized bases are dequantized, "
+        "ΔW added, and requantized. Change of the logits on the batch (merged vs. unmerged adapter), against "
+        "what the adapter itself changes (adapter vs. disabled adapter).",
+        "",
+        "| run | quantized layers | max abs change | mean abs change | mean change / mean |logit| | adapter effect (mean abs) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["train"]:
+        m = r["merge"]
+        lines.append(
+            f"| {r['mode']} | {m['quantized_layers']} | {m['max_abs']:.3g} | {m['mean_abs']:.3g} | {m['rel']:.2e} | "
+            f"{m['adapter_effect_mean_abs']:.3g} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -270,7 +310,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--render", action="store_true", help="only re-render quant_memory.md from the JSON in --out"
+    )
     args = parser.parse_args()
+    if args.render:
+        result = json.loads((Path(args.out) / "quant_memory.json").read_text())
+        write_atomic(Path(args.out) / "quant_memory.md", markdown(result))
+        print(markdown(result))
+        return
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,6 +342,8 @@ def main() -> None:
             if device == "cuda"
             else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
             "cpu_threads": 2,
+            "cpu_count": os.cpu_count(),
+            "loadavg_start": os.getloadavg()[0],
             "torch": torch.__version__,
             "bitsandbytes": bitsandbytes.__version__,
             "transformers": transformers.__version__,
