@@ -89,6 +89,20 @@ def load_model(name_or_path: str, kind: str = "causal-lm", **kwargs):
     """
     import transformers
 
+    path = resolve_model_path(name_or_path)
+    model = auto_class(kind).from_pretrained(path, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def auto_class(kind: str):
+    """The transformers Auto class for a model kind: causal-lm, seq-cls, token-cls or base."""
+    import transformers
+
     classes = {
         "causal-lm": transformers.AutoModelForCausalLM,
         "seq-cls": transformers.AutoModelForSequenceClassification,
@@ -97,11 +111,4 @@ def load_model(name_or_path: str, kind: str = "causal-lm", **kwargs):
     }
     if kind not in classes:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {', '.join(classes)}")
-    path = resolve_model_path(name_or_path)
-    model = classes[kind].from_pretrained(path, **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return classes[kind]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .inject import replace_module
-from .models import resolve_model_path
+from .models import auto_class, resolve_model_path
 from .quant_layers import check_quant_args, make_4bit_linear, make_8bit_linear, require_bnb
 from .targeting import head_module_names
 
@@ -91,20 +91,6 @@ def release_freed_memory() -> None:
 
 
 _LIBC = None
-
-
-def _auto_class(kind: str):
-    import transformers
-
-    classes = {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "seq-cls": transformers.AutoModelForSequenceClassification,
-        "token-cls": transformers.AutoModelForTokenClassification,
-        "base": transformers.AutoModel,
-    }
-    if kind not in classes:
-        raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    return classes[kind]
 
 
 def _key_mapper(model: nn.Module):
@@ -234,7 +220,7 @@ def load_quantized(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(path, **config_kwargs)
     with torch.device("meta"):
-        model = _auto_class(kind).from_config(config, dtype=dtype)
+        model = auto_class(kind).from_config(config, dtype=dtype)
     plan = plan_linears(model, skip_modules)
     mapped = _key_mapper(model)
     opts = {
