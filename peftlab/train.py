@@ -62,12 +62,15 @@ def train(
     device: torch.device | str | None = None,
     desc: str = "train",
     progress: bool = True,
+    step_hook: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (an endless iterator).
 
     Args:
         evaluate: returns the dev metric (higher is better); with ``eval_every`` the best
             checkpoint of the trainable parameters is kept and restored at the end.
+        step_hook: called with the step index right after ``on_train_step`` (e.g. HF PEFT's
+            AdaLoRA ``update_and_allocate`` when benchmarking the peer).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -91,6 +94,8 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         on_train_step(model, step)  # after the update, before zero_grad (AdaLoRA reads the gradients)
+        if step_hook is not None:
+            step_hook(step)
         sched.step()
         opt.zero_grad(set_to_none=True)
         if device is not None and str(device).startswith("cuda"):

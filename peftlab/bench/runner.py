@@ -47,7 +47,10 @@ def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
     atomic_write_json(spec_path, spec)
     result_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           # keep the working directory off sys.path: a repo checkout's top-level kernels/ folder must not
+           # shadow the PyPI package `kernels` that bitsandbytes imports
+           "PYTHONSAFEPATH": "1"}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "peftlab.bench.worker", str(spec_path), str(result_path)],

@@ -84,6 +84,8 @@ def run(spec: dict) -> dict:
         batches = ({k: v.to(device) for k, v in b.items()} for b in batches)
     loss_fn = (lambda m, b: m(**b).loss) if spec["method"].startswith("hf-") else None
     kwargs = {"loss_fn": loss_fn} if loss_fn else {}
+    if spec["method"] == "hf-adalora":  # HF PEFT's AdaLoRA needs its own per-step allocation call
+        kwargs["step_hook"] = model.base_model.update_and_allocate
     result = train(
         model, batches, steps, lr=cfg["lr"], warmup_ratio=cfg.get("warmup_ratio", 0.06),
         weight_decay=cfg.get("weight_decay", 0.0), evaluate=evaluate_dev, eval_every=cfg.get("eval_every") or steps,
