@@ -233,7 +233,7 @@ def markdown(result: dict) -> str:
             f" The machine was shared: 1-minute load average {meta['loadavg_start']:.1f} at the start and "
             f"{meta['loadavg_end']:.1f} at the end on {meta['cpu_count']} cores, so step times are noisy; "
             "the minimum over steps is the least disturbed."
-            if "loadavg_start" in meta
+            if "loadavg_start" in meta and "loadavg_end" in meta
             else ""
         ),
         "",
@@ -358,15 +358,11 @@ def main() -> None:
     for name in TRAIN_MODES:
         result["train"].append(run_worker(["train", *name.split(" "), *common]))
         print(json.dumps({k: v for k, v in result["train"][-1].items() if k != "losses"}))
+    result["meta"]["loadavg_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("quant_memory.json", json.dumps(result, indent=2)),
-        ("quant_memory.md", markdown(result)),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_atomic(out / "quant_memory.json", json.dumps(result, indent=2))  # the data first, then the table
+    write_atomic(out / "quant_memory.md", markdown(result))
     print(markdown(result))
 
 
