@@ -25,6 +25,14 @@ from .methods.adapter import AdapterConfig
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixConfig
 from .models import load_model, resolve_model_path
+from .quant import (
+    dequantize_model,
+    load_quantized,
+    memory_report,
+    merge_quantized,
+    prepare_for_kbit_training,
+    quantize,
+)
 
 __all__ = [
     "__version__",
@@ -43,6 +51,12 @@ __all__ = [
     "export_peft",
     "import_peft",
     "load_model",
+    "load_quantized",
+    "quantize",
+    "dequantize_model",
+    "prepare_for_kbit_training",
+    "memory_report",
+    "merge_quantized",
     "resolve_model_path",
     "PeftConfig",
     "LoraConfig",
