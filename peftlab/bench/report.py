@@ -97,7 +97,7 @@ def write_plots(rows: dict[tuple, dict], out: Path) -> list[Path]:
         for k in (k for k in rows if k[:2] == group):
             r = rows[k]
             ax.errorbar(r["trainable"], r["test"], yerr=r["test_std"], fmt="o", capsize=3)
-            ax.annotate(k[2], (r["trainable"], r["test"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(k[2].split()[0], (r["trainable"], r["test"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel(f"test {rows[next(k for k in rows if k[:2] == group)]['metric']} (%)")
