@@ -1,0 +1,102 @@
+"""Gradient checkpointing on frozen bases keeps the adapters' gradients; 8-bit AdamW trains in uint8 states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftlab
+from peftlab.errors import ConfigError
+from peftlab.memory import (
+    bitsandbytes_available,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    make_optimizer,
+)
+
+
+def _lora_llama(tiny):
+    model = peftlab.wrap(tiny("llama"), peftlab.LoraConfig(r=4, target_modules="all-linear", dropout=0.0))
+    torch.manual_seed(3)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    return model.train()
+
+
+def _batch():
+    torch.manual_seed(5)
+    x = torch.randint(1, 100, (2, 12))
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+def _loss_grads_saved(model, batch):
+    """(loss, grads of trainable params, bytes saved for backward during the forward)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss.backward()  # reentrant checkpoints support .backward() only, not autograd.grad
+    return loss.detach(), [p.grad.clone() for p in params], sum(saved)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_same_grads_less_saved(tiny, use_reentrant):
+    model, batch = _lora_llama(tiny), _batch()
+    ref_loss, ref_grads, ref_saved = _loss_grads_saved(model, batch)
+    enable_gradient_checkpointing(model, use_reentrant=use_reentrant)
+    loss, grads, saved = _loss_grads_saved(model, batch)
+    torch.testing.assert_close(loss, ref_loss)
+    for got, want in zip(grads, ref_grads):
+        assert got.abs().sum() > 0  # the frozen base still passes gradients to every adapter
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert saved < 0.7 * ref_saved, (saved, ref_saved)
+    disable_gradient_checkpointing(model)
+    assert not model.model.layers[0].gradient_checkpointing
+    _, _, saved_after = _loss_grads_saved(model, batch)
+    assert saved_after == ref_saved
+
+
+def test_checkpointing_rejects_bad_input(tiny):
+    with pytest.raises(ConfigError, match="not a transformers PreTrainedModel"):
+        enable_gradient_checkpointing(torch.nn.Linear(3, 3))
+    with pytest.raises(ConfigError, match="every_n_layers must be"):
+        enable_gradient_checkpointing(tiny("llama"), every_n_layers=0)
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="bitsandbytes not importable")
+def test_adamw8bit_trains_with_uint8_states():
+    torch.manual_seed(0)
+    target = torch.randn(64, 128)
+    weight = torch.nn.Parameter(torch.zeros(64, 128))
+    opt = make_optimizer([weight], "adamw8bit", lr=0.05)
+    first = None
+    for _ in range(60):
+        loss = (weight - target).pow(2).mean()
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.2 * first
+    states = opt.state[weight]
+    assert states["state1"].dtype == torch.uint8 and states["state2"].dtype == torch.uint8
+
+
+def test_make_optimizer_picks_trainable_and_rejects_bad_input(tiny):
+    model = peftlab.wrap(tiny("llama"), peftlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    opt = make_optimizer(model, "adamw", lr=1e-3)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable
+    with pytest.raises(ConfigError, match="unknown optimizer 'sgd8'.*adamw8bit"):
+        make_optimizer(model, "sgd8")
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        make_optimizer(model, lr=0)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        make_optimizer(tiny("llama").requires_grad_(False))
