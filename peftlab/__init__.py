@@ -20,6 +20,7 @@ from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .hf_peft import export_peft, import_peft
 from .io import load_adapter, save_adapter, save_merged
+from .memory import disable_gradient_checkpointing, enable_gradient_checkpointing, make_optimizer
 from .methods.adalora import AdaLoraConfig, adalora_orth_loss, adalora_step
 from .methods.adapter import AdapterConfig
 from .methods.lora import LoraConfig
@@ -50,6 +51,9 @@ __all__ = [
     "save_merged",
     "export_peft",
     "import_peft",
+    "enable_gradient_checkpointing",
+    "disable_gradient_checkpointing",
+    "make_optimizer",
     "load_model",
     "load_quantized",
     "quantize",

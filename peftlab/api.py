@@ -26,7 +26,9 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
         WrapError: an adapter with this name is already on the model.
     """
     if not isinstance(config, PeftConfig):
-        raise ConfigError(f"wrap() needs a peftlab config (e.g. peftlab.LoraConfig), got {type(config).__name__}")
+        raise ConfigError(
+            f"wrap() needs a peftlab config (e.g. peftlab.LoraConfig), got {type(config).__name__}"
+        )
     inject(model, config, get_method(config.method))
     return model
 
@@ -160,7 +162,9 @@ def disable_adapters(model: nn.Module, adapter_name: str | None = None) -> Itera
         get_state(model)
     for name in names:
         if is_merged(model, name):
-            raise MergeError(f"adapter {name!r} is merged into the base weights; unmerge() before disabling it")
+            raise MergeError(
+                f"adapter {name!r} is merged into the base weights; unmerge() before disabling it"
+            )
     set_adapters_enabled(model, False, adapter_name)
     try:
         yield model

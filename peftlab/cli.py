@@ -40,7 +40,9 @@ def cmd_info(args) -> int:
         print(f"  {path}  {state.shapes.get(path, '')}")
     if state.modules_to_save:
         print(f"modules to save: {', '.join(state.modules_to_save)}")
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
     return 0
 
 
@@ -101,12 +103,16 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning for transformers.")
+    parser = argparse.ArgumentParser(
+        prog="peftlab", description="Parameter-efficient fine-tuning for transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     kinds = ["seq-cls", "token-cls", "causal-lm", "base"]
 
     info = sub.add_parser("info", help="show what a method would target and the parameter counts")
-    info.add_argument("--model", default="minilm-l6", help="path, hub id or packaged name (minilm-l6, smollm2-135m)")
+    info.add_argument(
+        "--model", default="minilm-l6", help="path, hub id or packaged name (minilm-l6, smollm2-135m)"
+    )
     info.add_argument("--kind", default="seq-cls", choices=kinds)
     info.add_argument("--method", default="lora")
     info.add_argument("--set", action="append", metavar="KEY=VALUE", help="config field, e.g. --set r=16")
@@ -125,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, help="seconds per run before it is recorded as failed")
     bench.set_defaults(func=cmd_bench)
 
-    for name, func, text in (("merge", cmd_merge, "merge a saved adapter into its base and save_pretrained it"),
-                             ("export", cmd_export, "convert a saved peftlab adapter to HF PEFT's format")):
+    for name, func, text in (
+        ("merge", cmd_merge, "merge a saved adapter into its base and save_pretrained it"),
+        ("export", cmd_export, "convert a saved peftlab adapter to HF PEFT's format"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", required=True)
         p.add_argument("--kind", default="seq-cls", choices=kinds)

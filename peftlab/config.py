@@ -95,7 +95,9 @@ class PeftConfig:
         data = dict(data)
         method = data.pop("method", None)
         if method is None:
-            raise ConfigError(f"adapter config has no 'method' key; valid methods: {', '.join(known_methods())}")
+            raise ConfigError(
+                f"adapter config has no 'method' key; valid methods: {', '.join(known_methods())}"
+            )
         cls = config_class(method)
         names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
         unknown = sorted(set(data) - names)

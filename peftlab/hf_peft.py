@@ -69,12 +69,16 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str | None = N
                 saved.append(head)
         config["modules_to_save"] = saved or None
     path = Path(path)
-    atomic_save_safetensors(path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"})
+    atomic_save_safetensors(
+        path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"}
+    )
     atomic_write_json(path / PEFT_CONFIG_NAME, config)
     return path
 
 
-def import_peft(model: nn.Module, path: str | Path, adapter_name: str = "default", trainable: bool = False) -> nn.Module:
+def import_peft(
+    model: nn.Module, path: str | Path, adapter_name: str = "default", trainable: bool = False
+) -> nn.Module:
     """Wrap ``model`` with an adapter saved by HF PEFT in ``path`` and load its weights."""
     path = Path(path)
     raw = read_json(path / PEFT_CONFIG_NAME)

@@ -43,7 +43,9 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> AdapterState
     """One adapter's state; with ``adapter_name=None`` the only (or last added) adapter."""
     states = adapters(model)
     if not states:
-        raise WrapError(f"{type(model).__name__} is not wrapped by peftlab; call peftlab.wrap(model, config) first")
+        raise WrapError(
+            f"{type(model).__name__} is not wrapped by peftlab; call peftlab.wrap(model, config) first"
+        )
     if adapter_name is None:
         return list(states.values())[-1]
     if adapter_name not in states:
@@ -73,7 +75,9 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
         hits = [p for p in hits if not any(p.startswith(h + ".") for h in hits)]
         if not hits:
             top = [n for n, _ in model.named_children()]
-            raise TargetError(f"modules_to_save entry {name!r} not found; top-level modules: {', '.join(top)}")
+            raise TargetError(
+                f"modules_to_save entry {name!r} not found; top-level modules: {', '.join(top)}"
+            )
         paths.extend(hits)
     return paths
 

@@ -63,7 +63,9 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     _atomic(Path(path), write)
 
 
-def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def atomic_save_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     _atomic(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
 
@@ -92,7 +94,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise AdapterFileError(f"adapter config {path} does not exist (expected {CONFIG_NAME} in {path.parent})")
+        raise AdapterFileError(
+            f"adapter config {path} does not exist (expected {CONFIG_NAME} in {path.parent})"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -112,7 +116,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
     return {k: full[k].detach() for k in state.saved_keys}
 
 
-def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str | None = None) -> None:
+def load_adapter_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str | None = None
+) -> None:
     """Copy ``tensors`` into the model's adapter; keys and shapes must match exactly."""
     state = get_state(model, adapter_name)
     expected = set(state.saved_keys)
@@ -182,7 +188,9 @@ def read_adapter_config(path: str | Path) -> tuple[PeftConfig, dict[str, Any]]:
     return PeftConfig.from_dict(cfg), raw
 
 
-def wrap_and_load(model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], transform=None) -> None:
+def wrap_and_load(
+    model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], transform=None
+) -> None:
     """Wrap ``model`` with ``config`` and load ``tensors``; on any failure the model is unwrapped again."""
     from .api import unwrap
 
@@ -196,7 +204,9 @@ def wrap_and_load(model: nn.Module, config: PeftConfig, tensors: dict[str, torch
         raise
 
 
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = None, trainable: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | Path, adapter_name: str | None = None, trainable: bool = False
+) -> nn.Module:
     """Wrap ``model`` with the adapter saved in ``path`` and load its weights.
 
     Args:

@@ -31,7 +31,11 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden)
         need_w = weight.requires_grad
         grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and bias.requires_grad else None
+        grad_b = (
+            torch.zeros(weight.shape[0], dtype=acc, device=weight.device)
+            if bias is not None and bias.requires_grad
+            else None
+        )
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
@@ -52,7 +56,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_w += grad.t() @ h.to(acc)
             if grad_b is not None:
                 grad_b += grad.sum(0)
-        ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0), grad_b if grad_b is not None else torch.empty(0))
+        ctx.save_for_backward(
+            grad_h, grad_w if need_w else torch.empty(0), grad_b if grad_b is not None else torch.empty(0)
+        )
         ctx.need_w, ctx.need_b = need_w, grad_b is not None
         ctx.weight_dtype = weight.dtype
         return total / denom
@@ -65,8 +71,13 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), dw, db, None, None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               bias: torch.Tensor | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
     """Mean CE of the head ``(weight, bias)`` over ``hidden`` (..., H) and ``labels`` (...); -100 ignored."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)

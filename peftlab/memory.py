@@ -4,7 +4,15 @@ Gradient checkpointing keeps only each decoder block's input (B, T, H) and recom
 backward, trading about one extra forward for the saved activations of attention and MLP. With a
 frozen base the embedding output does not require grad, so a reentrant checkpoint would see no
 input that needs grad and silently drop the adapters' gradients; :func:`enable_gradient_checkpointing`
-therefore always makes the input embeddings' output require grad.
+therefore makes the input embeddings' output require grad in that mode. The non-reentrant checkpoint (the
+default) needs no such hook, and goes without it: the hook would make autograd compute the first block's
+input gradient (the q/k/v GEMMs' dX), which a frozen embedding never uses.
+
+``selective=True`` (non-reentrant only) keeps the outputs of the matmuls and of attention (mm, addmm,
+bmm, SDPA) and recomputes only the cheap element-wise work in backward: norms, rotary embeddings, SiLU
+and gating products, residual adds. The GEMMs are never run twice, so the step costs a few percent more
+instead of a whole extra forward, while the element-wise intermediates (about half of a decoder block's
+saved activations) are freed.
 
 :func:`make_optimizer` builds AdamW over the trainable parameters. ``"adamw8bit"`` keeps both Adam
 moments m, v (Loshchilov & Hutter: θ ← θ - lr·(m̂/(√v̂ + ε) + λθ)) in blockwise-quantised uint8
@@ -15,6 +23,7 @@ back to unpaged states).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -47,16 +56,49 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     )
 
 
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    names = [
+        "mm",
+        "addmm",
+        "addmm_",
+        "bmm",
+        "baddbmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    ]
+    return {getattr(aten, n).default for n in names if hasattr(aten, n)}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: save matmul and attention outputs, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in _keep_matmuls.ops:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_keep_matmuls.ops = _saved_ops()
+
+
 def enable_gradient_checkpointing(
-    model: nn.Module, use_reentrant: bool = False, every_n_layers: int = 1
+    model: nn.Module, use_reentrant: bool = False, every_n_layers: int = 1, selective: bool = False
 ) -> nn.Module:
     """Checkpoint every ``every_n_layers``-th decoder block of ``model`` and make its inputs require grad.
 
     Works on a frozen base wrapped by :func:`peftlab.wrap`: adapter parameters inside the blocks get their
-    gradients through the recomputation. Returns ``model``.
+    gradients through the recomputation. ``selective=True`` recomputes only element-wise ops (see the
+    module docstring). Returns ``model``.
     """
     if every_n_layers < 1:
         raise ConfigError(f"every_n_layers must be an integer >= 1, got {every_n_layers!r}")
+    if selective and use_reentrant:
+        raise ConfigError(
+            "selective checkpointing needs use_reentrant=False (torch's selective checkpoint contexts)"
+        )
     hf = _transformers_model(model)
     if not hf.supports_gradient_checkpointing:
         raise ConfigError(
@@ -64,6 +106,15 @@ def enable_gradient_checkpointing(
             "supports_gradient_checkpointing=False for it); train without it or pick another model"
         )
     kwargs = {"use_reentrant": bool(use_reentrant)}
+    if selective:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        # peftlab's LoRA adds x·Aᵀ·Bᵀ into the base GEMM's output in place (addmm_), so the cached GEMM output
+        # is mutated on purpose; addmm_ is itself "saved", so recomputation returns the final tensor instead
+        # of adding the LoRA term twice (tests compare gradients with and without checkpointing).
+        kwargs["context_fn"] = functools.partial(
+            create_selective_checkpoint_contexts, _keep_matmuls, allow_cache_entry_mutation=True
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         if hasattr(hf, "activation_checkpointing_enable"):
@@ -72,8 +123,11 @@ def enable_gradient_checkpointing(
             )
         else:  # transformers < 5
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if not getattr(hf, "_require_grads_hooks", None):  # transformers may have added the hook already
+    # transformers adds the input-grad hook whatever the mode; only the reentrant checkpoint needs it
+    if use_reentrant and not getattr(hf, "_require_grads_hooks", None):
         hf.enable_input_require_grads()
+    elif not use_reentrant and getattr(hf, "_require_grads_hooks", None):
+        hf.disable_input_require_grads()
     if getattr(hf.config, "use_cache", False):
         hf._peftlab_use_cache = True  # restored by disable_gradient_checkpointing
         hf.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation

@@ -89,4 +89,6 @@ def method_for_peft_type(peft_type: str) -> Method:
         if method.peft_type == peft_type:
             return method
     supported = sorted(m.peft_type for m in _METHODS.values() if m.peft_type)
-    raise ConfigError(f"HF PEFT adapter type {peft_type!r} is not supported; supported: {', '.join(supported)}")
+    raise ConfigError(
+        f"HF PEFT adapter type {peft_type!r} is not supported; supported: {', '.join(supported)}"
+    )

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .api import on_train_step
+from .memory import make_optimizer
 
 
 @dataclass
@@ -63,6 +64,7 @@ def train(
     desc: str = "train",
     progress: bool = True,
     step_hook: Callable[[int], None] | None = None,
+    optimizer: str = "adamw",
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps on ``batches`` (an endless iterator).
 
@@ -71,11 +73,12 @@ def train(
             checkpoint of the trainable parameters is kept and restored at the end.
         step_hook: called with the step index right after ``on_train_step`` (e.g. HF PEFT's
             AdaLoRA ``update_and_allocate`` when benchmarking the peer).
+        optimizer: one of :data:`peftlab.memory.OPTIMIZERS` ("adamw8bit" etc. need bitsandbytes).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; wrap it with peftlab.wrap or unfreeze it")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(params, optimizer, lr=lr, weight_decay=weight_decay)
     warmup = int(warmup_ratio * steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, steps, warmup))
     result = TrainResult()
@@ -102,7 +105,9 @@ def train(
             torch.cuda.synchronize()
         result.step_times.append(time.perf_counter() - t0)
         result.losses.append(loss.item())
-        result.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        result.tokens += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
         bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
         last = step == steps - 1
         if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or last):
@@ -111,7 +116,9 @@ def train(
             result.evals.append({"step": step + 1, "metric": metric})
             if result.best_metric is None or metric > result.best_metric:
                 result.best_metric, result.best_step = metric, step + 1
-                best_state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+                best_state = {
+                    n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+                }
     result.train_seconds = time.perf_counter() - start
     if best_state is not None:
         with torch.no_grad():

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # Triton kernels run in the CPU interpreter; must be set before triton loads
+if (
+    not torch.cuda.is_available()
+):  # Triton kernels run in the CPU interpreter; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))

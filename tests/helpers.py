@@ -42,20 +42,42 @@ def tiny_model(family: str) -> torch.nn.Module:
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64))
     elif family == "opt":
         model = OPTForCausalLM(
-            OPTConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, ffn_dim=64, vocab_size=100,
-                      max_position_embeddings=64, word_embed_proj_dim=32)
+            OPTConfig(
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                hidden_size=32,
+                ffn_dim=64,
+                vocab_size=100,
+                max_position_embeddings=64,
+                word_embed_proj_dim=32,
+            )
         )
     elif family == "t5":
-        model = T5EncoderModel(T5Config(num_layers=2, num_heads=2, d_model=32, d_kv=16, d_ff=64, vocab_size=100))
+        model = T5EncoderModel(
+            T5Config(num_layers=2, num_heads=2, d_model=32, d_kv=16, d_ff=64, vocab_size=100)
+        )
     elif family == "llama":
         model = LlamaForCausalLM(
-            LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                        intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+            LlamaConfig(
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                hidden_size=32,
+                intermediate_size=64,
+                vocab_size=100,
+                max_position_embeddings=64,
+            )
         )
     elif family == "bert":
         model = BertForSequenceClassification(
-            BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32, intermediate_size=64,
-                       vocab_size=100, num_labels=2)
+            BertConfig(
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                hidden_size=32,
+                intermediate_size=64,
+                vocab_size=100,
+                num_labels=2,
+            )
         )
     else:
         raise ValueError(family)
@@ -74,7 +96,9 @@ def read_sst2(split: str, limit: int | None = None) -> tuple[list[str], list[int
     return sentences, labels
 
 
-def sst2_batches(tokenizer_dir: str, split: str, batch_size: int, limit: int, max_length: int = 64, seed: int = 0):
+def sst2_batches(
+    tokenizer_dir: str, split: str, batch_size: int, limit: int, max_length: int = 64, seed: int = 0
+):
     """Tokenised SST-2 batches (dicts with input_ids, attention_mask, labels)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     sentences, labels = read_sst2(split, limit)
@@ -82,7 +106,13 @@ def sst2_batches(tokenizer_dir: str, split: str, batch_size: int, limit: int, ma
     batches = []
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        enc = tok([sentences[j] for j in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tok(
+            [sentences[j] for j in idx],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         enc["labels"] = torch.tensor([labels[j] for j in idx])
         batches.append(dict(enc))
     return batches

@@ -51,7 +51,10 @@ def test_parameter_count_formula_and_grads_only_on_adapters(minilm_dir):
     trainable, _ = peftlab.count_parameters(model)
     assert trainable == 6 * 2 * (2 * d * m + d + m)
     pf = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
-    peftlab.wrap(pf, peftlab.AdapterConfig(style="pfeiffer", bottleneck_size={0: 8}, reduction_factor=16, layers=[0, 1]))
+    peftlab.wrap(
+        pf,
+        peftlab.AdapterConfig(style="pfeiffer", bottleneck_size={0: 8}, reduction_factor=16, layers=[0, 1]),
+    )
     assert peftlab.count_parameters(pf)[0] == (2 * d * 8 + d + 8) + (2 * d * m + d + m)
     perturb(model)
     model.train()
@@ -88,19 +91,28 @@ def test_unknown_architecture_error_says_how_to_name_modules(tiny):
     model = tiny("t5")
     with pytest.raises(peftlab.TargetError, match=r"don't know architecture 't5'.*attn_out=.*ffn_out="):
         peftlab.wrap(model, peftlab.AdapterConfig())
-    peftlab.wrap(model, peftlab.AdapterConfig(
-        style="houlsby", bottleneck_size=4,
-        attn_out=r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.o", ffn_out=r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo"))
+    peftlab.wrap(
+        model,
+        peftlab.AdapterConfig(
+            style="houlsby",
+            bottleneck_size=4,
+            attn_out=r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.o",
+            ffn_out=r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo",
+        ),
+    )
     assert len(peftlab.inject.get_state(model).targets) == 4
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"style": "serial"}, "style must be one of"),
-    ({"activation": "elu"}, "activation must be one of"),
-    ({"reduction_factor": 0}, "reduction_factor must be a positive integer"),
-    ({"bottleneck_size": {3: -1}}, "bottleneck_size must be a positive integer"),
-    ({"target_modules": ["dense"]}, "don't use target_modules"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"style": "serial"}, "style must be one of"),
+        ({"activation": "elu"}, "activation must be one of"),
+        ({"reduction_factor": 0}, "reduction_factor must be a positive integer"),
+        ({"bottleneck_size": {3: -1}}, "bottleneck_size must be a positive integer"),
+        ({"target_modules": ["dense"]}, "don't use target_modules"),
+    ],
+)
 def test_invalid_config(kwargs, message):
     with pytest.raises(peftlab.ConfigError, match=message):
         peftlab.AdapterConfig(**kwargs)
@@ -117,7 +129,9 @@ def test_smollm2_identity(smollm2_dir):
 
 
 def test_adapter_counts_match_adapterhub_formula_or_package(minilm_dir):
-    adapters = pytest.importorskip("adapters", reason="AdapterHub `adapters` does not install with transformers 5.x")
+    adapters = pytest.importorskip(
+        "adapters", reason="AdapterHub `adapters` does not install with transformers 5.x"
+    )
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
     adapters.init(model)
     model.add_adapter("p", config="seq_bn")
@@ -133,7 +147,9 @@ def test_adapter_counts_match_adapterhub_formula_or_package(minilm_dir):
 def test_short_sst2_run_lowers_loss(minilm_dir, sst2_dir, style):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
-    peftlab.wrap(model, peftlab.AdapterConfig(style=style, reduction_factor=16, modules_to_save=["classifier"]))
+    peftlab.wrap(
+        model, peftlab.AdapterConfig(style=style, reduction_factor=16, modules_to_save=["classifier"])
+    )
     batches = sst2_batches(minilm_dir, "train", batch_size=32, limit=32 * 60, max_length=40)
     losses = train_steps(model, batches, steps=60, lr=2e-3)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10

@@ -31,9 +31,17 @@ def peft_count(model, **kwargs):
     [
         ("llama", {"r": 8}, {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
         ("llama", {"r": 4, "target_modules": "all-linear"}, {"r": 4, "target_modules": "all-linear"}),
-        ("llama", {"r": 4, "bias": "all", "target_modules": ["q_proj"]}, {"r": 4, "bias": "all", "target_modules": ["q_proj"]}),
+        (
+            "llama",
+            {"r": 4, "bias": "all", "target_modules": ["q_proj"]},
+            {"r": 4, "bias": "all", "target_modules": ["q_proj"]},
+        ),
         ("gpt2", {"r": 4}, {"r": 4, "target_modules": ["c_attn"], "fan_in_fan_out": True}),
-        ("opt", {"r": 2, "rank_pattern": {"q_proj": 6}}, {"r": 2, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 6}}),
+        (
+            "opt",
+            {"r": 2, "rank_pattern": {"q_proj": 6}},
+            {"r": 2, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 6}},
+        ),
         (
             "bert",
             {"r": 8, "bias": "lora_only", "modules_to_save": ["classifier"]},
@@ -51,7 +59,9 @@ def test_minilm_count_equals_hf_peft(minilm_dir):
         torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
 
-    ours = peftlab.wrap(load(), peftlab.LoraConfig(r=8, alpha=16, dropout=0.05, modules_to_save=["classifier"]))
+    ours = peftlab.wrap(
+        load(), peftlab.LoraConfig(r=8, alpha=16, dropout=0.05, modules_to_save=["classifier"])
+    )
     assert peftlab.count_parameters(ours)[0] == peft_count(
         load(), r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"], task_type="SEQ_CLS"
     )
@@ -66,7 +76,9 @@ def test_export_loads_in_peft_with_equal_outputs_seq_cls(minilm_dir, tmp_path):
         torch.manual_seed(0)
         return AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).eval()
 
-    model = peftlab.wrap(load(), peftlab.LoraConfig(r=8, alpha=16, use_rslora=True, modules_to_save=["classifier"]))
+    model = peftlab.wrap(
+        load(), peftlab.LoraConfig(r=8, alpha=16, use_rslora=True, modules_to_save=["classifier"])
+    )
     randomize(model)
     with torch.no_grad():
         model.classifier.weight.normal_(0, 0.2)
@@ -85,7 +97,9 @@ def test_export_and_import_causal_lm_all_linear(smollm2_dir, tmp_path):
     def load():
         return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
 
-    model = peftlab.wrap(load(), peftlab.LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2}))
+    model = peftlab.wrap(
+        load(), peftlab.LoraConfig(r=4, alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2})
+    )
     randomize(model, 0.02)
     x = torch.randint(1, 1000, (2, 10))
     ours = model(input_ids=x).logits
@@ -105,7 +119,9 @@ def test_export_and_import_causal_lm_all_linear(smollm2_dir, tmp_path):
 
 def test_import_adapter_trained_by_peft_gpt2_conv1d(tiny, tmp_path):
     base = tiny("gpt2")
-    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    pm = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    )
     torch.manual_seed(2)
     with torch.no_grad():
         for n, p in pm.named_parameters():

@@ -88,8 +88,14 @@ def test_shape_mismatch_names_module_and_shapes(tiny, tmp_path):
 
     saved_llama(tiny, tmp_path)
     other = LlamaForCausalLM(
-        LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
-                    intermediate_size=48, vocab_size=100)
+        LlamaConfig(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=32,
+            intermediate_size=48,
+            vocab_size=100,
+        )
     )
     with pytest.raises(peftlab.AdapterFileError, match=r"down_proj.*\[32, 64\].*\[32, 48\]"):
         peftlab.load_adapter(other, tmp_path / "ad")
@@ -122,7 +128,9 @@ def test_config_unknown_keys_and_unknown_method(tiny, tmp_path):
     cfg = json.loads(path.read_text())
     cfg["config"]["rank"] = 3
     path.write_text(json.dumps(cfg))
-    with pytest.raises(peftlab.ConfigError, match=r"unknown keys for method 'lora': rank; valid keys: .*alpha"):
+    with pytest.raises(
+        peftlab.ConfigError, match=r"unknown keys for method 'lora': rank; valid keys: .*alpha"
+    ):
         peftlab.load_adapter(tiny("llama"), tmp_path / "ad")
     del cfg["config"]["rank"]
     cfg["config"]["method"] = "nope"
@@ -149,7 +157,9 @@ def test_invalid_lora_config(kwargs, message):
 
 
 def test_unknown_targets_list_candidates(tiny):
-    with pytest.raises(peftlab.TargetError, match=r"\['qkv'\] not found.*candidate linear layers: q_proj, k_proj"):
+    with pytest.raises(
+        peftlab.TargetError, match=r"\['qkv'\] not found.*candidate linear layers: q_proj, k_proj"
+    ):
         peftlab.wrap(tiny("llama"), peftlab.LoraConfig(target_modules=["qkv"]))
     with pytest.raises(peftlab.TargetError, match="matched no module"):
         peftlab.wrap(tiny("llama"), peftlab.LoraConfig(target_modules=r".*nothing.*"))

@@ -166,9 +166,17 @@ def test_rslora_bias_and_patterns(tiny):
     q0 = model.get_submodule("bert.encoder.layer.0.attention.self.query")
     q1 = model.get_submodule("bert.encoder.layer.1.attention.self.query")
     v0 = model.get_submodule("bert.encoder.layer.0.attention.self.value")
-    assert q0.r == 4 and q1.r == 2 and q0.scaling == pytest.approx(8 / 2.0) and q1.scaling == pytest.approx(8 / 2**0.5)
+    assert (
+        q0.r == 4
+        and q1.r == 2
+        and q0.scaling == pytest.approx(8 / 2.0)
+        and q1.scaling == pytest.approx(8 / 2**0.5)
+    )
     assert v0.scaling == pytest.approx(3 / 2.0)
-    assert q0.base_layer.bias.requires_grad and not model.bert.encoder.layer[0].attention.output.dense.bias.requires_grad
+    assert (
+        q0.base_layer.bias.requires_grad
+        and not model.bert.encoder.layer[0].attention.output.dense.bias.requires_grad
+    )
 
 
 def test_merge_errors_and_disable_while_merged(tiny):
@@ -221,5 +229,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights(tiny):
         layer.lora_B.fill_(float("nan"))
     with pytest.raises(peftlab.MergeError, match="NaN/inf"):
         peftlab.merge(model, safe=True)
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" not in n)  # nothing merged
+    assert all(
+        torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" not in n
+    )  # nothing merged
     assert not peftlab.is_merged(model)

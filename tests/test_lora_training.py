@@ -28,8 +28,15 @@ def test_trainer_trains_and_checkpoints_unchanged(tiny, tmp_path):
     seqs = torch.randint(1, 100, (4, 12)).repeat(4, 1)  # 4 distinct sequences to memorise
     rows = [{"input_ids": s, "labels": s.clone()} for s in seqs]
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=8, learning_rate=2e-2,
-        save_steps=60, logging_steps=10, report_to=[], use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=60,
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        save_steps=60,
+        logging_steps=10,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=ListDataset(rows))
     first = trainer.evaluate(ListDataset(rows))["eval_loss"]

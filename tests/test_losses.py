@@ -28,7 +28,10 @@ def test_matches_reference_loss_and_grads(bias, chunk):
 
 
 def test_causal_lm_loss_equals_model_loss_with_lora_and_prefix(tiny):
-    for config in (peftlab.LoraConfig(r=4, target_modules="all-linear"), peftlab.PrefixConfig(num_virtual_tokens=3)):
+    for config in (
+        peftlab.LoraConfig(r=4, target_modules="all-linear"),
+        peftlab.PrefixConfig(num_virtual_tokens=3),
+    ):
         model = peftlab.wrap(tiny("llama"), config)
         torch.manual_seed(1)
         for p in model.parameters():

@@ -18,7 +18,9 @@ def run(name: str, env: dict | None = None) -> list:
     old = dict(os.environ)
     os.environ.update(env or {})
     try:
-        nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+        nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        ).execute()
     finally:
         os.environ.clear()
         os.environ.update(old)

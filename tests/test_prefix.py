@@ -49,10 +49,23 @@ def test_gradients_reach_only_prefix_parameters(tiny, family):
 @pytest.mark.parametrize("family, task", [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS")])
 @pytest.mark.parametrize("projection", [None, 16])
 def test_parameter_counts_equal_hf_peft(tiny, family, task, projection):
-    ours = peftlab.wrap(tiny(family), peftlab.PrefixConfig(
-        num_virtual_tokens=5, projection_dim=projection, modules_to_save=["classifier"] if family == "bert" else None))
-    theirs = peft.get_peft_model(tiny(family), peft.PrefixTuningConfig(
-        task_type=task, num_virtual_tokens=5, prefix_projection=projection is not None, encoder_hidden_size=projection or 8))
+    ours = peftlab.wrap(
+        tiny(family),
+        peftlab.PrefixConfig(
+            num_virtual_tokens=5,
+            projection_dim=projection,
+            modules_to_save=["classifier"] if family == "bert" else None,
+        ),
+    )
+    theirs = peft.get_peft_model(
+        tiny(family),
+        peft.PrefixTuningConfig(
+            task_type=task,
+            num_virtual_tokens=5,
+            prefix_projection=projection is not None,
+            encoder_hidden_size=projection or 8,
+        ),
+    )
     assert peftlab.count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
 
 
@@ -76,7 +89,9 @@ def test_padding_left_and_right_match_unpadded(tiny, family, side):
 
     batched = last_hidden(input_ids=x, attention_mask=mask, position_ids=positions)
     torch.testing.assert_close(batched[0], last_hidden(input_ids=a[None])[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(batched[1][mask[1].bool()], last_hidden(input_ids=b[None])[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        batched[1][mask[1].bool()], last_hidden(input_ids=b[None])[0], rtol=1e-4, atol=1e-5
+    )
 
 
 @torch.no_grad()
@@ -87,7 +102,9 @@ def test_generation_with_and_without_cache_gqa(tiny):
     mask = torch.ones_like(x)
     mask[1, :2] = 0  # left padding
     cached = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    uncached = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
+    uncached = model.generate(
+        input_ids=x, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False
+    )
     assert torch.equal(cached, uncached)
 
 
@@ -140,7 +157,9 @@ def test_errors(tiny):
 def test_short_sst2_runs_lower_the_loss(minilm_dir, sst2_dir, tiny):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
-    peftlab.wrap(model, peftlab.PrefixConfig(num_virtual_tokens=10, projection_dim=128, modules_to_save=["classifier"]))
+    peftlab.wrap(
+        model, peftlab.PrefixConfig(num_virtual_tokens=10, projection_dim=128, modules_to_save=["classifier"])
+    )
     batches = sst2_batches(minilm_dir, "train", batch_size=32, limit=32 * 60, max_length=40)
     losses = train_steps(model, batches, steps=60, lr=1e-3)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05
@@ -158,8 +177,10 @@ def test_short_sst2_generation_run_lowers_the_loss(smollm2_dir, sst2_dir):
     held_out = task.collate(tok, rows[:16], max_length=48)
     batches = [task.collate(tok, rows[16 + 4 * i : 20 + 4 * i], max_length=48) for i in range(12)]
     torch.manual_seed(0)
-    model = peftlab.wrap(AutoModelForCausalLM.from_pretrained(smollm2_dir),
-                         peftlab.PrefixConfig(num_virtual_tokens=8, projection_dim=64))
+    model = peftlab.wrap(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir),
+        peftlab.PrefixConfig(num_virtual_tokens=8, projection_dim=64),
+    )
 
     def loss():
         model.eval()

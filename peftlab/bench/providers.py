@@ -42,7 +42,9 @@ def _quantized_lora(bits: int) -> Callable:
 
         quant_kwargs = {"bits": bits}
         if bits == 4:
-            quant_kwargs.update(quant_type=params.pop("quant_type", "nf4"), double_quant=params.pop("double_quant", True))
+            quant_kwargs.update(
+                quant_type=params.pop("quant_type", "nf4"), double_quant=params.pop("double_quant", True)
+            )
         skip = head_names(model)
         model = quant.quantize(model, skip_modules=skip, **quant_kwargs)
         return _peftlab("lora")(model, params, ctx)
@@ -62,7 +64,9 @@ def _hf(peft_name: str) -> Callable:
     def build(model, params: dict, ctx: dict):
         import peft
 
-        task_type = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}[ctx["task_kind"]]
+        task_type = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS", "causal-lm": "CAUSAL_LM"}[
+            ctx["task_kind"]
+        ]
         params = dict(params)
         if peft_name == "lora":
             cfg = peft.LoraConfig(

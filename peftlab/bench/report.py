@@ -9,7 +9,9 @@ from pathlib import Path
 
 def variant(record: dict) -> str:
     """A row name: the label plus the parameters that vary (e.g. ``lora r=8``)."""
-    params = " ".join(f"{k}={v}" for k, v in sorted((record.get("params") or {}).items()) if not isinstance(v, (list, dict)))
+    params = " ".join(
+        f"{k}={v}" for k, v in sorted((record.get("params") or {}).items()) if not isinstance(v, (list, dict))
+    )
     return f"{record['label']} {params}".strip()
 
 
@@ -47,7 +49,10 @@ def write_report(records: list[dict], out_dir: str | Path, title: str = "peftlab
     lines = [f"# {title}", ""]
     devices = sorted({r["device"] for r in rows.values()})
     if devices:
-        lines += [f"Device: {', '.join(devices)}. Test metric ± std over seeds; Δ and ratios are relative to full fine-tuning.", ""]
+        lines += [
+            f"Device: {', '.join(devices)}. Test metric ± std over seeds; Δ and ratios are relative to full fine-tuning.",
+            "",
+        ]
     for task, model in sorted({(k[0], k[1]) for k in rows}):
         keys = sorted((k for k in rows if k[:2] == (task, model)), key=lambda k: -rows[k]["test"])
         full = next((rows[k] for k in keys if k[2].split()[0] == "full"), None)
@@ -97,7 +102,13 @@ def write_plots(rows: dict[tuple, dict], out: Path) -> list[Path]:
         for k in (k for k in rows if k[:2] == group):
             r = rows[k]
             ax.errorbar(r["trainable"], r["test"], yerr=r["test_std"], fmt="o", capsize=3)
-            ax.annotate(k[2].split()[0], (r["trainable"], r["test"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(
+                k[2].split()[0],
+                (r["trainable"], r["test"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log)")
         ax.set_ylabel(f"test {rows[next(k for k in rows if k[:2] == group)]['metric']} (%)")
@@ -107,7 +118,10 @@ def write_plots(rows: dict[tuple, dict], out: Path) -> list[Path]:
     paths.append(out / "metric_vs_params.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    for field, label, name in (("peak_mb", "peak memory (MB)", "peak_memory.png"), ("tokens_per_s", "train tokens/s", "throughput.png")):
+    for field, label, name in (
+        ("peak_mb", "peak memory (MB)", "peak_memory.png"),
+        ("tokens_per_s", "train tokens/s", "throughput.png"),
+    ):
         fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
         for ax, group in zip(axes[0], groups):
             keys = sorted(k for k in rows if k[:2] == group)

@@ -47,14 +47,21 @@ def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
     atomic_write_json(spec_path, spec)
     result_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-           # keep the working directory off sys.path: a repo checkout's top-level kernels/ folder must not
-           # shadow the PyPI package `kernels` that bitsandbytes imports
-           "PYTHONSAFEPATH": "1"}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        # keep the working directory off sys.path: a repo checkout's top-level kernels/ folder must not
+        # shadow the PyPI package `kernels` that bitsandbytes imports
+        "PYTHONSAFEPATH": "1",
+    }
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "peftlab.bench.worker", str(spec_path), str(result_path)],
-            timeout=timeout, env=env, stdout=subprocess.PIPE, text=True,
+            timeout=timeout,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         code = proc.returncode
     except subprocess.TimeoutExpired:
@@ -62,12 +69,16 @@ def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
     if result_path.is_file():
         return json.loads(result_path.read_text())
     return {
-        **spec, "status": "failed", "error": f"worker exited with code {code} and wrote no result "
+        **spec,
+        "status": "failed",
+        "error": f"worker exited with code {code} and wrote no result "
         f"(killed for memory?) after {time.perf_counter() - start:.0f} s",
     }
 
 
-def run_sweep(specs: list[dict], out_dir: str | Path, timeout: float | None = None, progress: bool = True) -> list[dict]:
+def run_sweep(
+    specs: list[dict], out_dir: str | Path, timeout: float | None = None, progress: bool = True
+) -> list[dict]:
     """Run every spec not finished yet; returns all records of this sweep's runs."""
     out = Path(out_dir)
     work = out / "runs"
@@ -83,6 +94,8 @@ def run_sweep(specs: list[dict], out_dir: str | Path, timeout: float | None = No
         record["train"] = spec["train"]
         append_result(out, record)
         if record.get("status") != "ok" and progress:
-            tqdm.write(f"run {spec['run_id']} ({spec['label']} on {spec['task']}) failed: {record.get('error')}")
+            tqdm.write(
+                f"run {spec['run_id']} ({spec['label']} on {spec['task']}) failed: {record.get('error')}"
+            )
     ids = {s["run_id"] for s in specs}
     return [r for r in read_results(out) if r["run_id"] in ids]

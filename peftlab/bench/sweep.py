@@ -34,8 +34,23 @@ SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "d
 TASK_KEYS = {"name", "models", "train"}
 METHOD_KEYS = {"method", "params", "train", "label", "models", "tasks"}
 TRAIN_KEYS = {
-    "max_steps", "epochs", "batch_size", "lr", "max_length", "eval_every", "dev_limit", "train_limit",
-    "test_limit", "eval_batch_size", "warmup_ratio", "weight_decay", "device", "progress",
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "lr",
+    "max_length",
+    "eval_every",
+    "dev_limit",
+    "train_limit",
+    "test_limit",
+    "eval_batch_size",
+    "warmup_ratio",
+    "weight_decay",
+    "device",
+    "progress",
+    "group_by_length",
+    "optimizer",
+    "gradient_checkpointing",
 }
 LIST_VALUED = {"target_modules", "modules_to_save", "layers", "skip_modules"}
 TRAIN_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "max_length": 64, "max_steps": 300}
@@ -62,7 +77,9 @@ def _axes(values: dict[str, Any]) -> list[dict[str, Any]]:
 
 def run_id(spec: dict) -> str:
     """A stable id from everything that defines the run (resume skips ids already in results.jsonl)."""
-    blob = json.dumps({k: spec[k] for k in ("model", "task", "method", "params", "train", "seed")}, sort_keys=True)
+    blob = json.dumps(
+        {k: spec[k] for k in ("model", "task", "method", "params", "train", "seed")}, sort_keys=True
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -85,7 +102,9 @@ def expand(sweep: dict) -> list[dict]:
             method = {"method": method_entry} if isinstance(method_entry, str) else dict(method_entry)
             _unknown(set(method), METHOD_KEYS, f"method {method.get('method')!r}")
             if method.get("method") not in PROVIDERS:
-                raise ConfigError(f"unknown method {method.get('method')!r}; valid methods: {', '.join(PROVIDERS)}")
+                raise ConfigError(
+                    f"unknown method {method.get('method')!r}; valid methods: {', '.join(PROVIDERS)}"
+                )
             _unknown(set(method.get("train") or {}), TRAIN_KEYS, f"train of method {method['method']!r}")
             if method.get("tasks") and task["name"] not in method["tasks"]:
                 continue

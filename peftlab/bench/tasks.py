@@ -5,6 +5,11 @@
   first sub-word of each word, the others get -100.
 * ``sst2-gen``: SST-2 as instruction-style generation for causal LMs: the loss is on the label
   word only; scored by the accuracy of the greedily generated label.
+
+Training batches are grouped by length (as transformers' ``group_by_length``): the shuffled rows are cut
+into mega-batches of 50 batches, each sorted by length, and the batches are shuffled again. SST-2's
+training phrases average 13 tokens with a long tail (66), so random batches would be about 3× padding;
+grouped ones are nearly pad-free. Evaluation sorts by length too (the metrics do not depend on order).
 """
 
 from __future__ import annotations
@@ -42,13 +47,18 @@ def data_dir(override: str | None = None) -> Path:
 
 def _check_file(path: Path) -> Path:
     if not path.is_file():
-        raise ConfigError(f"data file {path} not found; set --data or PEFTLAB_DATA to the folder holding sst2/ and conll2003/")
+        raise ConfigError(
+            f"data file {path} not found; set --data or PEFTLAB_DATA to the folder holding sst2/ and conll2003/"
+        )
     return path
 
 
 def read_sst2(folder: Path, split: str) -> list[tuple[str, int]]:
     with open(_check_file(folder / "sst2" / f"{split}.tsv"), newline="") as f:
-        return [(r["sentence"], int(r["label"])) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+        return [
+            (r["sentence"], int(r["label"]))
+            for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        ]
 
 
 def read_conll(folder: Path, split: str) -> list[tuple[list[str], list[str]]]:
@@ -95,22 +105,60 @@ class Task:
 
     # ---- batching ----
 
-    def batches(self, tokenizer, rows: list, batch_size: int, max_length: int, seed: int | None) -> Iterator[dict]:
+    @staticmethod
+    def length(row) -> int:
+        """A cheap length proxy for grouping: words in the sentence."""
+        first = row[0]
+        return len(first) if isinstance(first, list) else len(first.split())
+
+    def batches(
+        self,
+        tokenizer,
+        rows: list,
+        batch_size: int,
+        max_length: int,
+        seed: int | None,
+        group_by_length: bool = True,
+    ) -> Iterator[dict]:
+        """Batches of ``batch_size`` rows; shuffled when ``seed`` is given, else in order."""
         order = list(range(len(rows)))
         if seed is not None:
-            random.Random(seed).shuffle(order)
+            rng = random.Random(seed)
+            rng.shuffle(order)
+            if group_by_length:
+                mega = 50 * batch_size
+                order = [
+                    j
+                    for i in range(0, len(order), mega)
+                    for j in sorted(order[i : i + mega], key=lambda k: -self.length(rows[k]))
+                ]
+                groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+                rng.shuffle(groups)
+                order = [j for g in groups for j in g]
         for i in range(0, len(order), batch_size):
             chunk = [rows[j] for j in order[i : i + batch_size]]
             yield self.collate(tokenizer, chunk, max_length)
 
     def collate(self, tokenizer, rows: list, max_length: int) -> dict:
         if self.name == "sst2":
-            enc = tokenizer([s for s, _ in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                [s for s, _ in rows],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             enc["labels"] = torch.tensor([y for _, y in rows])
             return dict(enc)
         if self.name == "conll2003":
-            enc = tokenizer([w for w, _ in rows], is_split_into_words=True, padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                [w for w, _ in rows],
+                is_split_into_words=True,
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             labels = torch.full(enc["input_ids"].shape, -100)
             for b, (_, tags) in enumerate(rows):
                 previous = None
@@ -126,8 +174,12 @@ class Task:
         """Prompt + " label" + eos, right-padded; labels -100 everywhere but the answer tokens."""
         ids, labels = [], []
         for sentence, y in rows:
-            prompt = tokenizer(GEN_PROMPT.format(sentence=sentence.strip()), add_special_tokens=False)["input_ids"]
-            answer = tokenizer(" " + GEN_LABELS[y], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt = tokenizer(GEN_PROMPT.format(sentence=sentence.strip()), add_special_tokens=False)[
+                "input_ids"
+            ]
+            answer = tokenizer(" " + GEN_LABELS[y], add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
             prompt = prompt[: max(1, max_length - len(answer))]
             ids.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
@@ -145,6 +197,7 @@ class Task:
     def evaluate(self, model, tokenizer, rows: list, batch_size: int, max_length: int) -> dict[str, float]:
         was_training = model.training
         model.eval()
+        rows = sorted(rows, key=self.length)  # less padding; accuracy and entity F1 ignore order
         try:
             if self.name == "sst2":
                 preds = []
@@ -178,9 +231,17 @@ class Task:
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i : i + batch_size]
                 prompts = [GEN_PROMPT.format(sentence=s.strip()) for s, _ in chunk]
-                enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                                add_special_tokens=False)
-                out = model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                enc = tokenizer(
+                    prompts,
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    add_special_tokens=False,
+                )
+                out = model.generate(
+                    **enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
                 correct += sum(t.strip().lower().startswith(GEN_LABELS[y]) for t, (_, y) in zip(texts, chunk))
         finally:

@@ -33,11 +33,19 @@ def environment(device: str) -> dict:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     return {
         "device": name,
         "torch": torch.__version__,
@@ -52,6 +60,7 @@ def run(spec: dict) -> dict:
     from peftlab.models import load_model
     from peftlab.train import cycle, train
 
+    from ..errors import ConfigError
     from .providers import get_provider
     from .tasks import data_dir, get_task
 
@@ -72,6 +81,11 @@ def run(spec: dict) -> dict:
     ctx["total_steps"] = steps
     model = get_provider(spec["method"])(model, dict(spec.get("params") or {}), ctx)
     model.to(device)
+    checkpointing = cfg.get("gradient_checkpointing", "none")
+    if checkpointing not in ("none", "full", "selective"):
+        raise ConfigError(f"gradient_checkpointing must be none, full or selective, got {checkpointing!r}")
+    if checkpointing != "none":
+        peftlab.enable_gradient_checkpointing(model, selective=checkpointing == "selective")
     trainable, total = peftlab.count_parameters(model)
 
     max_len, eval_bs = cfg["max_length"], cfg.get("eval_batch_size", 64)
@@ -79,7 +93,10 @@ def run(spec: dict) -> dict:
     def evaluate_dev() -> float:
         return task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)[task.metric]
 
-    batches = cycle(lambda epoch: task.batches(tokenizer, train_rows, bs, max_len, spec["seed"] * 1000 + epoch))
+    grouped = cfg.get("group_by_length", True)
+    batches = cycle(
+        lambda epoch: task.batches(tokenizer, train_rows, bs, max_len, spec["seed"] * 1000 + epoch, grouped)
+    )
     if device != "cpu":
         batches = ({k: v.to(device) for k, v in b.items()} for b in batches)
     loss_fn = (lambda m, b: m(**b).loss) if spec["method"].startswith("hf-") else None
@@ -87,9 +104,18 @@ def run(spec: dict) -> dict:
     if spec["method"] == "hf-adalora":  # HF PEFT's AdaLoRA needs its own per-step allocation call
         kwargs["step_hook"] = model.base_model.update_and_allocate
     result = train(
-        model, batches, steps, lr=cfg["lr"], warmup_ratio=cfg.get("warmup_ratio", 0.06),
-        weight_decay=cfg.get("weight_decay", 0.0), evaluate=evaluate_dev, eval_every=cfg.get("eval_every") or steps,
-        desc=f"{spec['method']} {spec['task']}", progress=cfg.get("progress", True), **kwargs,
+        model,
+        batches,
+        steps,
+        lr=cfg["lr"],
+        warmup_ratio=cfg.get("warmup_ratio", 0.06),
+        weight_decay=cfg.get("weight_decay", 0.0),
+        evaluate=evaluate_dev,
+        eval_every=cfg.get("eval_every") or steps,
+        desc=f"{spec['method']} {spec['task']}",
+        progress=cfg.get("progress", True),
+        optimizer=cfg.get("optimizer", "adamw"),
+        **kwargs,
     )
     dev = task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)
     test = task.evaluate(model, tokenizer, test_rows, eval_bs, max_len)
@@ -107,8 +133,12 @@ def run(spec: dict) -> dict:
         "trainable_pct": 100 * trainable / total,
         "peak_memory_mb": peak_memory_mb(device),
         # throughput over the steps after the first (which pays one-time allocation and warm-up costs)
-        "tokens_per_s": result.tokens * (len(result.step_times) - 1) / len(result.step_times)
-        / max(sum(result.step_times[1:]), 1e-9) if len(result.step_times) > 1 else result.tokens / result.step_times[0],
+        "tokens_per_s": result.tokens
+        * (len(result.step_times) - 1)
+        / len(result.step_times)
+        / max(sum(result.step_times[1:]), 1e-9)
+        if len(result.step_times) > 1
+        else result.tokens / result.step_times[0],
         "median_step_s": median_step,
         "train_seconds": result.train_seconds,
         "final_train_loss": statistics.fmean(result.losses[-20:]),
@@ -126,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run(spec)
     except Exception as exc:  # recorded as a failed run; the sweep goes on
-        record = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        record = {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
     from ..io import atomic_write_json
 
     atomic_write_json(argv[1], {**spec, **record})

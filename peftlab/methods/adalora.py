@@ -75,7 +75,9 @@ class AdaLoraConfig(PeftConfig):
         if self.target_r > self.init_r:
             raise ConfigError(f"AdaLoRA target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         if self.total_steps is None:
-            raise ConfigError("AdaLoRA needs total_steps (the number of training steps) for its budget schedule")
+            raise ConfigError(
+                "AdaLoRA needs total_steps (the number of training steps) for its budget schedule"
+            )
         if not isinstance(self.total_steps, int) or self.total_steps <= 0:
             raise ConfigError(f"AdaLoRA total_steps must be a positive integer, got {self.total_steps!r}")
         if self.t_init < 0 or self.t_final < 0:
@@ -96,7 +98,9 @@ class AdaLoraLinear(AdapterLayer):
 
     prefix = "lora_"
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float
+    ) -> None:
         super().__init__(base_layer, adapter_name)
         d_in, d_out = layer_dims(base_layer)
         weight = getattr(base_layer, "weight", None)
@@ -137,7 +141,9 @@ def adalora_orth_loss(model: nn.Module, adapter_name: str | None = None) -> torc
     total, count = None, 0
     for layer in adalora_layers(model, name).values():
         eye = torch.eye(layer.r, device=layer.lora_A.device, dtype=layer.lora_A.dtype)
-        term = ((layer.lora_B.t() @ layer.lora_B - eye) ** 2).sum() + ((layer.lora_A @ layer.lora_A.t() - eye) ** 2).sum()
+        term = ((layer.lora_B.t() @ layer.lora_B - eye) ** 2).sum() + (
+            (layer.lora_A @ layer.lora_A.t() - eye) ** 2
+        ).sum()
         total = term if total is None else total + term
         count += 1
     return total / count if count else torch.zeros(())
@@ -148,7 +154,9 @@ def _orth_hook(adapter_name: str):
         loss = getattr(output, "loss", None)
         if model.training and isinstance(loss, torch.Tensor):
             state = get_state(model, adapter_name)
-            if state.config.orth_reg_weight > 0 and all(m.enabled for m in adalora_layers(model, adapter_name).values()):
+            if state.config.orth_reg_weight > 0 and all(
+                m.enabled for m in adalora_layers(model, adapter_name).values()
+            ):
                 output.loss = loss + state.config.orth_reg_weight * adalora_orth_loss(model, adapter_name)
         return output
 
@@ -161,7 +169,9 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, skip: list[str] = ()
     for path in targets:
         base = model.get_submodule(path)
         shapes[path] = weight_shape(base)
-        replace_module(model, path, AdaLoraLinear(base, config.adapter_name, config.init_r, config.alpha, config.dropout))
+        replace_module(
+            model, path, AdaLoraLinear(base, config.adapter_name, config.init_r, config.alpha, config.dropout)
+        )
     layers = adalora_layers(model, config.adapter_name)
     allocator = RankAllocator(layers, config)
     if config.rank_pattern:
@@ -201,12 +211,13 @@ def _remove(model: nn.Module, adapter_name: str) -> None:
 
 # ---- HF PEFT interop: keys `base_model.model.<path>.lora_{A,B,E}`; pruned to rank_pattern -------
 
+
 def to_peft_key(key: str) -> str:
     return PEFT_PREFIX + key
 
 
 def from_peft_key(key: str) -> str:
-    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
 
 
 def to_peft_config(config: AdaLoraConfig, state) -> dict[str, Any]:
@@ -241,11 +252,19 @@ def from_peft_config(data: dict[str, Any]) -> AdaLoraConfig:
         pattern = {k[: -len(".lora_E")] if k.endswith(".lora_E") else k: v for k, v in pattern.items()}
     targets = data.get("target_modules")
     return AdaLoraConfig(
-        init_r=data["init_r"], target_r=data["target_r"], alpha=data.get("lora_alpha", 32),
-        dropout=data.get("lora_dropout", 0.0), t_init=data.get("tinit", 0), t_final=data.get("tfinal", 0),
-        delta_t=data.get("deltaT", 1), beta1=data.get("beta1", 0.85), beta2=data.get("beta2", 0.85),
-        orth_reg_weight=data.get("orth_reg_weight", 0.5), total_steps=data["total_step"],
-        rank_pattern=pattern or None, target_modules=sorted(targets) if isinstance(targets, list) else targets,
+        init_r=data["init_r"],
+        target_r=data["target_r"],
+        alpha=data.get("lora_alpha", 32),
+        dropout=data.get("lora_dropout", 0.0),
+        t_init=data.get("tinit", 0),
+        t_final=data.get("tfinal", 0),
+        delta_t=data.get("deltaT", 1),
+        beta1=data.get("beta1", 0.85),
+        beta2=data.get("beta2", 0.85),
+        orth_reg_weight=data.get("orth_reg_weight", 0.5),
+        total_steps=data["total_step"],
+        rank_pattern=pattern or None,
+        target_modules=sorted(targets) if isinstance(targets, list) else targets,
         modules_to_save=data.get("modules_to_save"),
     )
 
@@ -285,8 +304,16 @@ def prepare_import(model, tensors: dict, state) -> dict:
 
 register_method(
     Method(
-        name="adalora", inject=inject_adalora, remove=_remove, on_step=_on_step, peft_type="ADALORA",
-        to_peft_config=to_peft_config, from_peft_config=from_peft_config, to_peft_key=to_peft_key,
-        from_peft_key=from_peft_key, prepare_export=prepare_export, prepare_import=prepare_import,
+        name="adalora",
+        inject=inject_adalora,
+        remove=_remove,
+        on_step=_on_step,
+        peft_type="ADALORA",
+        to_peft_config=to_peft_config,
+        from_peft_config=from_peft_config,
+        to_peft_key=to_peft_key,
+        from_peft_key=from_peft_key,
+        prepare_export=prepare_export,
+        prepare_import=prepare_import,
     )
 )

@@ -73,7 +73,9 @@ class AdapterConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.target_modules is not None:
-            raise ConfigError("bottleneck adapters don't use target_modules; name sites with attn_out/ffn_out regexes")
+            raise ConfigError(
+                "bottleneck adapters don't use target_modules; name sites with attn_out/ffn_out regexes"
+            )
         if self.style not in STYLES:
             raise ConfigError(f"adapter style must be one of {STYLES}, got {self.style!r}")
         if self.activation not in ACTIVATIONS:
@@ -89,7 +91,9 @@ class AdapterConfig(PeftConfig):
             else:
                 values = [] if value is None else [value]
             if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in values):
-                raise ConfigError(f"{name} must be a positive integer or {{layer: positive integer}}, got {value!r}")
+                raise ConfigError(
+                    f"{name} must be a positive integer or {{layer: positive integer}}, got {value!r}"
+                )
         if self.reduction_factor is None and self.bottleneck_size is None:
             raise ConfigError("give reduction_factor or bottleneck_size")
 
@@ -98,7 +102,11 @@ class AdapterConfig(PeftConfig):
         if isinstance(size, dict):
             size = size.get(layer)
         if size is None:
-            factor = self.reduction_factor.get(layer, 16) if isinstance(self.reduction_factor, dict) else self.reduction_factor
+            factor = (
+                self.reduction_factor.get(layer, 16)
+                if isinstance(self.reduction_factor, dict)
+                else self.reduction_factor
+            )
             size = max(1, d // factor)
         return size
 
@@ -113,8 +121,17 @@ class BottleneckAdapterLayer(AdapterLayer):
     prefix = "adapter_"
     mergeable = False
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, bottleneck: int, activation: str, dropout: float,
-                 parallel: bool = False, scale: float = 1.0, d_in: int | None = None) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        bottleneck: int,
+        activation: str,
+        dropout: float,
+        parallel: bool = False,
+        scale: float = 1.0,
+        d_in: int | None = None,
+    ) -> None:
         super().__init__(base_layer, adapter_name)
         _, d = layer_dims(base_layer)
         weight = getattr(base_layer, "weight", None)
@@ -160,25 +177,42 @@ def _matches(model: nn.Module, pattern: str, layers: list[int] | None) -> dict[i
 
 def inject_adapter(model: nn.Module, config: AdapterConfig, skip: list[str] = ()) -> dict[str, Any]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    sites = sites_for(model_type, {k: getattr(config, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in", "norms")})
+    sites = sites_for(
+        model_type, {k: getattr(config, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in", "norms")}
+    )
     kinds = ["ffn"] if config.style == "pfeiffer" else ["attn", "ffn"]
     parallel = config.style == "parallel"
     targets, shapes, hooks = [], {}, []
     for kind in kinds:
         outs = _matches(model, getattr(sites, f"{kind}_out"), config.layers)
         if not outs:
-            raise TargetError(f"no {kind} output module matched {getattr(sites, f'{kind}_out')!r} in {type(model).__name__}")
+            raise TargetError(
+                f"no {kind} output module matched {getattr(sites, f'{kind}_out')!r} in {type(model).__name__}"
+            )
         ins = _matches(model, getattr(sites, f"{kind}_in"), config.layers) if parallel else {}
         for layer, path in sorted(outs.items()):
             base = model.get_submodule(path)
             _, d = layer_dims(base)
-            wrapper = BottleneckAdapterLayer(base, config.adapter_name, config.bottleneck(layer, d), config.activation,
-                                             config.dropout, parallel, config.scale)
+            wrapper = BottleneckAdapterLayer(
+                base,
+                config.adapter_name,
+                config.bottleneck(layer, d),
+                config.activation,
+                config.dropout,
+                parallel,
+                config.scale,
+            )
             replace_module(model, path, wrapper)
             if parallel:
                 if layer not in ins:
-                    raise TargetError(f"parallel adapter: no sublayer-input module for layer {layer} ({kind}_in)")
-                hooks.append(model.get_submodule(ins[layer]).register_forward_pre_hook(_capture(wrapper), with_kwargs=True))
+                    raise TargetError(
+                        f"parallel adapter: no sublayer-input module for layer {layer} ({kind}_in)"
+                    )
+                hooks.append(
+                    model.get_submodule(ins[layer]).register_forward_pre_hook(
+                        _capture(wrapper), with_kwargs=True
+                    )
+                )
             targets.append(path)
             shapes[path] = weight_shape(base)
     if config.train_layernorm:

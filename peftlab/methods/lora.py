@@ -84,7 +84,9 @@ class LoraConfig(PeftConfig):
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """Rank and alpha for the module at ``path`` after the per-module patterns."""
-        return pattern_value(self.rank_pattern, path, self.r), pattern_value(self.alpha_pattern, path, self.alpha)
+        return pattern_value(self.rank_pattern, path, self.r), pattern_value(
+            self.alpha_pattern, path, self.alpha
+        )
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
@@ -177,7 +179,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, skip: list[str] = ()) -> d
         base = model.get_submodule(path)
         shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
-        layer = LoraLinear(base, config.adapter_name, r, alpha, config.scaling(r, alpha), config.dropout, config.use_kernel)
+        layer = LoraLinear(
+            base, config.adapter_name, r, alpha, config.scaling(r, alpha), config.dropout, config.use_kernel
+        )
         replace_module(model, path, layer)
     if config.bias == "all":
         for name, p in model.named_parameters():

@@ -49,22 +49,33 @@ class PrefixConfig(PeftConfig):
         if self.target_modules is not None:
             raise ConfigError("prefix tuning adapts every attention layer; it takes no target_modules")
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
-            raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim <= 0):
-            raise ConfigError(f"projection_dim must be a positive integer or None, got {self.projection_dim!r}")
+            raise ConfigError(
+                f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}"
+            )
+        if self.projection_dim is not None and (
+            not isinstance(self.projection_dim, int) or self.projection_dim <= 0
+        ):
+            raise ConfigError(
+                f"projection_dim must be a positive integer or None, got {self.projection_dim!r}"
+            )
 
 
 class PrefixEncoder(nn.Module):
     """Produces the prefix table P: (n, L·2·d_kv). Parameter names follow HF PEFT's PrefixEncoder."""
 
-    def __init__(self, n: int, n_layers: int, d_kv: int, projection_dim: int | None, device=None, dtype=None) -> None:
+    def __init__(
+        self, n: int, n_layers: int, d_kv: int, projection_dim: int | None, device=None, dtype=None
+    ) -> None:
         super().__init__()
         self.n, self.n_layers, self.d_kv = n, n_layers, d_kv
         kw = {"device": device, "dtype": dtype}
         if projection_dim:
             self.embedding = nn.Embedding(n, d_kv, **kw)
-            self.transform = nn.Sequential(nn.Linear(d_kv, projection_dim, **kw), nn.Tanh(),
-                                           nn.Linear(projection_dim, n_layers * 2 * d_kv, **kw))
+            self.transform = nn.Sequential(
+                nn.Linear(d_kv, projection_dim, **kw),
+                nn.Tanh(),
+                nn.Linear(projection_dim, n_layers * 2 * d_kv, **kw),
+            )
         else:
             self.embedding = nn.Embedding(n, n_layers * 2 * d_kv, **kw)
             self.transform = None
@@ -81,11 +92,18 @@ def _geometry(model: nn.Module) -> tuple[int, int, int, list[nn.Module]]:
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
     if heads is None or hidden is None:
-        raise TargetError(f"prefix tuning needs num_attention_heads and hidden_size in the config of {type(model).__name__}")
+        raise TargetError(
+            f"prefix tuning needs num_attention_heads and hidden_size in the config of {type(model).__name__}"
+        )
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
-    attn = [m for m in model.modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")
-            and any(hasattr(m, name) for name in ("k_proj", "key"))]
+    attn = [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx")
+        and type(m).__name__.endswith("Attention")
+        and any(hasattr(m, name) for name in ("k_proj", "key"))
+    ]
     if not attn:
         raise TargetError(
             f"prefix tuning can't find attention layers in {type(model).__name__}: it supports transformers models "
@@ -99,14 +117,22 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, skip: list[str] = ()) 
     if impl in prefix_attention.ORIGINAL:
         raise ConfigError("this model already carries a prefix adapter; unwrap it first")
     if impl not in SUPPORTED_ATTENTION:
-        raise ConfigError(f"prefix tuning supports attn_implementation {SUPPORTED_ATTENTION}, the model uses {impl!r}; "
-                          f"load it with attn_implementation='sdpa'")
+        raise ConfigError(
+            f"prefix tuning supports attn_implementation {SUPPORTED_ATTENTION}, the model uses {impl!r}; "
+            f"load it with attn_implementation='sdpa'"
+        )
     n_layers, kv_heads, head_dim, attn = _geometry(model)
     prefix_attention.register()
     weight = next(model.parameters())
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    encoder = PrefixEncoder(config.num_virtual_tokens, n_layers, kv_heads * head_dim, config.projection_dim,
-                            device=weight.device, dtype=dtype)
+    encoder = PrefixEncoder(
+        config.num_virtual_tokens,
+        n_layers,
+        kv_heads * head_dim,
+        config.projection_dim,
+        device=weight.device,
+        dtype=dtype,
+    )
     name = f"peftlab_prefix_{config.adapter_name}"
     model.add_module(name, encoder)
     holder = prefix_attention.PrefixHolder(config.num_virtual_tokens)
@@ -124,8 +150,17 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, skip: list[str] = ()) 
         return args, _shift_positions(args, kwargs, holder.n_prefix)
 
     hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    return {"targets": [], "shapes": {}, "info": {"hooks": [hook], "holder": holder, "attn_impl": impl,
-                                                 "encoder": name, "geometry": (n_layers, kv_heads, head_dim)}}
+    return {
+        "targets": [],
+        "shapes": {},
+        "info": {
+            "hooks": [hook],
+            "holder": holder,
+            "attn_impl": impl,
+            "encoder": name,
+            "geometry": (n_layers, kv_heads, head_dim),
+        },
+    }
 
 
 def _shift_positions(args, kwargs, n_prefix: int) -> dict:
@@ -139,7 +174,11 @@ def _shift_positions(args, kwargs, n_prefix: int) -> dict:
     batch, length = ref.shape[0], ref.shape[1]
     cache = kwargs.get("past_key_values")
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    positions = torch.arange(past + n_prefix, past + n_prefix + length, device=ref.device).unsqueeze(0).expand(batch, -1)
+    positions = (
+        torch.arange(past + n_prefix, past + n_prefix + length, device=ref.device)
+        .unsqueeze(0)
+        .expand(batch, -1)
+    )
     return {**kwargs, "position_ids": positions}
 
 
@@ -163,7 +202,9 @@ def _merge(model: nn.Module, state) -> None:
     """Fold the reparameterisation MLP into a flat table used for inference (the MLP stays for unmerge)."""
     holder = state.info["holder"]
     if holder.folded is not None:
-        raise MergeError(f"prefix adapter {state.config.adapter_name!r} is already merged; call unmerge() first")
+        raise MergeError(
+            f"prefix adapter {state.config.adapter_name!r} is already merged; call unmerge() first"
+        )
     holder.folded = getattr(model, state.info["encoder"])().detach().clone()
 
 
@@ -212,13 +253,27 @@ def to_peft_config(config: PrefixConfig, state) -> dict[str, Any]:
 
 def from_peft_config(data: dict[str, Any]) -> PrefixConfig:
     # peft saves the folded table even when it trained with prefix_projection, so import it flat
-    return PrefixConfig(num_virtual_tokens=data["num_virtual_tokens"], modules_to_save=data.get("modules_to_save"))
+    return PrefixConfig(
+        num_virtual_tokens=data["num_virtual_tokens"], modules_to_save=data.get("modules_to_save")
+    )
 
 
 register_method(
     Method(
-        name="prefix", inject=inject_prefix, folds_into_base=False, is_merged=_is_merged, remove=_remove, set_enabled=_set_enabled, merge=_merge, unmerge=_unmerge,
-        peft_type="PREFIX_TUNING", to_peft_config=to_peft_config, from_peft_config=from_peft_config,
-        to_peft_key=lambda k: k, from_peft_key=lambda k: k, prepare_export=prepare_export, prepare_import=prepare_import,
+        name="prefix",
+        inject=inject_prefix,
+        folds_into_base=False,
+        is_merged=_is_merged,
+        remove=_remove,
+        set_enabled=_set_enabled,
+        merge=_merge,
+        unmerge=_unmerge,
+        peft_type="PREFIX_TUNING",
+        to_peft_config=to_peft_config,
+        from_peft_config=from_peft_config,
+        to_peft_key=lambda k: k,
+        from_peft_key=lambda k: k,
+        prepare_export=prepare_export,
+        prepare_import=prepare_import,
     )
 )

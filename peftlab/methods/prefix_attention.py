@@ -67,7 +67,9 @@ def _make_attention(impl_name: str):
             batch = query.shape[0]
             pk = holder.kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype)
             pv = holder.kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1).to(value.dtype)
-            attention_mask = _prefix_mask(attention_mask, module, query.shape[2], key.shape[2], holder.n_prefix, query)
+            attention_mask = _prefix_mask(
+                attention_mask, module, query.shape[2], key.shape[2], holder.n_prefix, query
+            )
             if attention_mask is not None and attention_mask.shape[-1] != key.shape[2] + holder.n_prefix:
                 attention_mask = attention_mask[..., : key.shape[2] + holder.n_prefix]
             key = torch.cat([pk, key], dim=2)

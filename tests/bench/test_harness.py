@@ -32,8 +32,13 @@ def test_entity_f1_micro():
 
 
 def test_sweep_grid_and_errors():
-    sweep = {"models": ["m"], "tasks": ["sst2"], "methods": [{"method": "lora", "params": {"r": [4, 8], "target_modules": ["q", "v"]}}],
-             "seeds": [0, 1], "train": {"lr": [1e-3, 2e-3]}}
+    sweep = {
+        "models": ["m"],
+        "tasks": ["sst2"],
+        "methods": [{"method": "lora", "params": {"r": [4, 8], "target_modules": ["q", "v"]}}],
+        "seeds": [0, 1],
+        "train": {"lr": [1e-3, 2e-3]},
+    }
     specs = expand(sweep)
     assert len(specs) == 8 and len({s["run_id"] for s in specs}) == 8
     assert all(s["params"]["target_modules"] == ["q", "v"] for s in specs)
@@ -59,13 +64,20 @@ def test_tiny_sweep_runs_records_failures_and_resumes(tmp_path, sst2_dir):
     records = run_sweep(specs, tmp_path, progress=False)
     by_label = {r["label"]: r for r in records}
     assert by_label["full"]["status"] == "ok" and by_label["lora"]["status"] == "ok"
-    assert by_label["broken"]["status"] == "failed" and "rank r must be a positive integer" in by_label["broken"]["error"]
+    assert (
+        by_label["broken"]["status"] == "failed"
+        and "rank r must be a positive integer" in by_label["broken"]["error"]
+    )
     lora = by_label["lora"]
     assert 0 < lora["trainable_pct"] < 1 and lora["peak_memory_mb"] > 100 and lora["tokens_per_s"] > 0
     assert 0 <= lora["test"]["accuracy"] <= 1 and lora["env"]["torch"]
     report = write_report(records, tmp_path)
     text = report.read_text()
-    assert "| full |" in text and "Failed runs" in text and (tmp_path / "metric_vs_params.png").stat().st_size > 1000
+    assert (
+        "| full |" in text
+        and "Failed runs" in text
+        and (tmp_path / "metric_vs_params.png").stat().st_size > 1000
+    )
     # resume: finished runs are skipped (their records untouched), the failed one is retried
     before = {r["run_id"]: r["wall_s"] for r in read_results(tmp_path) if r["status"] == "ok"}
     run_sweep(specs, tmp_path, progress=False)
@@ -83,5 +95,34 @@ def test_cli_info_prints_targets_and_counts(capsys):
     out = capsys.readouterr().out
     assert "bert.encoder.layer.5.attention.self.value  [384, 384]" in out
     assert "trainable params: 36,864 || all params: 22,750,850 || trainable%: 0.1620" in out
-    assert main(["info", "--model", "minilm-l6", "--set", "target_modules=[\"nope\"]"]) == 2
+    assert main(["info", "--model", "minilm-l6", "--set", 'target_modules=["nope"]']) == 2
     assert "candidate linear layers: query, key, value" in capsys.readouterr().err
+
+
+def test_length_grouped_batches_cover_every_row_once_with_less_padding(sst2_dir):
+    """Grouping by length keeps an epoch a permutation of the rows and cuts the padded tokens."""
+    from transformers import AutoTokenizer
+
+    from peftlab.bench.tasks import get_task
+    from peftlab.models import resolve_model_path
+
+    task = get_task("sst2")
+    rows = task.load(sst2_dir.parent, "train", limit=2000, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm-l6"))
+
+    def epoch(grouped):
+        batches = list(task.batches(tokenizer, rows, 32, 64, seed=3, group_by_length=grouped))
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        padded = sum(b["input_ids"].numel() for b in batches)
+        return real, padded, batches
+
+    real_random, padded_random, _ = epoch(False)
+    real_grouped, padded_grouped, grouped_batches = epoch(True)
+    assert real_grouped == real_random == sum(
+        len(x) for x in tokenizer([s for s, _ in rows], truncation=True, max_length=64)["input_ids"]
+    )
+    assert sum(len(b["labels"]) for b in grouped_batches) == len(rows)
+    assert padded_grouped < 0.6 * padded_random, (padded_grouped, padded_random)
+    # the batch order is shuffled, not longest-first
+    widths = [b["input_ids"].shape[1] for b in grouped_batches]
+    assert widths != sorted(widths, reverse=True) and widths != sorted(widths)

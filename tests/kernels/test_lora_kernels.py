@@ -41,13 +41,19 @@ def test_forward_and_grads_fp32_odd_shapes(M, N, Kd, R):
     if b is not None:
         b.requires_grad_(True)
     y = K.lora_linear(x, w, b, a, bb, s)
-    y_ref, _ = reference.lora_forward(x.detach(), w, None if b is None else b.detach(), a.detach(), bb.detach(), s)
-    exact, _ = reference.lora_forward(*(t.double() if t is not None else None for t in (x.detach(), w, b, a.detach(), bb.detach())), s)
+    y_ref, _ = reference.lora_forward(
+        x.detach(), w, None if b is None else b.detach(), a.detach(), bb.detach(), s
+    )
+    exact, _ = reference.lora_forward(
+        *(t.double() if t is not None else None for t in (x.detach(), w, b, a.detach(), bb.detach())), s
+    )
     tol(y, y_ref, exact, 1e-5)
     gy = torch.randn_like(y)
     y.backward(gy)
     dx, da, db_, dbias = reference.lora_backward(gy, x.detach(), w, a.detach(), bb.detach(), s)
-    exact = reference.lora_backward(gy.double(), x.detach().double(), w.double(), a.detach().double(), bb.detach().double(), s)
+    exact = reference.lora_backward(
+        gy.double(), x.detach().double(), w.double(), a.detach().double(), bb.detach().double(), s
+    )
     for got, want, ex in zip((x.grad, a.grad, bb.grad), (dx, da, db_), exact):
         tol(got, want, ex, 1e-5)
     if b is not None:
@@ -56,8 +62,13 @@ def test_forward_and_grads_fp32_odd_shapes(M, N, Kd, R):
 
 
 INTERPRETED = not torch.cuda.is_available()
-BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    INTERPRETED, reason="the Triton CPU interpreter does not emulate bf16 tl.dot (numpy has no bfloat16); runs on GPU"))
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(
+        INTERPRETED,
+        reason="the Triton CPU interpreter does not emulate bf16 tl.dot (numpy has no bfloat16); runs on GPU",
+    ),
+)
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
@@ -67,11 +78,15 @@ def test_half_precision_matches_reference(dtype):
     a.requires_grad_(True)
     y = K.lora_linear(x, w, b, a, bb, 2.0)
     assert y.dtype == dtype
-    exact, _ = reference.lora_forward(x.detach().double(), w.double(), b.double(), a.detach().double(), bb.double(), 2.0)
+    exact, _ = reference.lora_forward(
+        x.detach().double(), w.double(), b.double(), a.detach().double(), bb.double(), 2.0
+    )
     want = exact.to(dtype)  # the best a half-precision output can be
     tol(y, want, exact, 2e-2)
     y.float().sum().backward()
-    ex = reference.lora_backward(torch.ones_like(exact), x.detach().double(), w.double(), a.detach().double(), bb.double(), 2.0)
+    ex = reference.lora_backward(
+        torch.ones_like(exact), x.detach().double(), w.double(), a.detach().double(), bb.double(), 2.0
+    )
     assert (x.grad.double() - ex[0]).abs().max() < 5e-2 * ex[0].abs().max() + 1e-2
     assert (a.grad.double() - ex[1]).abs().max() < 2e-2 * ex[1].abs().max() + 1e-3
 
@@ -108,7 +123,9 @@ def test_matches_peftlab_torch_path_in_a_lora_layer():
         layer.lora_B.normal_(0, 0.1)
     x = torch.randn(3, 5, 40, device=DEVICE)
     torch_path = layer(x)
-    fused = K.lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    fused = K.lora_linear(
+        x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B, layer.scaling
+    )
     torch.testing.assert_close(fused, torch_path, rtol=1e-4, atol=1e-5)
 
 
