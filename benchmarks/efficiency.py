@@ -2,7 +2,10 @@
 
 Each configuration runs in its own subprocess (peak RSS on a CPU, max allocated on a GPU), takes
 ``--steps`` AdamW steps on one fixed batch (same seed), and reports the median step time after a
-warm-up step, tokens/s, peak memory and the first-step loss (peftlab's must equal HF PEFT's).
+warm-up step, tokens/s, peak memory and the loss after the last step (peftlab's must equal HF PEFT's:
+LoRA A gets the same values in both, dropout is off). Rows: full fine-tuning, HF PEFT LoRA, peftlab LoRA,
+peftlab LoRA with selective checkpointing (``-sac``: GEMM outputs kept, element-wise ops recomputed) and
+with full activation checkpointing (``-ckpt``).
 
     python benchmarks/efficiency.py [--model smollm2-135m] [--out benchmarks/results/efficiency]
 
@@ -28,7 +31,7 @@ SETUPS = {
     "smollm2-135m": {"kind": "causal-lm", "batch": 8, "length": 128, "targets": "all-linear"},
     "minilm-l6": {"kind": "seq-cls", "batch": 32, "length": 64, "targets": "all-linear"},
 }
-CONFIGS = ["full", "hf-peft-lora", "peftlab-lora", "peftlab-lora-ckpt"]
+CONFIGS = ["full", "hf-peft-lora", "peftlab-lora", "peftlab-lora-sac", "peftlab-lora-ckpt"]
 
 
 def match_lora_init(model: torch.nn.Module) -> None:
@@ -78,10 +81,10 @@ def worker(model_name: str, config: str, steps: int) -> dict:
         )
     if config != "full":
         match_lora_init(model)
-    if config.endswith("-ckpt"):
+    if config.endswith(("-ckpt", "-sac")):  # full / selective (matmuls kept) activation checkpointing
         from peftlab.memory import enable_gradient_checkpointing
 
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, selective=config.endswith("-sac"))
     model.train()
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if config.startswith("peftlab-lora") and setup["kind"] == "causal-lm":
@@ -124,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--out", default="benchmarks/results/efficiency")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +136,7 @@ def main() -> None:
         return
     rows = []
     for model_name in args.model:
-        for config in CONFIGS:
+        for config in args.configs:
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", model_name, config, "--steps", str(args.steps)],
                 capture_output=True,

@@ -22,8 +22,12 @@ import torch
 from torch import nn
 
 SHAPES = [  # (tokens, d_in, d_out, r): SmolLM2-135M, Llama-3.2-1B, Llama-3-8B (attention and MLP)
-    (2048, 576, 576, 16), (2048, 576, 1536, 16), (8192, 2048, 2048, 16), (8192, 2048, 8192, 16),
-    (8192, 4096, 4096, 16), (8192, 4096, 14336, 16),
+    (2048, 576, 576, 16),
+    (2048, 576, 1536, 16),
+    (8192, 2048, 2048, 16),
+    (8192, 2048, 8192, 16),
+    (8192, 4096, 4096, 16),
+    (8192, 4096, 14336, 16),
 ]
 CPU_SHAPES = [(512, 576, 576, 16), (512, 576, 1536, 16), (1024, 1024, 1024, 16)]
 
@@ -38,7 +42,9 @@ def providers(d_in, d_out, r, dtype, device):
     ours = LoraLinear(base, "d", r, 2 * r, 2.0, use_kernel="torch").to(device)
     holder = nn.Module()
     holder.lin = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
-    hf = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"])).base_model.model.lin
+    hf = peft.get_peft_model(
+        holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"])
+    ).base_model.model.lin
     out = {"base": base, "hf-peft": hf, "peftlab-torch": ours}
     if device == "cuda":
         from peftlab.kernels import triton_available
@@ -76,9 +82,19 @@ def bench(shape, dtype, device, repeats):
             layer(x).backward(grad)
         fwd = timed(functools.partial(layer, x), device, repeats)
         total = timed(functools.partial(_step, layer, x, grad), device, repeats)
-        rows.append({"provider": name, "tokens": tokens, "d_in": d_in, "d_out": d_out, "r": r,
-                     "dtype": str(dtype).removeprefix("torch."), "forward_ms": 1e3 * fwd,
-                     "backward_ms": 1e3 * (total - fwd), "total_ms": 1e3 * total})
+        rows.append(
+            {
+                "provider": name,
+                "tokens": tokens,
+                "d_in": d_in,
+                "d_out": d_out,
+                "r": r,
+                "dtype": str(dtype).removeprefix("torch."),
+                "forward_ms": 1e3 * fwd,
+                "backward_ms": 1e3 * (total - fwd),
+                "total_ms": 1e3 * total,
+            }
+        )
     return rows
 
 
@@ -89,9 +105,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype] if device == "cuda" else torch.float32
+    dtype = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        if device == "cuda"
+        else torch.float32
+    )
     shapes = SHAPES if device == "cuda" else CPU_SHAPES
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     stamp = datetime.date.today().isoformat()
     rows = []
     for shape in shapes:
@@ -121,7 +143,17 @@ def plot(rows, path, title):
     fig, ax = plt.subplots(figsize=(1.6 * len(shapes) + 3, 4))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        values = [next((r["total_ms"] for r in rows if r["provider"] == name and (r["tokens"], r["d_in"], r["d_out"], r["r"]) == s), 0) for s in shapes]
+        values = [
+            next(
+                (
+                    r["total_ms"]
+                    for r in rows
+                    if r["provider"] == name and (r["tokens"], r["d_in"], r["d_out"], r["r"]) == s
+                ),
+                0,
+            )
+            for s in shapes
+        ]
         ax.bar([j + i * width for j in range(len(shapes))], values, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
     ax.set_xticklabels([f"{t}x{a}->{b}\nr={r}" for t, a, b, r in shapes], fontsize=8)
