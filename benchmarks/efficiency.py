@@ -3,7 +3,9 @@
 Each configuration runs in its own subprocess (peak RSS on a CPU, max allocated on a GPU), takes
 ``--steps`` AdamW steps on one fixed batch (same seed), and reports the median step time after a
 warm-up step, tokens/s, peak memory and the loss after the last step (peftlab's must equal HF PEFT's:
-LoRA A gets the same values in both, dropout is off). Rows: full fine-tuning, HF PEFT LoRA, peftlab LoRA,
+LoRA A gets the same values in both, dropout is off). Rows: ``frozen-floor`` (no adapters, only the forward and the
+input-gradient backward through the frozen base: what any LoRA step must at least pay), full fine-tuning,
+HF PEFT LoRA, peftlab LoRA,
 peftlab LoRA with selective checkpointing (``-sac``: GEMM outputs kept, element-wise ops recomputed) and
 with full activation checkpointing (``-ckpt``).
 
@@ -31,7 +33,7 @@ SETUPS = {
     "smollm2-135m": {"kind": "causal-lm", "batch": 8, "length": 128, "targets": "all-linear"},
     "minilm-l6": {"kind": "seq-cls", "batch": 32, "length": 64, "targets": "all-linear"},
 }
-CONFIGS = ["full", "hf-peft-lora", "peftlab-lora", "peftlab-lora-sac", "peftlab-lora-ckpt"]
+CONFIGS = ["frozen-floor", "full", "hf-peft-lora", "peftlab-lora", "peftlab-lora-sac", "peftlab-lora-ckpt"]
 
 
 def match_lora_init(model: torch.nn.Module) -> None:
@@ -79,7 +81,11 @@ def worker(model_name: str, config: str, steps: int) -> dict:
         model = peft.get_peft_model(
             model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=setup["targets"], task_type=task)
         )
-    if config != "full":
+    elif config == "frozen-floor":  # no adapters: forward + input-gradient backward through the frozen base
+        model.requires_grad_(False)
+        embeds = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
+        batch["inputs_embeds"] = embeds
+    if config not in ("full", "frozen-floor"):
         match_lora_init(model)
     if config.endswith(("-ckpt", "-sac")):  # full / selective (matmuls kept) activation checkpointing
         from peftlab.memory import enable_gradient_checkpointing
@@ -87,7 +93,7 @@ def worker(model_name: str, config: str, steps: int) -> dict:
         enable_gradient_checkpointing(model, selective=config.endswith("-sac"))
     model.train()
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if config.startswith("peftlab-lora") and setup["kind"] == "causal-lm":
+    if config.startswith(("peftlab-lora", "frozen-floor")) and setup["kind"] == "causal-lm":
         from peftlab.losses import causal_lm_loss
 
         def loss_fn():
@@ -97,14 +103,16 @@ def worker(model_name: str, config: str, steps: int) -> dict:
         def loss_fn():
             return model(**batch).loss
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     times, losses = [], []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
         loss = loss_fn()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step = statistics.median(times[1:])
@@ -129,6 +137,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--out", default="benchmarks/results/efficiency")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the rows of out/efficiency.json for configs not run now"
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -155,6 +166,12 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "efficiency.json").is_file():
+        done = {(r["model"], r["config"]) for r in rows}
+        old = json.loads((out / "efficiency.json").read_text())["rows"]
+        rows = [r for r in old if (r["model"], r["config"]) not in done] + rows
+        order = {c: i for i, c in enumerate(CONFIGS)}
+        rows.sort(key=lambda r: (list(SETUPS).index(r["model"]), order[r["config"]]))
     (out / "efficiency.json").write_text(
         json.dumps({"device": device, "date": stamp, "rows": rows}, indent=2)
     )
