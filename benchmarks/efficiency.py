@@ -135,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--out", default="benchmarks/results/efficiency")
     parser.add_argument(
         "--merge", action="store_true", help="keep the rows of out/efficiency.json for configs not run now"
@@ -193,7 +193,7 @@ def main() -> None:
         mem_ratio = f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if hf else "–"
         diff = (
             f"{abs(r['last_loss'] - hf['last_loss']) / abs(hf['last_loss']):.1e}"
-            if hf and r["config"] != "full"
+            if hf and r["config"] not in ("full", "frozen-floor")
             else "–"
         )
         lines.append(
