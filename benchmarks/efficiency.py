@@ -53,7 +53,7 @@ def match_lora_init(model: torch.nn.Module) -> None:
         flat.copy_(torch.randn(flat.shape, generator=gen) / flat.shape[-1] ** 0.5)
 
 
-def worker(model_name: str, config: str, steps: int) -> dict:
+def worker(model_name: str, config: str, steps: int, lora_dropout: float = 0.0) -> dict:
     import peftlab
 
     setup = SETUPS[model_name]
@@ -72,14 +72,24 @@ def worker(model_name: str, config: str, steps: int) -> dict:
     torch.manual_seed(1)
     if config.startswith("peftlab-lora"):
         peftlab.wrap(
-            model, peftlab.LoraConfig(r=16, alpha=32, target_modules=setup["targets"], modules_to_save=heads)
+            model,
+            peftlab.LoraConfig(
+                r=16, alpha=32, dropout=lora_dropout, target_modules=setup["targets"], modules_to_save=heads
+            ),
         )
     elif config == "hf-peft-lora":
         import peft
 
         task = "SEQ_CLS" if heads else "CAUSAL_LM"
         model = peft.get_peft_model(
-            model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=setup["targets"], task_type=task)
+            model,
+            peft.LoraConfig(
+                r=16,
+                lora_alpha=32,
+                lora_dropout=lora_dropout,
+                target_modules=setup["targets"],
+                task_type=task,
+            ),
         )
     elif config == "frozen-floor":  # no adapters: forward + input-gradient backward through the frozen base
         model.requires_grad_(False)
@@ -128,6 +138,7 @@ def worker(model_name: str, config: str, steps: int) -> dict:
         "rss_after_load_mb": load_rss,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "steps": steps,
+        "lora_dropout": lora_dropout,
     }
 
 
@@ -140,16 +151,23 @@ def main() -> None:
     parser.add_argument(
         "--merge", action="store_true", help="keep the rows of out/efficiency.json for configs not run now"
     )
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        help="dropout on the LoRA input (both libraries); > 0 makes the losses differ (different masks)",
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.lora_dropout)))
         return
     rows = []
     for model_name in args.model:
         for config in args.configs:
             proc = subprocess.run(
-                [sys.executable, __file__, "--worker", model_name, config, "--steps", str(args.steps)],
+                [sys.executable, __file__, "--worker", model_name, config, "--steps", str(args.steps)]
+                + ["--lora-dropout", str(args.lora_dropout)],
                 capture_output=True,
                 text=True,
             )
@@ -178,10 +196,15 @@ def main() -> None:
     lines = [
         f"# Training-step efficiency ({device}, {stamp})",
         "",
-        f"`python benchmarks/efficiency.py --steps {args.steps}`: one fixed batch, AdamW lr 1e-4, median step "
+        f"`python benchmarks/efficiency.py {' '.join(sys.argv[1:])}`: one fixed batch, AdamW lr 1e-4, median step "
         "time after one warm-up step, peak RSS of the run's own process (model load included; 'after load' is "
         "the peak before the first step). LoRA A matrices get identical values in peftlab and HF PEFT, so the "
-        "loss after the last step compares whole training trajectories.",
+        + (
+            "loss after the last step compares whole training trajectories."
+            if not args.lora_dropout
+            else f"losses would match but for the dropout masks (p = {args.lora_dropout:g}), which differ between "
+            "the libraries: the loss column shows both still train, not equality."
+        ),
         "",
         "| model | config | median step (s) | tokens/s | peak RSS (MB) | RSS after load (MB) | × HF PEFT time "
         "| × HF PEFT memory | last loss | rel. diff vs HF PEFT |",

@@ -128,6 +128,51 @@ def test_lean_autograd_matches_reference(p, with_bias):
         torch.testing.assert_close(gv, wv)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_branch_autograd_matches_reference_and_saves_no_dropped_copy(p):
+    """The generic path's LoRA branch (quantized / trainable bases): same math, lean saves."""
+    from peftlab.methods.lora_ops import LoraBranchFunction, _dropout_mask
+
+    torch.manual_seed(0)
+    m, d_in, d_out, r, s, seed = 11, 9, 6, 4, 0.8, 99
+    x = torch.randn(2, m, d_in, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = LoraBranchFunction.apply(x, a, bb, s, p, seed)
+    assert sorted(saved) == sorted([(2 * m, d_in), (r, d_in), (d_out, r), (2 * m, r)])
+    mask = _dropout_mask((2 * m, d_in), p, seed, x.device, x.dtype).reshape(2, m, d_in) if p else 1.0
+    ref = s * ((x * mask) @ a.t()) @ bb.t()
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    for gv, wv in zip(torch.autograd.grad(y, (x, a, bb), g), torch.autograd.grad(ref, (x, a, bb), g)):
+        torch.testing.assert_close(gv, wv)
+
+
+def test_generic_path_with_dropout_trains_a_trainable_bias_base():
+    """A base whose weight trains takes the generic path; dropout there keeps x's gradient exact."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)  # weight requires grad -> generic path
+    layer = LoraLinear(lin, "default", r=4, alpha=8, scaling=2.0, dropout=0.5).train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16, requires_grad=True)
+    torch.manual_seed(5)
+    y1 = layer(x)
+    torch.manual_seed(5)
+    y2 = layer(x)
+    torch.testing.assert_close(y1, y2)  # the seed comes from torch's global RNG: reproducible
+    y1.sum().backward()
+    assert lin.weight.grad is not None and layer.lora_A.grad.abs().sum() > 0
+    layer.eval()
+    torch.testing.assert_close(layer(x), lin(x) + 2.0 * (x @ layer.lora_A.t()) @ layer.lora_B.t())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_backward_merge(dtype):
     torch.manual_seed(0)
@@ -233,3 +278,22 @@ def test_safe_merge_refuses_nan_and_leaves_weights(tiny):
         torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" not in n
     )  # nothing merged
     assert not peftlab.is_merged(model)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_dropout_mask_rate_reproducible_and_odd_shapes(p):
+    """The 16-bit regenerated mask drops p of the entries, the same ones for the same seed."""
+    from peftlab.methods.lora_ops import _dropout_drop, _effective_p
+
+    shape = (1001, 333)  # numel not a multiple of 4
+    drop = _dropout_drop(shape, p, 7, torch.device("cpu"))
+    assert drop.shape == shape and drop.dtype == torch.bool
+    n = drop.numel()
+    tolerance = 5 * (p * (1 - p) / n) ** 0.5
+    assert abs(drop.float().mean().item() - p) < tolerance
+    # each of the four 16-bit lanes of a 64-bit draw is unbiased too
+    lanes = drop.flatten()[: n - n % 4].view(-1, 4).float().mean(0)
+    assert (lanes - p).abs().max().item() < 2.5 * tolerance
+    assert torch.equal(drop, _dropout_drop(shape, p, 7, torch.device("cpu")))
+    assert not torch.equal(drop, _dropout_drop(shape, p, 8, torch.device("cpu")))
+    assert abs(_effective_p(p) - p) <= 0.5 / 2**16

@@ -1,19 +1,22 @@
 r"""LoRA forward paths: the fused Triton kernel (CUDA), a lean torch autograd function, a generic path.
 
-The lean torch path computes, for x of shape (M, d_in) (leading dims flattened):
+The lean torch path computes, for x of shape (M, d_in) (leading dims flattened), with
+m ∈ {0, 1}^(M, d_in) the keep-mask (P(m = 0) = p) and s' = s / (1 - p):
 
-    y  = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ          D = dropout with a seeded mask
-    xa = D(x) Aᵀ                               (M, r), saved for the backward
+    y  = x Wᵀ + b + s' · ((x ⊙ m) Aᵀ) Bᵀ       (= x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ, inverted dropout D)
+    xa = (x ⊙ m) Aᵀ                             (M, r), saved for the backward
 
-and its backward
+and its backward, with gb = s' · dY B of shape (M, r) (every scale lands on the thin side):
 
-    dX = dY W + s · ((dY B) A) ⊙ mask / (1 - p)
-    dA = s · (dY B)ᵀ D(x)        dB = s · dYᵀ xa        db = Σ_M dY
+    dX = dY W + (gb A) ⊙ m
+    dA = gbᵀ (x ⊙ m)        dB = s' · dYᵀ xa        db = Σ_M dY
 
 It saves only ``x`` (which dA needs anyway) and the thin ``xa``; the dropout mask is
 regenerated from a seed in backward, so no dropped copy of x is ever stored. W never gets
 a gradient. Bases that are not plain float linears (bitsandbytes, W with requires_grad)
-use the generic path: ``base_layer(x) + s · B(A(dropout(x)))``.
+use the generic path: ``base_layer(x) + s · (D(x) Aᵀ) Bᵀ``, whose LoRA branch is the same
+lean autograd function without the base term (:class:`LoraBranchFunction`): it too saves x
+and xa and regenerates the mask, where ``nn.Dropout`` would keep a dropped copy of x.
 """
 
 from __future__ import annotations
@@ -24,11 +27,35 @@ from torch import nn
 from ..layers import is_conv1d
 
 
-def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+_MASK_LEVELS = 1 << 16  # dropout decisions are 16-bit: P(drop) = round(p · 2¹⁶) / 2¹⁶
+
+
+def _effective_p(p: float) -> float:
+    """The drop probability the 16-bit mask realises (within 7.7e-6 of ``p``); 1/(1-p) uses it."""
+    return round(p * _MASK_LEVELS) / _MASK_LEVELS
+
+
+def _dropout_drop(shape, p: float, seed: int, device) -> torch.Tensor:
+    """Boolean mask (shape) of the dropped entries, P(drop) = _effective_p(p), reproducible from ``seed``.
+
+    One 64-bit draw of the generator gives four 16-bit uniforms, so the mask costs a quarter of the
+    draws of ``torch.rand(shape) < p`` (half the time on a CPU). It is applied with ``masked_fill``
+    (no float copy of the mask); inverted dropout's 1/(1-p) is folded into the scaling s.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
-    return keep.to(dtype) / (1.0 - p)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), (1 << 63) - 1, generator=gen)
+    threshold = round(p * _MASK_LEVELS) - (1 << 15)  # int16 view spans [-2¹⁵, 2¹⁵)
+    return (words.view(torch.int16)[:numel] < threshold).view(shape)
+
+
+def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
+    """The inverted-dropout multiplier keep / (1 - p) that the autograd paths apply (for tests)."""
+    return (~_dropout_drop(shape, p, seed, device)).to(dtype) / (1.0 - _effective_p(p))
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -43,8 +70,9 @@ class LoraLinearFunction(torch.autograd.Function):
         y = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(out_dtype))
         xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
         if p > 0:
-            xin = xin * _dropout_mask(xin.shape, p, seed, xin.device, xin.dtype)
-        xa = xin @ lora_A.t()  # (M, r)
+            xin = xin.masked_fill(_dropout_drop(xin.shape, p, seed, xin.device), 0)
+            scaling = scaling / (1.0 - _effective_p(p))
+        xa = xin @ lora_A.t()  # (M, r), unscaled by 1/(1-p) when p > 0
         if y.dtype == lora_B.dtype:
             y.addmm_(xa, lora_B.t(), alpha=scaling)
         else:
@@ -62,15 +90,15 @@ class LoraLinearFunction(torch.autograd.Function):
         s, p = ctx.scaling, ctx.p
         g = grad_y.reshape(-1, grad_y.shape[-1])
         g_lora = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
-        gb = g_lora @ lora_B  # (M, r)
+        gb = (g_lora @ lora_B).mul_(s)  # s·dY B, (M, r): scaling on the thin side, not on (M, d_in)
         grad_x = grad_A = grad_B = grad_bias = None
-        mask = None
+        drop = None
         if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
-            mask = _dropout_mask(x2.shape, p, ctx.seed, x2.device, lora_A.dtype)
+            drop = _dropout_drop(x2.shape, p, ctx.seed, x2.device)
         if ctx.needs_input_grad[0]:
-            grad_lora_x = (gb @ lora_A) * s
-            if mask is not None:
-                grad_lora_x = grad_lora_x * mask
+            grad_lora_x = gb @ lora_A
+            if drop is not None:
+                grad_lora_x.masked_fill_(drop, 0)
             if grad_lora_x.dtype == g.dtype:
                 grad_x = torch.addmm(grad_lora_x, g, weight)
             else:
@@ -78,14 +106,59 @@ class LoraLinearFunction(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.in_shape)
         if ctx.needs_input_grad[3]:
             xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
-            if mask is not None:
-                xin = xin * mask
-            grad_A = (gb.t() @ xin) * s
+            if drop is not None:
+                xin = xin.masked_fill(drop, 0)
+            grad_A = gb.t() @ xin
         if ctx.needs_input_grad[4]:
-            grad_B = (g_lora.t() @ xa) * s
+            grad_B = (g_lora.t() @ xa).mul_(s)
         if ctx.bias_needs_grad:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
+
+
+class LoraBranchFunction(torch.autograd.Function):
+    """The LoRA branch alone, s·(D(x) Aᵀ) Bᵀ in A's dtype, for bases with their own autograd.
+
+    x: (..., d_in) in any float dtype; returns (..., d_out). Saves x and xa (M, r) only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
+        if p > 0:
+            xin = xin.masked_fill(_dropout_drop(xin.shape, p, seed, xin.device), 0)
+            scaling = scaling / (1.0 - _effective_p(p))
+        xa = xin @ lora_A.t()
+        out = (xa @ lora_B.t()).mul_(scaling)
+        ctx.save_for_backward(x2, lora_A, lora_B, xa)
+        ctx.scaling, ctx.p, ctx.seed, ctx.in_shape = scaling, p, seed, shape
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, lora_A, lora_B, xa = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_B.dtype)
+        gb = (g @ lora_B).mul_(s)  # (M, r)
+        drop = None
+        if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            drop = _dropout_drop(x2.shape, p, ctx.seed, x2.device)
+        grad_x = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gb @ lora_A
+            if drop is not None:
+                grad_x.masked_fill_(drop, 0)
+            grad_x = grad_x.to(x2.dtype).reshape(ctx.in_shape)
+        if ctx.needs_input_grad[1]:
+            xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
+            if drop is not None:
+                xin = xin.masked_fill(drop, 0)
+            grad_A = gb.t() @ xin
+        if ctx.needs_input_grad[2]:
+            grad_B = (g.t() @ xa).mul_(s)
+        return grad_x, grad_A, grad_B, None, None, None
 
 
 def _plain_weight(base: nn.Module) -> torch.Tensor | None:
@@ -127,6 +200,7 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return LoraLinearFunction.apply(x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
     # generic path (quantized or trainable base): the base layer's own forward + the LoRA term
     result = base(x)
-    xin = layer.lora_dropout(x.to(layer.lora_A.dtype))
-    lora = (xin @ layer.lora_A.t()) @ layer.lora_B.t()
-    return (result + lora * layer.scaling).to(result.dtype)
+    p = layer.dropout_p if layer.training else 0.0
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    lora = LoraBranchFunction.apply(x, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
+    return (result + lora).to(result.dtype)

@@ -118,8 +118,10 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding(sst2_dir)
 
     real_random, padded_random, _ = epoch(False)
     real_grouped, padded_grouped, grouped_batches = epoch(True)
-    assert real_grouped == real_random == sum(
-        len(x) for x in tokenizer([s for s, _ in rows], truncation=True, max_length=64)["input_ids"]
+    assert (
+        real_grouped
+        == real_random
+        == sum(len(x) for x in tokenizer([s for s, _ in rows], truncation=True, max_length=64)["input_ids"])
     )
     assert sum(len(b["labels"]) for b in grouped_batches) == len(rows)
     assert padded_grouped < 0.6 * padded_random, (padded_grouped, padded_random)
