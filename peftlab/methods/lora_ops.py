@@ -26,7 +26,6 @@ from torch import nn
 
 from ..layers import is_conv1d
 
-
 _MASK_LEVELS = 1 << 16  # dropout decisions are 16-bit: P(drop) = round(p · 2¹⁶) / 2¹⁶
 
 
