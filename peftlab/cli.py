@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ranks", nargs="+", type=int)
     bench.add_argument("--seeds", nargs="+", type=int)
     bench.add_argument("--max-steps", type=int)
-    bench.add_argument("--data", help="data folder (default: $PEFTLAB_DATA or ../shared/data)")
+    bench.add_argument(
+        "--data",
+        help="data folder holding sst2/ and conll2003/ (default: $PEFTLAB_DATA or ../shared/data), "
+        "or hf / hf:<dataset id> for the Hugging Face hub (needs the datasets package)",
+    )
     bench.add_argument("--out", help="output folder (default: runs/<sweep name>)")
     bench.add_argument("--timeout", type=float, help="seconds per run before it is recorded as failed")
     bench.set_defaults(func=cmd_bench)

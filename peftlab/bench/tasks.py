@@ -1,4 +1,10 @@
-"""Benchmark tasks: data from a local folder (../shared/data or $PEFTLAB_DATA), batching and scoring.
+"""Benchmark tasks: data from a local folder or the Hugging Face hub, batching and scoring.
+
+Data source (``--data`` or $PEFTLAB_DATA, default ../shared/data): a folder holding ``sst2/*.tsv`` and
+``conll2003/*.txt``, or ``hf`` for the hub datasets (``nyu-mll/glue`` config ``sst2``, ``eriktks/conll2003``;
+needs ``pip install datasets`` and a connection), or ``hf:<dataset id>`` for another hub dataset with the same
+columns (``sentence``/``label``; ``tokens``/``ner_tags``). From the hub, SST-2's dev split is a seeded 10% of
+GLUE train and its test split is GLUE validation (the 872 sentences), as in the local folder.
 
 * ``sst2``: sentence classification, scored by accuracy.
 * ``conll2003``: token classification (IOB2 NER), scored by entity-level F1; labels sit on the
@@ -31,12 +37,22 @@ GEN_LABELS = {0: "negative", 1: "positive"}
 GEN_PROMPT = "Review: {sentence}\nIs this review positive or negative?\nAnswer:"
 
 
-def data_dir(override: str | None = None) -> Path:
-    """The data folder: an explicit override, $PEFTLAB_DATA, or ../shared/data beside the repo."""
+HUB_IDS = {"sst2": ("nyu-mll/glue", "sst2"), "conll2003": ("eriktks/conll2003", None)}
+
+
+def _hub_or_path(value: str) -> Path | str:
+    return value if value == "hf" or value.startswith("hf:") else Path(value)
+
+
+def data_dir(override: str | None = None) -> Path | str:
+    """The data source: an explicit override, $PEFTLAB_DATA, or ../shared/data beside the repo.
+
+    Returns a folder, or the string ``hf`` / ``hf:<dataset id>`` for the Hugging Face hub.
+    """
     if override:
-        return Path(override)
+        return _hub_or_path(override)
     if os.environ.get("PEFTLAB_DATA"):
-        return Path(os.environ["PEFTLAB_DATA"])
+        return _hub_or_path(os.environ["PEFTLAB_DATA"])
     here = Path(__file__).resolve()
     for parent in here.parents:
         candidate = parent.parent / "shared" / "data"
@@ -78,6 +94,37 @@ def read_conll(folder: Path, split: str) -> list[tuple[list[str], list[str]]]:
     return sentences
 
 
+def _load_hub_split(dataset_id: str, config: str | None, split: str):
+    """``datasets.load_dataset(dataset_id, config, split=split)``, with a clear error when unavailable."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ConfigError("hub data (--data hf) needs the datasets package: pip install datasets") from err
+    return datasets.load_dataset(dataset_id, config, split=split)
+
+
+def read_hub(task: str, source: str, split: str) -> list:
+    """Rows of ``task``'s ``split`` (train/dev/test) from the hub, in the local readers' format."""
+    if task not in HUB_IDS:
+        raise ConfigError(f"no hub data for task {task!r}; hub tasks: {sorted(HUB_IDS)}")
+    dataset_id, config = HUB_IDS[task]
+    if source.startswith("hf:"):
+        dataset_id, config = source[3:], None
+    if task == "sst2":
+        if split == "test":
+            table = _load_hub_split(dataset_id, config, "validation")
+            return [(r["sentence"], int(r["label"])) for r in table]
+        rows = [(r["sentence"], int(r["label"])) for r in _load_hub_split(dataset_id, config, "train")]
+        order = list(range(len(rows)))
+        random.Random(0).shuffle(order)
+        n_dev = len(rows) // 10
+        picked = order[:n_dev] if split == "dev" else order[n_dev:]
+        return [rows[i] for i in sorted(picked)]
+    table = _load_hub_split(dataset_id, config, {"dev": "validation"}.get(split, split))
+    names = table.features["ner_tags"].feature.names
+    return [(list(r["tokens"]), [names[t] for t in r["ner_tags"]]) for r in table]
+
+
 @dataclass
 class Task:
     """One benchmark task. ``kind`` is the model head it needs (see peftlab.models.load_model)."""
@@ -86,8 +133,15 @@ class Task:
     kind: str
     metric: str
 
-    def load(self, folder: Path, split: str, limit: int | None = None, seed: int = 0) -> list:
-        rows = read_conll(folder, split) if self.name == "conll2003" else read_sst2(folder, split)
+    def load(self, folder: Path | str, split: str, limit: int | None = None, seed: int = 0) -> list:
+        """Rows of ``split`` (train/dev/test) from a data folder or ``hf``/``hf:<id>`` (module docstring)."""
+        data_task = "conll2003" if self.name == "conll2003" else "sst2"
+        if isinstance(folder, str):
+            rows = read_hub(data_task, folder, split)
+        elif data_task == "conll2003":
+            rows = read_conll(folder, split)
+        else:
+            rows = read_sst2(folder, split)
         if limit and limit < len(rows):
             rows = random.Random(seed).sample(rows, limit)
         return rows

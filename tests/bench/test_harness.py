@@ -128,3 +128,59 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding(sst2_dir)
     # the batch order is shuffled, not longest-first
     widths = [b["input_ids"].shape[1] for b in grouped_batches]
     assert widths != sorted(widths, reverse=True) and widths != sorted(widths)
+
+
+class _FakeHubTable(list):
+    """What datasets.load_dataset returns, as far as the readers use it: rows and ``features``."""
+
+    def __init__(self, rows, tag_names=None):
+        super().__init__(rows)
+        if tag_names is not None:
+            from types import SimpleNamespace
+
+            self.features = {"ner_tags": SimpleNamespace(feature=SimpleNamespace(names=tag_names))}
+
+
+def test_hub_data_source_maps_splits_and_columns(monkeypatch):
+    """--data hf: SST-2 dev = a seeded tenth of GLUE train, test = GLUE validation; CoNLL tag ids -> names."""
+    from peftlab.bench import tasks
+
+    calls = []
+    glue_train = [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(50)]
+    glue_val = [{"sentence": "v", "label": 1, "idx": 0}]
+    conll = [{"tokens": ["EU", "rejects"], "ner_tags": [3, 0]}]
+
+    def fake_load(dataset_id, config, split):
+        calls.append((dataset_id, config, split))
+        if dataset_id.endswith("glue") or dataset_id == "me/sst":
+            return _FakeHubTable(glue_train if split == "train" else glue_val)
+        return _FakeHubTable(conll, tasks.CONLL_TAGS)
+
+    monkeypatch.setattr(tasks, "_load_hub_split", fake_load)
+    assert tasks.data_dir("hf") == "hf" and isinstance(tasks.data_dir("/x"), Path)
+    monkeypatch.setenv("PEFTLAB_DATA", "hf:me/sst")
+    assert tasks.data_dir() == "hf:me/sst"
+    sst2 = tasks.get_task("sst2")
+    train, dev = sst2.load("hf", "train"), sst2.load("hf", "dev")
+    assert len(dev) == 5 and len(train) == 45 and not set(train) & set(dev)
+    assert sorted(train + dev) == sorted((r["sentence"], r["label"]) for r in glue_train)
+    assert sst2.load("hf", "test") == [("v", 1)]
+    assert calls[0] == ("nyu-mll/glue", "sst2", "train") and calls[-1][2] == "validation"
+    assert tasks.get_task("sst2-gen").load("hf:me/sst", "test") == [("v", 1)]
+    assert calls[-1] == ("me/sst", None, "validation")
+    rows = tasks.get_task("conll2003").load("hf", "dev")
+    assert rows == [(["EU", "rejects"], ["B-ORG", "O"])] and calls[-1] == (
+        "eriktks/conll2003",
+        None,
+        "validation",
+    )
+
+
+def test_hub_data_without_datasets_says_what_to_install(monkeypatch):
+    import sys
+
+    from peftlab.bench import tasks
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ConfigError, match="pip install datasets"):
+        tasks.get_task("sst2").load("hf", "test")
