@@ -143,7 +143,6 @@ class LoraLinear(AdapterLayer):
         dtype = adapter_dtype(base_layer)
         self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
-        self.lora_dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

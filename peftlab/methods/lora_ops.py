@@ -21,6 +21,8 @@ and xa and regenerates the mask, where ``nn.Dropout`` would keep a dropped copy 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -41,9 +43,7 @@ def _dropout_drop(shape, p: float, seed: int, device) -> torch.Tensor:
     draws of ``torch.rand(shape) < p`` (half the time on a CPU). It is applied with ``masked_fill``
     (no float copy of the mask); inverted dropout's 1/(1-p) is folded into the scaling s.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
@@ -57,6 +57,40 @@ def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
     return (~_dropout_drop(shape, p, seed, device)).to(dtype) / (1.0 - _effective_p(p))
 
 
+def _lora_down(x2: torch.Tensor, lora_A: torch.Tensor, scaling: float, p: float, seed: int):
+    """xa = (x ⊙ m) Aᵀ of shape (M, r) and the scale s' = s / (1 - p) that goes with it."""
+    xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
+    if p > 0:
+        xin = xin.masked_fill(_dropout_drop(xin.shape, p, seed, xin.device), 0)
+        scaling = scaling / (1.0 - _effective_p(p))
+    return xin @ lora_A.t(), scaling
+
+
+def _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need_x: bool, need_A: bool, need_B: bool):
+    """(gb A) ⊙ m, dA, dB of the LoRA term (module docstring); None where not needed.
+
+    ``ctx`` carries the forward's s' (``scaling``), ``p`` and ``seed``; the mask is regenerated here.
+    """
+    s = ctx.scaling
+    gb = (g_lora @ lora_B).mul_(s)  # s'·dY B, (M, r): scaling on the thin side, not on (M, d_in)
+    drop = None
+    if ctx.p > 0 and (need_x or need_A):
+        drop = _dropout_drop(x2.shape, ctx.p, ctx.seed, x2.device)
+    grad_lora_x = grad_A = grad_B = None
+    if need_x:
+        grad_lora_x = gb @ lora_A
+        if drop is not None:
+            grad_lora_x.masked_fill_(drop, 0)
+    if need_A:
+        xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
+        if drop is not None:
+            xin = xin.masked_fill(drop, 0)
+        grad_A = gb.t() @ xin
+    if need_B:
+        grad_B = (g_lora.t() @ xa).mul_(s)
+    return grad_lora_x, grad_A, grad_B
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """Autograd function for y = x Wᵀ + b + s·(D(x) Aᵀ) Bᵀ with W frozen. Shapes as module docstring."""
 
@@ -67,18 +101,13 @@ class LoraLinearFunction(torch.autograd.Function):
         out_dtype = x.dtype
         # the base term exactly as nn.Linear computes it, so an adapter at init is bit-identical
         y = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(out_dtype))
-        xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
-        if p > 0:
-            xin = xin.masked_fill(_dropout_drop(xin.shape, p, seed, xin.device), 0)
-            scaling = scaling / (1.0 - _effective_p(p))
-        xa = xin @ lora_A.t()  # (M, r), unscaled by 1/(1-p) when p > 0
+        xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
         if y.dtype == lora_B.dtype:
             y.addmm_(xa, lora_B.t(), alpha=scaling)
         else:
             y = (y.float() + scaling * (xa @ lora_B.t()).float()).to(out_dtype)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
-        ctx.has_bias = bias is not None
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
         ctx.in_shape = shape
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -86,30 +115,19 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
         g = grad_y.reshape(-1, grad_y.shape[-1])
         g_lora = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
-        gb = (g_lora @ lora_B).mul_(s)  # s·dY B, (M, r): scaling on the thin side, not on (M, d_in)
-        grad_x = grad_A = grad_B = grad_bias = None
-        drop = None
-        if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3]):
-            drop = _dropout_drop(x2.shape, p, ctx.seed, x2.device)
-        if ctx.needs_input_grad[0]:
-            grad_lora_x = gb @ lora_A
-            if drop is not None:
-                grad_lora_x.masked_fill_(drop, 0)
+        need = ctx.needs_input_grad
+        grad_lora_x, grad_A, grad_B = _lora_grads(
+            ctx, g_lora, x2, lora_A, lora_B, xa, need[0], need[3], need[4]
+        )
+        grad_x = grad_bias = None
+        if need[0]:
             if grad_lora_x.dtype == g.dtype:
                 grad_x = torch.addmm(grad_lora_x, g, weight)
             else:
                 grad_x = (g @ weight).float().add_(grad_lora_x.float()).to(x2.dtype)
             grad_x = grad_x.reshape(ctx.in_shape)
-        if ctx.needs_input_grad[3]:
-            xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
-            if drop is not None:
-                xin = xin.masked_fill(drop, 0)
-            grad_A = gb.t() @ xin
-        if ctx.needs_input_grad[4]:
-            grad_B = (g_lora.t() @ xa).mul_(s)
         if ctx.bias_needs_grad:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None
@@ -125,11 +143,7 @@ class LoraBranchFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
-        if p > 0:
-            xin = xin.masked_fill(_dropout_drop(xin.shape, p, seed, xin.device), 0)
-            scaling = scaling / (1.0 - _effective_p(p))
-        xa = xin @ lora_A.t()
+        xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
         out = (xa @ lora_B.t()).mul_(scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.in_shape = scaling, p, seed, shape
@@ -138,25 +152,11 @@ class LoraBranchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x2, lora_A, lora_B, xa = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_B.dtype)
-        gb = (g @ lora_B).mul_(s)  # (M, r)
-        drop = None
-        if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-            drop = _dropout_drop(x2.shape, p, ctx.seed, x2.device)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gb @ lora_A
-            if drop is not None:
-                grad_x.masked_fill_(drop, 0)
+        need = ctx.needs_input_grad
+        grad_x, grad_A, grad_B = _lora_grads(ctx, g, x2, lora_A, lora_B, xa, need[0], need[1], need[2])
+        if grad_x is not None:
             grad_x = grad_x.to(x2.dtype).reshape(ctx.in_shape)
-        if ctx.needs_input_grad[1]:
-            xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
-            if drop is not None:
-                xin = xin.masked_fill(drop, 0)
-            grad_A = gb.t() @ xin
-        if ctx.needs_input_grad[2]:
-            grad_B = (g.t() @ xa).mul_(s)
         return grad_x, grad_A, grad_B, None, None, None
 
 
@@ -188,18 +188,17 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """Forward of an active :class:`~peftlab.methods.lora.LoraLinear`."""
     base = layer.base_layer
     weight = _plain_weight(base)
-    if weight is not None and weight.dtype == x.dtype:
-        bias = base.bias
-        p = layer.dropout_p if layer.training else 0.0
-        if _use_triton(layer, x):
-            from ..kernels import lora_linear
-
-            return lora_linear(x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, p)
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        return LoraLinearFunction.apply(x, weight, bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
-    # generic path (quantized or trainable base): the base layer's own forward + the LoRA term
-    result = base(x)
     p = layer.dropout_p if layer.training else 0.0
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    if weight is not None and weight.dtype == x.dtype and _use_triton(layer, x):
+        from ..kernels import lora_linear
+
+        return lora_linear(x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p)
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # the mask is regenerated from it
+    if weight is not None and weight.dtype == x.dtype:
+        return LoraLinearFunction.apply(
+            x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed
+        )
+    # generic path (quantized or trainable base): the base layer's own forward + the LoRA branch
+    result = base(x)
     lora = LoraBranchFunction.apply(x, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
     return (result + lora).to(result.dtype)
