@@ -15,7 +15,6 @@ from .api import (
     unwrap,
     wrap,
 )
-from .callbacks import PeftlabCallback
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .hf_peft import export_peft, import_peft
@@ -77,3 +76,21 @@ __all__ = [
     "AdapterFileError",
     "WrapError",
 ]
+
+# Names whose modules pull in heavy optional dependencies (transformers.trainer_utils imports peft,
+# which imports bitsandbytes): imported on first use, so ``import peftlab`` stays fast and silent.
+_LAZY = {"PeftlabCallback": ".callbacks"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
