@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .metrics import accuracy, entity_f1
+from .metrics import accuracy, entities, entity_f1
 
 CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
 GEN_LABELS = {0: "negative", 1: "positive"}
@@ -248,16 +248,37 @@ class Task:
     # ---- scoring ----
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, rows: list, batch_size: int, max_length: int) -> dict[str, float]:
+    def evaluate(
+        self, model, tokenizer, rows: list, batch_size: int, max_length: int, examples: dict | None = None
+    ) -> dict[str, float]:
+        """The task's metrics on ``rows``.
+
+        ``examples``, when given, is filled with per-example columns in the order of ``rows`` (what a
+        paired bootstrap over examples needs, see :mod:`peftlab.bench.stats`): ``correct`` (0/1) and
+        ``prediction`` for accuracy tasks; ``tp``, ``n_pred``, ``n_ref`` (entity counts per sentence)
+        for entity F1.
+        """
         was_training = model.training
         model.eval()
-        rows = sorted(rows, key=self.length)  # less padding; accuracy and entity F1 ignore order
+        order = sorted(range(len(rows)), key=lambda i: self.length(rows[i]))
+        original = rows
+        rows = [original[i] for i in order]  # less padding; accuracy and entity F1 ignore order
+
+        def keep(**columns) -> None:  # sorted order -> the order of the rows given
+            if examples is not None:
+                for name, values in columns.items():
+                    column = [None] * len(values)
+                    for position, value in zip(order, values):
+                        column[position] = value
+                    examples[name] = column
+
         try:
             if self.name == "sst2":
                 preds = []
                 for batch in self.batches(tokenizer, rows, batch_size, max_length, None):
                     batch.pop("labels")
                     preds += model(**batch).logits.argmax(-1).tolist()
+                keep(prediction=preds, correct=[int(p == y) for p, (_, y) in zip(preds, rows)])
                 return {"accuracy": accuracy(preds, [y for _, y in rows])}
             if self.name == "conll2003":
                 preds, refs = [], []
@@ -272,13 +293,22 @@ class Task:
                         # words cut by truncation count as predicted "O"
                         preds.append(predicted + ["O"] * (len(tags) - len(predicted)))
                         refs.append(tags)
+                spans = [(entities(p), entities(r)) for p, r in zip(preds, refs)]
+                keep(
+                    tp=[len(p & r) for p, r in spans],
+                    n_pred=[len(p) for p, _ in spans],
+                    n_ref=[len(r) for _, r in spans],
+                )
                 return entity_f1(preds, refs)
-            return {"accuracy": self.evaluate_gen(model, tokenizer, rows, batch_size, max_length)}
+            correct = self.evaluate_gen(model, tokenizer, rows, batch_size, max_length)
+            keep(correct=correct)
+            return {"accuracy": sum(correct) / len(correct)}
         finally:
             model.train(was_training)
 
-    def evaluate_gen(self, model, tokenizer, rows: list, batch_size: int, max_length: int) -> float:
-        correct = 0
+    def evaluate_gen(self, model, tokenizer, rows: list, batch_size: int, max_length: int) -> list[int]:
+        """1 for each row whose greedily generated label is right, else 0."""
+        correct = []
         side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         try:
@@ -297,10 +327,12 @@ class Task:
                     **enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
                 )
                 texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                correct += sum(t.strip().lower().startswith(GEN_LABELS[y]) for t, (_, y) in zip(texts, chunk))
+                correct += [
+                    int(t.strip().lower().startswith(GEN_LABELS[y])) for t, (_, y) in zip(texts, chunk)
+                ]
         finally:
             tokenizer.padding_side = side
-        return correct / len(rows)
+        return correct
 
 
 TASKS = {

@@ -55,6 +55,30 @@ def environment(device: str) -> dict:
     }
 
 
+STEP_PARAMS = ("t_init", "t_final", "delta_t")
+
+
+def steps_of_run(params: dict, steps: int) -> dict:
+    """Schedule parameters given as a share of the run (``t_init: "10%"``) -> steps of this run.
+
+    AdaLoRA's t_init/t_final/delta_t count steps, so a schedule written for one run length is wrong
+    for another (t_init + t_final can exceed a short run). ``"p%"`` means round(p/100 · steps)
+    (delta_t at least 1).
+    """
+    out = dict(params)
+    for key in STEP_PARAMS:
+        value = out.get(key)
+        if isinstance(value, str) and value.endswith("%"):
+            try:
+                share = float(value[:-1]) / 100
+            except ValueError:
+                raise ValueError(
+                    f"{key} must be a step count or a percentage like '10%', got {value!r}"
+                ) from None
+            out[key] = max(1 if key == "delta_t" else 0, round(share * steps))
+    return out
+
+
 def run(spec: dict) -> dict:
     import peftlab
     from peftlab.models import load_model
@@ -79,7 +103,7 @@ def run(spec: dict) -> dict:
     bs = cfg["batch_size"]
     steps = cfg.get("max_steps") or math.ceil(cfg.get("epochs", 1) * len(train_rows) / bs)
     ctx["total_steps"] = steps
-    model = get_provider(spec["method"])(model, dict(spec.get("params") or {}), ctx)
+    model = get_provider(spec["method"])(model, steps_of_run(spec.get("params") or {}, steps), ctx)
     model.to(device)
     checkpointing = cfg.get("gradient_checkpointing", "none")
     if checkpointing not in ("none", "full", "selective"):
@@ -118,13 +142,15 @@ def run(spec: dict) -> dict:
         **kwargs,
     )
     dev = task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)
-    test = task.evaluate(model, tokenizer, test_rows, eval_bs, max_len)
+    test_examples: dict = {}  # per-example columns for the report's paired bootstrap (stats.py)
+    test = task.evaluate(model, tokenizer, test_rows, eval_bs, max_len, examples=test_examples)
     median_step = statistics.median(result.step_times)
     return {
         "status": "ok",
         "metric": task.metric,
         "dev": dev,
         "test": test,
+        "test_examples": test_examples,
         "best_step": result.best_step,
         "evals": result.evals,
         "steps": steps,
