@@ -13,20 +13,52 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..io import atomic_write_json
+from . import procs
+from .sweep import run_id
 
 RESULTS = "results.jsonl"
 
 
 def read_results(out_dir: str | Path) -> list[dict]:
+    """The records of ``results.jsonl``, one per run id (the last one wins).
+
+    A torn last line (a write cut short) is skipped with a warning, and dropped from the file at the
+    next :func:`append_result`, so the sweep resumes; an unreadable line elsewhere is an error naming it.
+    Each record's id is recomputed from its fields (:func:`run_id`), so records written before a
+    change to the id keep matching their runs.
+    """
     path = Path(out_dir) / RESULTS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records: dict[str, dict] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ConfigError(
+                    f"{path}:{number}: not a JSON record ({exc.msg}); fix or delete that line to resume"
+                ) from None
+            warnings.warn(
+                f"{path}:{number}: skipping a torn last line ({len(line)} characters, {exc.msg}); "
+                "that run will be redone",
+                stacklevel=1,  # one place, so the warning shows once however often the file is read
+            )
+            continue
+        if all(k in record for k in ("model", "task", "method", "params", "train", "seed")):
+            record["run_id"] = run_id(record)
+        records[record.get("run_id")] = record
+    return list(records.values())
 
 
 def append_result(out_dir: str | Path, record: dict) -> None:
@@ -56,7 +88,7 @@ def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
         "PYTHONSAFEPATH": "1",
     }
     try:
-        proc = subprocess.run(
+        proc = procs.run(  # the worker is ended with this process (SIGTERM, Ctrl-C, kill -9)
             [sys.executable, "-m", "peftlab.bench.worker", str(spec_path), str(result_path)],
             timeout=timeout,
             env=env,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,19 @@ def _axes(values: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_id(spec: dict) -> str:
-    """A stable id from everything that defines the run (resume skips ids already in results.jsonl)."""
-    blob = json.dumps(
-        {k: spec[k] for k in ("model", "task", "method", "params", "train", "seed")}, sort_keys=True
-    )
+    """A stable id from everything that defines the run (resume skips ids already in results.jsonl).
+
+    Hashes model, task, method, params, train and seed, plus the ``label`` when it is not the method's
+    name (two entries that differ only by label are two runs) and the ``data`` source when one is given
+    (``--data hf`` never reuses a local-data result). Those two join the hash only when set, so the
+    ids of runs recorded before they were added stay the same.
+    """
+    fields = {k: spec[k] for k in ("model", "task", "method", "params", "train", "seed")}
+    if spec.get("label") not in (None, spec["method"]):
+        fields["label"] = spec["label"]
+    if spec.get("data"):
+        fields["data"] = str(spec["data"])
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -126,7 +136,8 @@ def expand(sweep: dict) -> list[dict]:
                     "params": params,
                     "train": train_point,
                     "seed": seed,
-                    "data": sweep.get("data"),
+                    # the effective source ($PEFTLAB_DATA included), so it is part of the run id
+                    "data": sweep.get("data") or os.environ.get("PEFTLAB_DATA") or None,
                 }
                 spec["run_id"] = run_id(spec)
                 specs.append(spec)
@@ -137,8 +148,23 @@ def load_sweep(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping with keys {sorted(SWEEP_KEYS)}")
     data.setdefault("name", path.stem)
     return data
+
+
+def read_yaml(path: str | Path):
+    """Parse a YAML file; a syntax error is a one-line :class:`ConfigError` naming ``file:line:column``."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ConfigError(
+            f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+        ) from None

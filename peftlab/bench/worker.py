@@ -175,6 +175,9 @@ def run(spec: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from .procs import exit_with_parent
+
+    exit_with_parent()  # never outlive the sweep that started this worker
     spec = json.loads(Path(argv[0]).read_text())
     import transformers
 
