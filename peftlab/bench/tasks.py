@@ -146,6 +146,13 @@ class Task:
             rows = random.Random(seed).sample(rows, limit)
         return rows
 
+    def chance(self, rows: list) -> float:
+        """The metric of a constant guess: the majority label's share (accuracy), 0 for entity F1."""
+        if self.name == "conll2003" or not rows:
+            return 0.0
+        labels = [row[1] for row in rows]
+        return max(labels.count(y) for y in set(labels)) / len(labels)
+
     def model_kwargs(self) -> dict:
         if self.name == "sst2":
             return {"num_labels": 2}

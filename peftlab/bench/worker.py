@@ -151,6 +151,8 @@ def run(spec: dict) -> dict:
         "dev": dev,
         "test": test,
         "test_examples": test_examples,
+        "dev_size": len(dev_rows),
+        "dev_chance": task.chance(dev_rows),
         "best_step": result.best_step,
         "evals": result.evals,
         "steps": steps,
