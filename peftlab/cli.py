@@ -1,11 +1,29 @@
-"""The ``peftlab`` command: ``info``, ``bench``, ``merge`` and ``export``."""
+"""The ``peftlab`` command: ``info``, ``bench``, ``merge`` and ``export``.
+
+A user error (bad option, missing model or file, invalid config or YAML) prints one line,
+``peftlab <command>: error: <what was wrong and what is valid>``, and exits with status 2;
+``peftlab --debug <command> ...`` (or ``PEFTLAB_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
+
+from .errors import PeftlabError
+
+
+class UsageError(PeftlabError, ValueError):
+    """A command-line argument is invalid (printed as one line, exit status 2)."""
+
+
+#: Exceptions reported as one line (exit status 2) rather than a traceback: peftlab's own errors, and
+#: the OSError / ValueError that transformers and the file system raise for a bad path, file or model.
+USER_ERRORS = (PeftlabError, OSError, ValueError)
 
 
 def _method_config(method: str, options: list[str]):
@@ -15,22 +33,89 @@ def _method_config(method: str, options: list[str]):
     kwargs = {}
     for item in options or []:
         if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise UsageError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
         try:
             kwargs[key] = json.loads(value)
         except json.JSONDecodeError:
             kwargs[key] = value
-    return config_class(method)(**kwargs)
+    cls = config_class(method)
+    valid = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise UsageError(
+            f"--set {', '.join(unknown)}: unknown key for method {method!r}; valid keys: {', '.join(valid)}"
+        )
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a value of the wrong type compared or combined in validation
+        raise UsageError(f"--set: invalid value for method {method!r}: {exc}") from None
+
+
+def _check_model(name: str) -> None:
+    """Fail fast, in one line, when ``--model`` is no packaged short name, model folder or hub model.
+
+    Never waits on the network: a hub id is accepted when it is in the local cache; otherwise it is
+    looked up once (10 s timeout), or refused at once under ``HF_HUB_OFFLINE=1``.
+    """
+    from .models import PACKAGED
+
+    if name in PACKAGED:
+        return
+    valid = f"packaged short names: {', '.join(PACKAGED)}; or a local model folder or a Hugging Face hub id"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return
+        if (path / "adapter_config.json").is_file():
+            raise UsageError(
+                f"--model {name} is an adapter folder (adapter_config.json, no config.json); "
+                "give the base model as --model and this folder as --adapter"
+            )
+        raise UsageError(f"--model {name} is a folder without config.json, so not a transformers model")
+    if path.exists():
+        return  # a file: let from_pretrained say what it makes of it
+    from huggingface_hub import is_offline_mode, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # in the local hub cache
+    except HFValidationError:  # not a hub id either: a path that does not exist
+        raise UsageError(f"model {name!r} not found: no such folder; {valid}") from None
+    if is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise UsageError(
+            f"model {name!r} not found: no such folder, and not in the hub cache (HF_HUB_OFFLINE is set); {valid}"
+        )
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise UsageError(
+            f"model {name!r} not found: no such folder, and no such model on the hub; {valid}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - no connection: say so now instead of retrying for a minute
+        if getattr(exc, "response", None) is not None:
+            return  # the hub answered (gated, rate-limited...): from_pretrained gives the details
+        raise UsageError(
+            f"model {name!r} not found: no such folder, not in the hub cache, and the hub is unreachable "
+            f"({type(exc).__name__}: {exc}); {valid}"
+        ) from None
+
+
+def _check_out(out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is an existing file; give a folder to write into (new or existing)")
 
 
 def cmd_info(args) -> int:
     import peftlab
     from peftlab.inject import get_state
 
+    config = _method_config(args.method, args.set)
+    _check_model(args.model)
     model, _ = peftlab.load_model(args.model, kind=args.kind)
     total_before = peftlab.count_parameters(model)[1]
-    peftlab.wrap(model, _method_config(args.method, args.set))
+    peftlab.wrap(model, config)
     state = get_state(model)
     trainable, total = peftlab.count_parameters(model)
     print(f"model: {args.model} ({type(model).__name__}, {total_before:,d} parameters)")
@@ -72,6 +157,8 @@ def cmd_bench(args) -> int:
     if args.data:
         sweep["data"] = args.data
     specs = expand(sweep)
+    for model in sorted({s["model"] for s in specs}):
+        _check_model(model)
     out = Path(args.out or f"runs/{sweep['name']}")
     print(f"sweep {sweep['name']!r}: {len(specs)} runs -> {out}")
     records = run_sweep(specs, out, timeout=args.timeout)
@@ -84,6 +171,8 @@ def cmd_bench(args) -> int:
 def cmd_merge(args) -> int:
     import peftlab
 
+    _check_out(args.out)
+    _check_model(args.model)
     model, tokenizer = peftlab.load_model(args.model, kind=args.kind)
     peftlab.load_adapter(model, args.adapter)
     peftlab.save_merged(model, args.out)
@@ -95,6 +184,8 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     import peftlab
 
+    _check_out(args.out)
+    _check_model(args.model)
     model, _ = peftlab.load_model(args.model, kind=args.kind)
     peftlab.load_adapter(model, args.adapter)
     peftlab.export_peft(model, args.out)
@@ -106,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftlab", description="Parameter-efficient fine-tuning for transformers."
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     kinds = ["seq-cls", "token-cls", "causal-lm", "base"]
 
@@ -149,16 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import PeftlabError
-
     args = build_parser().parse_args(argv)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    debug = args.debug or os.environ.get("PEFTLAB_DEBUG", "") not in ("", "0")
     try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
         return args.func(args)
-    except PeftlabError as exc:
-        print(f"peftlab {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"peftlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        hint = (
+            "" if isinstance(exc, PeftlabError) else f" ({type(exc).__name__}; --debug shows the traceback)"
+        )
+        print(f"peftlab {args.command}: error: {' '.join(str(exc).split())}{hint}", file=sys.stderr)
         return 2
 
 
