@@ -34,6 +34,11 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"load_quantized needs a local model folder or a packaged name, got {str(path)!r}")
+    if not (folder / "config.json").is_file() and (folder / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"{folder} is an adapter folder (adapter_config.json, no config.json), not a base model: "
+            "load_quantized(<base model>) first, then peftlab.load_adapter(model, folder)"
+        )
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
