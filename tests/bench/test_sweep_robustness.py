@@ -1,0 +1,184 @@
+"""Sweeps lose nothing and leave nothing running (issue 19, item 6).
+
+* the run id covers the data source and the label, so ``--data hf`` after a local run, or two
+  entries differing only by label, are separate runs with separate rows;
+* a torn last line of ``results.jsonl`` is skipped with a warning and the sweep resumes;
+* a worker never outlives the sweep process: SIGTERM, SIGINT or SIGKILL of the parent ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peftlab.bench.runner import RESULTS, append_result, read_results, run_sweep
+from peftlab.bench.sweep import expand, run_id
+from peftlab.errors import ConfigError
+
+TRAIN = {"max_steps": 6}
+
+
+def finished(spec: dict) -> dict:
+    """The record a successful run of ``spec`` leaves in results.jsonl (as the runner writes it)."""
+    return {**spec, "status": "ok", "metric": "accuracy", "test": {"accuracy": 0.5}}
+
+
+def test_ids_recorded_before_stay_valid(monkeypatch):
+    """No label and no data source: the id is the one computed before they joined it (old results resume)."""
+    monkeypatch.delenv("PEFTLAB_DATA", raising=False)
+    [spec] = expand({"models": ["minilm-l6"], "tasks": ["sst2"], "methods": ["lora"], "train": TRAIN})
+    assert spec["run_id"] == "1a0c8488515d"
+
+
+def test_label_only_difference_keeps_both_rows(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTLAB_DATA", raising=False)
+    sweep = {
+        "models": ["minilm-l6"],
+        "tasks": ["sst2"],
+        "methods": [{"method": "lora", "label": "a"}, {"method": "lora", "label": "b"}],
+        "train": TRAIN,
+    }
+    specs = expand(sweep)
+    assert len({s["run_id"] for s in specs}) == 2
+    for spec in specs:
+        append_result(tmp_path, finished(spec))
+    assert sorted(r["label"] for r in read_results(tmp_path)) == ["a", "b"]
+    # both count as finished: nothing is rerun, both rows come back
+    records = run_sweep(specs, tmp_path, progress=False)
+    assert sorted(r["label"] for r in records) == ["a", "b"]
+
+
+def test_data_source_is_part_of_the_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTLAB_DATA", raising=False)
+    sweep = {"models": ["minilm-l6"], "tasks": ["sst2"], "methods": ["lora"], "train": TRAIN}
+    [local] = expand(sweep)
+    [hub] = expand({**sweep, "data": "hf:peftlab-tests/nowhere"})
+    assert hub["run_id"] != local["run_id"]
+    monkeypatch.setenv("PEFTLAB_DATA", "hf:peftlab-tests/nowhere")  # the environment's source counts too
+    [from_env] = expand(sweep)
+    assert from_env["data"] == hub["data"] and from_env["run_id"] == hub["run_id"]
+
+    append_result(tmp_path, finished(local))
+    # the hub run is not taken for the finished local one: it runs (and fails: no hub here)
+    [record] = run_sweep([hub], tmp_path, progress=False)
+    assert record["data"] == "hf:peftlab-tests/nowhere" and record["status"] == "failed", record
+    assert {r["run_id"]: r["status"] for r in read_results(tmp_path)} == {
+        local["run_id"]: "ok",
+        hub["run_id"]: "failed",
+    }
+
+
+def test_torn_last_line_is_skipped_with_a_warning_and_resume_works(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTLAB_DATA", raising=False)
+    specs = expand(
+        {
+            "models": ["minilm-l6"],
+            "tasks": ["sst2"],
+            "methods": ["full", "lora"],
+            "seeds": [0, 1],
+            "train": TRAIN,
+        }
+    )
+    for spec in specs[:3]:
+        append_result(tmp_path, finished(spec))
+    path = tmp_path / RESULTS
+    whole = json.dumps(finished(specs[3]), sort_keys=True)
+    with open(path, "a") as f:  # a write cut short: half of the fourth record, no newline
+        f.write(whole[: len(whole) // 2])
+
+    with pytest.warns(UserWarning, match=rf"{RESULTS}:4: skipping a torn last line"):
+        assert [r["run_id"] for r in read_results(tmp_path)] == [s["run_id"] for s in specs[:3]]
+    with pytest.warns(UserWarning, match="torn last line"):
+        records = run_sweep(specs[:3], tmp_path, progress=False)  # resumes: nothing to run, no error
+    assert len(records) == 3
+    # the next record written repairs the file
+    with pytest.warns(UserWarning, match="torn last line"):
+        append_result(tmp_path, finished(specs[3]))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["status"] == "ok" for line in lines)
+
+    # a bad line that is not the last one is not a torn write: refuse, naming the line
+    path.write_text(lines[0] + "\n{not json\n" + lines[1] + "\n")
+    with pytest.raises(ConfigError, match=rf"{RESULTS}:2: not a JSON record"):
+        read_results(tmp_path)
+
+
+# --- the worker never outlives the sweep ---------------------------------------------------------
+
+
+def children_running(parent: int, needle: str) -> list[int]:
+    """Pids of live (not zombie) processes whose parent is ``parent`` and whose command line holds ``needle``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == parent and needle in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_killing_the_sweep_ends_its_worker(tmp_path, sst2_dir, sig):
+    """``peftlab bench`` with a long run: signal the parent alone; its worker must be gone soon after."""
+    env = {k: v for k, v in os.environ.items() if k != "PEFTLAB_DATA"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    log = open(tmp_path / "sweep.log", "w")
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "peftlab", "bench", "--model", "minilm-l6", "--task", "sst2", "--methods", "lora",
+         "--max-steps", "100000", "--data", str(sst2_dir.parent), "--out", str(tmp_path / "out")],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    worker = None
+    try:
+        deadline = time.monotonic() + 120
+        while worker is None and time.monotonic() < deadline and parent.poll() is None:
+            found = children_running(parent.pid, "peftlab.bench.worker")
+            worker = found[0] if found else None
+            time.sleep(0.2)
+        assert worker is not None, (tmp_path / "sweep.log").read_text()[-3000:]
+        time.sleep(1.0)  # let it get going
+        assert alive(worker), (tmp_path / "sweep.log").read_text()[-3000:]
+        parent.send_signal(sig)  # the parent only, not its process group
+        code = parent.wait(60)
+        expected = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
+        assert code == expected[sig], (code, (tmp_path / "sweep.log").read_text()[-3000:])
+        deadline = time.monotonic() + 60  # after SIGKILL the worker notices its parent is gone by polling
+        while alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(worker), f"worker {worker} still running after the sweep got {sig.name}"
+    finally:
+        for pid in [parent.pid] + ([worker] if worker else []):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+        log.close()
+    assert not (tmp_path / "out" / RESULTS).exists()  # an interrupted run is not recorded as a result
+
+
+def test_run_id_is_a_pure_function_of_the_record():
+    """``read_results`` recomputes ids from the stored fields; that must equal the id expand() gave."""
+    [spec] = expand(
+        {"models": ["m"], "tasks": ["sst2"], "methods": [{"method": "lora", "label": "x"}], "data": "d"}
+    )
+    assert run_id(json.loads(json.dumps(finished(spec)))) == spec["run_id"]
