@@ -2,8 +2,16 @@
 
 ``triton_available()`` tells whether the Triton path can run; ``lora_linear`` is the fused
 LoRA linear (see :mod:`peftlab.kernels.lora`, imported lazily so that importing peftlab never
-needs Triton); :mod:`peftlab.kernels.reference` holds pure-torch references of every kernel.
+needs Triton); ``supports`` / ``lora_linear_or_none`` (:mod:`peftlab.kernels.support`) are what
+``use_kernel="auto"`` dispatches with: unsupported tensors or a Triton compile/launch error fall
+back to the torch path with a one-time warning. :mod:`peftlab.kernels.reference` holds pure-torch
+references of every kernel; :mod:`peftlab.kernels.aot` compiles every kernel for sm_80/sm_90
+without a GPU.
 """
+
+from .support import lora_linear_or_none, supports, unsupported
+
+__all__ = ["lora_linear", "lora_linear_or_none", "supports", "triton_available", "unsupported"]
 
 
 def triton_available() -> bool:

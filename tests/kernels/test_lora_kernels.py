@@ -115,17 +115,21 @@ def test_dropout_mask_is_regenerated_consistently(bias):
 def test_matches_peftlab_torch_path_in_a_lora_layer():
     from torch import nn
 
-    from peftlab.methods.lora import LoraLinear
+    import peftlab
 
     torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(40, 24).requires_grad_(False), "d", r=8, alpha=16, scaling=2.0).to(DEVICE)
+    model = nn.Sequential(nn.Linear(40, 24)).to(DEVICE)
+    peftlab.wrap(model, peftlab.LoraConfig(r=8, alpha=16, target_modules=["0"], use_kernel="torch"))
+    params = dict(model.named_parameters())
+    a = next(v for k, v in params.items() if "lora_A" in k)
+    b = next(v for k, v in params.items() if "lora_B" in k)
+    weight = next(v for k, v in params.items() if k.endswith("weight") and "lora" not in k)
+    bias = next(v for k, v in params.items() if k.endswith("bias") and "lora" not in k)
     with torch.no_grad():
-        layer.lora_B.normal_(0, 0.1)
+        b.normal_(0, 0.1)
     x = torch.randn(3, 5, 40, device=DEVICE)
-    torch_path = layer(x)
-    fused = K.lora_linear(
-        x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B, layer.scaling
-    )
+    torch_path = model(x)
+    fused = K.lora_linear(x, weight, bias, a, b, 2.0)
     torch.testing.assert_close(fused, torch_path, rtol=1e-4, atol=1e-5)
 
 
