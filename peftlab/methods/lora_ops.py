@@ -190,9 +190,12 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     weight = _plain_weight(base)
     p = layer.dropout_p if layer.training else 0.0
     if weight is not None and weight.dtype == x.dtype and _use_triton(layer, x):
-        from ..kernels import lora_linear
+        from ..kernels import lora_linear_or_none  # None: unsupported or Triton failed (warned once)
 
-        return lora_linear(x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p)
+        y = lora_linear_or_none(x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p,
+                                strict=layer.use_kernel == "triton")
+        if y is not None:
+            return y
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # the mask is regenerated from it
     if weight is not None and weight.dtype == x.dtype:
         return LoraLinearFunction.apply(
