@@ -161,12 +161,12 @@ def test_killing_the_sweep_ends_its_worker(tmp_path, sst2_dir, sig):
         assert alive(worker), (tmp_path / "sweep.log").read_text()[-3000:]
         parent.send_signal(sig)  # the parent only, not its process group
         code = parent.wait(60)
-        expected = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
-        assert code == expected[sig], (code, (tmp_path / "sweep.log").read_text()[-3000:])
         deadline = time.monotonic() + 60  # after SIGKILL the worker notices its parent is gone by polling
         while alive(worker) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not alive(worker), f"worker {worker} still running after the sweep got {sig.name}"
+        expected = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}
+        assert code == expected[sig], (code, (tmp_path / "sweep.log").read_text()[-3000:])
     finally:
         for pid in [parent.pid] + ([worker] if worker else []):
             if alive(pid):
