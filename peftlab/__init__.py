@@ -5,16 +5,22 @@ Public API only; each method lives in ``peftlab.methods.<name>`` and registers i
 
 from ._version import __version__
 from .api import (
+    active_adapters,
     count_parameters,
+    delete_adapter,
     disable_adapters,
     is_merged,
+    list_adapters,
     merge,
     on_train_step,
     print_trainable_parameters,
+    set_active_adapters,
+    set_trainable,
     unmerge,
     unwrap,
     wrap,
 )
+from .combine import combine
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .hf_peft import export_peft, import_peft
@@ -43,6 +49,12 @@ __all__ = [
     "is_merged",
     "on_train_step",
     "disable_adapters",
+    "set_active_adapters",
+    "active_adapters",
+    "list_adapters",
+    "delete_adapter",
+    "set_trainable",
+    "combine",
     "count_parameters",
     "print_trainable_parameters",
     "save_adapter",

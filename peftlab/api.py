@@ -1,29 +1,49 @@
-"""The public, method-agnostic API: wrap, unwrap, merge, unmerge, disable, parameter counts."""
+"""The public, method-agnostic API: wrap, several adapters (activate, weight, delete), merge, disable, unwrap.
+
+Everything here works through the slot protocol of :mod:`peftlab.layers` and the hooks a
+method registers (:mod:`peftlab.registry`); nothing here knows LoRA from a bottleneck adapter.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 
 from .config import PeftConfig
-from .errors import ConfigError, MergeError
-from .inject import STATE_ATTR, adapters, get_state, inject, replace_module, wrapped_layers
+from .errors import ConfigError, MergeError, WrapError
+from .inject import (
+    ORIG_GRAD_ATTR,
+    STATE_ATTR,
+    adapter_layers,
+    adapters,
+    get_state,
+    inject,
+    replace_module,
+    wrapped_layers,
+)
 from .registry import get_method
+
+ACTIVE_ATTR = "peftlab_active"
 
 
 def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
     """Add a PEFT adapter to ``model`` in place and return the same object.
 
-    The base weights are frozen; only the adapter's parameters (and ``modules_to_save``)
-    stay trainable. The model remains a plain ``transformers`` model, so ``Trainer``,
+    The base weights are frozen; only the new adapter's parameters (and its copies of
+    ``modules_to_save``) are trainable, and it becomes the active adapter. A model that already
+    has adapters gets one more, named ``config.adapter_name``: a wrapped module gets a new slot,
+    never a second wrapper. The model remains a plain ``transformers`` model, so ``Trainer``,
     ``accelerate`` and ``generate`` work unchanged.
+
+    If anything fails, the model is left exactly as it was.
 
     Raises:
         ConfigError: ``config`` is not a peftlab config.
         TargetError: target modules not found (the message lists candidates).
-        WrapError: an adapter with this name is already on the model.
+        WrapError: an adapter with this name is already on the model, or the name is invalid.
     """
     if not isinstance(config, PeftConfig):
         raise ConfigError(
@@ -33,40 +53,212 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = False) -> nn.Module:
-    """Fold the adapter into the base weights (W <- W + ΔW). Merging twice is an error.
+# ---- several adapters ---------------------------------------------------------------------------
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on ``model``, in the order they were added."""
+    return list(adapters(model))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters that run in forward."""
+    return list(getattr(model, ACTIVE_ATTR, None) or [])
+
+
+def _check_names(model: nn.Module, names: Sequence[str], what: str = "adapter") -> list[str]:
+    states = adapters(model)
+    if not states:
+        get_state(model)  # raises "not wrapped"
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in states]
+    if unknown:
+        raise WrapError(f"unknown {what} name(s) {unknown}; this model has: {', '.join(states)}")
+    return list(dict.fromkeys(names))
+
+
+def set_active_adapters(
+    model: nn.Module,
+    names: str | Sequence[str],
+    weights: Sequence[float] | None = None,
+    trainable: str | Sequence[str] | None = None,
+) -> nn.Module:
+    """Choose which adapters run in forward, and with which weights.
+
+    With several active, their contributions add, each scaled by its weight:
+    ``h = W x + Σ_i w_i · Δ_i(x)`` (for LoRA slots ``Δ_i(x) = s_i B_i A_i x``).
 
     Args:
-        safe: check every merged weight for NaN/inf before writing it (slower; raises MergeError).
+        names: one name or a list; ``[]`` runs the base model.
+        weights: one float per name (default 1.0 each).
+        trainable: names whose parameters train (default: unchanged). See :func:`set_trainable`.
     """
+    names = _check_names(model, names)
+    if weights is None:
+        weights = [1.0] * len(names)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(names):
+        raise ConfigError(f"got {len(weights)} weights for {len(names)} adapters {names}; give one weight per adapter")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"adapter weights must be finite numbers, got {weights}")
+    table = dict(zip(names, weights))
+    for _, layer in adapter_layers(model):
+        merged = {n for n, _ in layer.merged_stack}
+        layer.active = [n for n in names if n in layer.slots]
+        layer.weights = {n: w for n, w in table.items() if n in layer.slots and n not in merged} | {
+            n: w for n, w in layer.weights.items() if n in merged
+        }
+    # switch off first, then on, so methods that allow one active adapter never see two
+    for state in sorted(adapters(model).values(), key=lambda st: st.name in table):
+        method = get_method(state.config.method)
+        if method.set_active is not None:
+            method.set_active(model, state, state.name in table, table.get(state.name, 1.0))
+    setattr(model, ACTIVE_ATTR, names)
+    if trainable is not None:
+        set_trainable(model, trainable)
+    return model
+
+
+def set_trainable(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make exactly the adapters ``names`` trainable; every other adapter's tensors are frozen."""
+    from .io import adapter_tensors
+
+    names = _check_names(model, names)
+    for name in adapters(model):
+        flag = name in names
+        for tensor in adapter_tensors(model, name).values():
+            if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                tensor.requires_grad_(flag)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str, force: bool = False) -> nn.Module:
+    """Remove one adapter (its slots, head copies, hooks and live objects); the others stay.
+
+    A merged adapter is unmerged first (later merges are undone and redone).
+
+    Raises:
+        WrapError: unknown name; or the adapter has gradients not yet applied by an optimizer
+            step (pass ``force=True`` to delete anyway, after ``optimizer.zero_grad()``).
+    """
+    from .io import adapter_tensors
+
+    _check_names(model, [adapter_name])
+    state = get_state(model, adapter_name)
+    tensors = adapter_tensors(model, adapter_name)
+    pending = [k for k, t in tensors.items() if isinstance(t, nn.Parameter) and t.grad is not None and bool(t.grad.any())]
+    if pending and not force:
+        raise WrapError(
+            f"adapter {adapter_name!r} has gradients that no optimizer step has applied yet ({len(pending)} tensors, "
+            f"e.g. {pending[0]}): an optimizer step is pending. Call optimizer.step() and optimizer.zero_grad(), "
+            f"or delete_adapter(..., force=True)"
+        )
+    if is_merged(model, adapter_name):
+        unmerge(model, adapter_name)
+    _remove(model, adapter_name)
+    remaining = [n for n in active_adapters(model) if n != adapter_name]
+    if adapters(model):
+        set_active_adapters(model, remaining)
+    return model
+
+
+def _remove(model: nn.Module, adapter_name: str) -> None:
+    """Generic removal: live state, slots (unwrapping empty wrappers), the method's own modules, registry."""
     state = get_state(model, adapter_name)
     method = get_method(state.config.method)
-    if method.merge is not None:
-        method.merge(model, state)
-        return model
-    layers = [layer for _, layer in wrapped_layers(model, state.config.adapter_name)]
-    if layers and all(layer.merged for layer in layers):
-        raise MergeError(f"adapter {state.config.adapter_name!r} is already merged; call unmerge() first")
-    if safe:  # check every layer before touching any weight, so a failure leaves the model as it was
-        for layer in layers:
-            layer.check_safe_merge()
-    for layer in layers:
-        layer.merge()
+    state.live.clear()
+    for path, layer in list(wrapped_layers(model, adapter_name)):
+        layer.remove_slot(adapter_name)
+        if not layer.slots:
+            replace_module(model, path, layer.base_layer)
+    if method.remove is not None:
+        method.remove(model, state)
+    states = dict(adapters(model))
+    states.pop(adapter_name)
+    if states:
+        setattr(model, STATE_ATTR, states)
+        return
+    delattr(model, STATE_ATTR)
+    if hasattr(model, ACTIVE_ATTR):
+        delattr(model, ACTIVE_ATTR)
+    orig = getattr(model, ORIG_GRAD_ATTR, None)
+    if orig is not None:
+        for pname, p in model.named_parameters():
+            if pname in orig:
+                p.requires_grad_(orig[pname])
+        delattr(model, ORIG_GRAD_ATTR)
+
+
+# ---- merge ----------------------------------------------------------------------------------------
+
+
+def _merge_targets(model: nn.Module, adapter_name: str | None) -> list[str]:
+    if adapter_name is not None:
+        return _check_names(model, [adapter_name])
+    active = active_adapters(model)
+    return active or [get_state(model).name]
+
+
+def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = True) -> nn.Module:
+    """Fold adapters into the base weights: ``W <- slot.merged(W, w)`` per layer.
+
+    Args:
+        adapter_name: one adapter; default: every active adapter (each with its active weight).
+        safe: check every merged weight for NaN/inf before anything is written (default); a broken
+            adapter then raises :class:`MergeError` and the model is unchanged. ``safe=False`` skips it.
+    """
+    for name in _merge_targets(model, adapter_name):
+        state = get_state(model, name)
+        method = get_method(state.config.method)
+        if method.merge is not None:
+            method.merge(model, state)
+            continue
+        layers = [layer for _, layer in wrapped_layers(model, name)]
+        if any(layer.is_merged(name) for layer in layers):
+            raise MergeError(f"adapter {name!r} is already merged; call unmerge() first")
+        unmergeable = [layer for layer in layers if not layer.slots[name].mergeable and not layer.slots[name].replaces_base]
+        if unmergeable:
+            slot = unmergeable[0].slots[name]
+            raise MergeError(
+                f"{state.config.method} adapter {name!r} cannot be merged into the base weights "
+                f"({type(slot).__name__} is not linear in the input); keep it unmerged for inference"
+            )
+        mergeable = [layer for layer in layers if layer.slots[name].mergeable]
+        if safe:  # check every layer before touching any weight, so a failure leaves the model as it was
+            for layer in mergeable:
+                layer.check_merge(name)
+        for layer in mergeable:
+            layer.merge(name, safe=False)
     return model
 
 
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Subtract a merged adapter from the base weights again. Unmerging an unmerged model is an error."""
-    state = get_state(model, adapter_name)
-    method = get_method(state.config.method)
-    if method.unmerge is not None:
-        method.unmerge(model, state)
-        return model
-    layers = [layer for _, layer in wrapped_layers(model, state.config.adapter_name)]
-    if not any(layer.merged for layer in layers):
-        raise MergeError(f"adapter {state.config.adapter_name!r} is not merged; nothing to unmerge")
+    """Undo merges: one adapter, or (default) every merged adapter in LIFO order."""
+    names = [adapter_name] if adapter_name is not None else list(adapters(model))
+    if adapter_name is not None:
+        _check_names(model, names)
+    done = False
+    for name in names:
+        state = get_state(model, name)
+        method = get_method(state.config.method)
+        if method.unmerge is not None:
+            if method.is_merged(state):
+                method.unmerge(model, state)
+                done = True
+            continue
+    layers = [layer for _, layer in adapter_layers(model)]
     for layer in layers:
-        layer.unmerge()
+        if adapter_name is None:
+            while layer.merged_stack:
+                layer.unmerge()
+                done = True
+        elif layer.is_merged(adapter_name):
+            layer.unmerge(adapter_name)
+            done = True
+    if not done:
+        what = f"adapter {adapter_name!r} is" if adapter_name else "no adapter is"
+        raise MergeError(f"{what} not merged; nothing to unmerge")
     return model
 
 
@@ -75,7 +267,7 @@ def is_merged(model: nn.Module, adapter_name: str | None = None) -> bool:
     method = get_method(state.config.method)
     if method.is_merged is not None:
         return method.is_merged(state)
-    return any(layer.merged for _, layer in wrapped_layers(model, state.config.adapter_name))
+    return any(layer.is_merged(state.name) for _, layer in wrapped_layers(model, state.name))
 
 
 def on_train_step(model: nn.Module, step: int) -> None:
@@ -97,8 +289,8 @@ def unwrap(
     """Remove the adapter(s) and return the plain model (the same object).
 
     Args:
-        merge: fold the adapter into the base weights first (if not merged already). With
-            ``merge=False`` a merged adapter is unmerged, so the base weights are restored.
+        merge: fold the adapter(s) into the base weights first (the active weights apply). With
+            ``merge=False`` merged adapters are unmerged, so the base weights are restored.
         adapter_name: remove only this adapter (default: all of them).
         dequantize: replace quantized (bitsandbytes) base layers by full-precision ones first,
             so that ``merge=True`` gives a plain full-precision merged model.
@@ -110,54 +302,64 @@ def unwrap(
     names = [adapter_name] if adapter_name else list(adapters(model))[::-1]
     if not names:
         get_state(model)  # raises the "not wrapped" error
+    _check_names(model, names)
+    if merge:
+        for name in names:
+            method = get_method(get_state(model, name).config.method)
+            if not method.folds_into_base:
+                raise MergeError(
+                    f"{method.name} adapter {name!r} can't be folded into the base weights; unwrap(merge=False) "
+                    f"removes the adapter, or keep it wrapped for inference"
+                )
     for name in names:
         state = get_state(model, name)
         method = get_method(state.config.method)
-        if merge and not method.folds_into_base:
-            raise MergeError(
-                f"{state.config.method} adapters can't be folded into the base weights; unwrap(merge=False) removes "
-                f"the adapter, or keep it wrapped for inference"
-            )
         merged = is_merged(model, name)
         if merge and not merged:
             globals()["merge"](model, name)
         elif not merge and merged:
             unmerge(model, name)
-        if method.remove is not None:
-            method.remove(model, name)
-        else:
-            for path, layer in list(wrapped_layers(model, name)):
-                replace_module(model, path, layer.base_layer)
-        for pname, p in model.named_parameters():
-            if pname in state.orig_requires_grad:
-                p.requires_grad_(state.orig_requires_grad[pname])
-        states = dict(adapters(model))
-        states.pop(name)
-        if states:
-            setattr(model, STATE_ATTR, states)
-        else:
-            delattr(model, STATE_ATTR)
+        if merge:
+            _commit_merge(model, name)
+        _remove(model, name)
     return model
 
 
-def set_adapters_enabled(model: nn.Module, enabled: bool, adapter_name: str | None = None) -> None:
-    names = [adapter_name] if adapter_name else list(adapters(model))
+def _commit_merge(model: nn.Module, name: str) -> None:
+    """Forget that ``name`` is merged (its update stays in the base weights) before removing it."""
+    for _, layer in wrapped_layers(model, name):
+        layer.merged_stack = [(n, w) for n, w in layer.merged_stack if n != name]
+    state = get_state(model, name)
+    method = get_method(state.config.method)
+    if method.is_merged is not None and method.is_merged(state):
+        method.unmerge(model, state)
+
+
+# ---- disable --------------------------------------------------------------------------------------
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool, adapter_name: str | Sequence[str] | None = None) -> None:
+    names = list(adapters(model)) if adapter_name is None else _check_names(model, adapter_name)
     for name in names:
         state = get_state(model, name)
         method = get_method(state.config.method)
         if method.set_enabled is not None:
             method.set_enabled(model, name, enabled)
         for _, layer in wrapped_layers(model, name):
-            layer.enabled = enabled
+            if enabled:
+                layer.disabled.discard(name)
+            else:
+                layer.disabled.add(name)
 
 
 @contextlib.contextmanager
-def disable_adapters(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Module]:
-    """Context manager: inside it the model computes exactly the base model.
+def disable_adapters(model: nn.Module, adapter_name: str | Sequence[str] | None = None) -> Iterator[nn.Module]:
+    """Context manager: inside it the given adapters (default: all) contribute nothing.
 
-    A merged adapter cannot be disabled (its update lives in the base weights): unmerge first.
+    With every adapter disabled the model computes exactly the base model. A merged adapter cannot
+    be disabled (its update lives in the base weights): unmerge first.
     """
-    names = [adapter_name] if adapter_name else list(adapters(model))
+    names = list(adapters(model)) if adapter_name is None else _check_names(model, adapter_name)
     if not names:
         get_state(model)
     for name in names:
@@ -165,11 +367,14 @@ def disable_adapters(model: nn.Module, adapter_name: str | None = None) -> Itera
             raise MergeError(
                 f"adapter {name!r} is merged into the base weights; unmerge() before disabling it"
             )
-    set_adapters_enabled(model, False, adapter_name)
+    set_adapters_enabled(model, False, names)
     try:
         yield model
     finally:
-        set_adapters_enabled(model, True, adapter_name)
+        set_adapters_enabled(model, True, names)
+
+
+# ---- counting -------------------------------------------------------------------------------------
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -13,15 +13,18 @@ from pathlib import Path
 from torch import nn
 
 from .errors import AdapterFileError, ConfigError
-from .inject import get_state
+from .inject import adapters, get_state
 from .io import (
     adapter_state_dict,
     atomic_save_safetensors,
     atomic_write_json,
+    folder_lock,
     read_json,
     read_safetensors,
     wrap_and_load,
 )
+from .io import check_finite as check_tensors_finite
+from .layers import AdapterLayer
 from .registry import get_method, method_for_peft_type
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -46,11 +49,34 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def export_peft(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> Path:
-    """Write one adapter in HF PEFT's layout into ``path``."""
+    """Write adapters in HF PEFT's layout into ``path``.
+
+    One adapter (``adapter_name``, or the model's only one) goes to ``path`` itself. With several
+    (``adapter_name=None``), HF PEFT's multi-adapter layout: the adapter named ``default`` (else the
+    first) at ``path``, every other in ``path/<name>/``; so ``PeftModel.from_pretrained(base, path)``
+    followed by ``.load_adapter(f"{path}/{name}", adapter_name=name)`` reproduces each of them.
+    """
+    path = Path(path)
+    names = list(adapters(model))
+    if adapter_name is not None or len(names) <= 1:
+        _export_one(model, path, get_state(model, adapter_name).name)
+        return path
+    root = "default" if "default" in names else names[0]
+    _export_one(model, path, root)
+    for name in names:
+        if name != root:
+            _export_one(model, path / name, name)
+    return path
+
+
+def _export_one(model: nn.Module, path: Path, adapter_name: str) -> None:
     state = get_state(model, adapter_name)
     method = get_method(state.config.method)
     if method.to_peft_config is None or method.to_peft_key is None:
-        raise ConfigError(f"method {state.config.method!r} has no HF PEFT export")
+        raise ConfigError(
+            f"method {state.config.method!r} has no HF PEFT export (HF PEFT has no equivalent); "
+            f"save it with peftlab.save_adapter"
+        )
     tensors = adapter_state_dict(model, adapter_name)
     if method.prepare_export is not None:
         tensors = method.prepare_export(model, tensors, state)
@@ -65,27 +91,72 @@ def export_peft(model: nn.Module, path: str | Path, adapter_name: str | None = N
         for head in ("classifier", "score"):
             module = getattr(model, head, None)
             if isinstance(module, nn.Module) and head not in state.modules_to_save:
-                tensors.update({f"{head}.{k}": v.detach() for k, v in module.state_dict().items()})
+                base = module.base_layer if isinstance(module, AdapterLayer) else module
+                tensors.update({f"{head}.{k}": v.detach() for k, v in base.state_dict().items()})
                 saved.append(head)
         config["modules_to_save"] = saved or None
-    path = Path(path)
-    atomic_save_safetensors(
-        path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"}
-    )
-    atomic_write_json(path / PEFT_CONFIG_NAME, config)
-    return path
+    with folder_lock(path):
+        atomic_save_safetensors(
+            path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"}
+        )
+        atomic_write_json(path / PEFT_CONFIG_NAME, config)
 
 
 def import_peft(
-    model: nn.Module, path: str | Path, adapter_name: str = "default", trainable: bool = False
+    model: nn.Module,
+    path: str | Path,
+    adapter_name: str | None = None,
+    trainable: bool = False,
+    check_finite: bool = True,
 ) -> nn.Module:
-    """Wrap ``model`` with an adapter saved by HF PEFT in ``path`` and load its weights."""
+    """Add adapters saved by HF PEFT in ``path`` to ``model`` (plain or wrapped) and load their weights.
+
+    ``adapter_name=None``: the adapter at ``path`` as ``default`` plus every adapter in a sub-folder
+    ``path/<name>/`` (HF PEFT's multi-adapter layout) under its folder's name. With a name: only the
+    adapter at ``path`` (or, if ``path`` has none, in ``path/<adapter_name>/``), under that name.
+    """
     path = Path(path)
+    subs = sorted(p for p in path.iterdir() if (p / PEFT_CONFIG_NAME).is_file()) if path.is_dir() else []
+    has_root = (path / PEFT_CONFIG_NAME).is_file()
+    if adapter_name is None:
+        if not has_root and not subs:
+            _missing(path)
+        if has_root:
+            _import_one(model, path, "default", trainable, check_finite)
+        for sub in subs:
+            _import_one(model, sub, sub.name, trainable, check_finite)
+        return model
+    if not has_root and (path / adapter_name / PEFT_CONFIG_NAME).is_file():
+        path = path / adapter_name
+    _import_one(model, path, adapter_name, trainable, check_finite)
+    return model
+
+
+def _missing(path: Path) -> None:
+    if not path.exists():
+        raise AdapterFileError(f"{path} does not exist; expected a folder saved by peft's save_pretrained")
+    found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else [path.name]
+    hint = ""
+    if any(f.endswith(".bin") for f in found):
+        hint = (
+            " It has a .bin (pickle) file: peftlab reads safetensors only; re-save it with "
+            "peft's save_pretrained(safe_serialization=True)"
+        )
+    raise AdapterFileError(
+        f"{path} holds no {PEFT_CONFIG_NAME} + {PEFT_WEIGHTS_NAME} (found: {', '.join(found) or 'nothing'}).{hint}"
+    )
+
+
+def _import_one(model: nn.Module, path: Path, adapter_name: str, trainable: bool, check_finite: bool) -> None:
+    if not (path / PEFT_CONFIG_NAME).is_file() or not (path / PEFT_WEIGHTS_NAME).is_file():
+        _missing(path)
     raw = read_json(path / PEFT_CONFIG_NAME)
     if "peft_type" not in raw:
         raise AdapterFileError(f"{path / PEFT_CONFIG_NAME} has no 'peft_type'; is it a HF PEFT adapter?")
     method = method_for_peft_type(raw["peft_type"])
     tensors = read_safetensors(path / PEFT_WEIGHTS_NAME)
+    if check_finite:
+        check_tensors_finite(tensors, str(path / PEFT_WEIGHTS_NAME))
     config = method.from_peft_config(raw).replace(adapter_name=adapter_name)
     if raw.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and not config.modules_to_save:
         # HF PEFT trains (and saves) the classification head of SEQ_CLS / TOKEN_CLS models.
@@ -100,11 +171,4 @@ def import_peft(
             return tensors
         return method.prepare_import(model, tensors, get_state(model, adapter_name))
 
-    wrap_and_load(model, config, ours, transform)
-    state = get_state(model, adapter_name)
-    if not trainable:
-        params = dict(model.named_parameters())
-        for key in state.saved_keys:
-            if key in params:
-                params[key].requires_grad_(False)
-    return model
+    wrap_and_load(model, config, ours, transform, trainable=trainable)

@@ -1,12 +1,21 @@
-"""Generic injection: freeze the base, let a method add its layers, record what was done.
+"""Generic injection: freeze the base, let a method add its slots, record what was done, roll back on failure.
 
-The record (:class:`AdapterState`) lives on the model as ``model.peftlab_adapters`` (a dict
-keyed by adapter name), so the model object itself stays a plain ``transformers`` model that
-``Trainer``, ``accelerate`` and ``generate`` use unchanged.
+The record of each adapter (:class:`AdapterState`) lives on the model as
+``model.peftlab_adapters`` (a dict keyed by adapter name), so the model object itself stays a
+plain ``transformers`` model that ``Trainer``, ``accelerate`` and ``generate`` use unchanged.
+
+An :class:`AdapterState` keeps what is *saved* (config, targets, shapes, extra keys, info)
+apart from what only *lives* in memory (:class:`LiveState`: hooks, the AdaLoRA rank allocator,
+prefix holders). :func:`peftlab.unwrap` and :func:`peftlab.delete_adapter` clear the live part
+generically, so no method writes its own hook removal.
+
+:func:`inject` is a transaction: the method adds its slots through an :class:`Injection`, and if
+anything raises, every slot, wrapper, hook and ``requires_grad`` flag is put back as it was.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,24 +23,67 @@ from torch import nn
 
 from .config import PeftConfig
 from .errors import TargetError, WrapError
-from .layers import AdapterLayer
+from .layers import AdapterLayer, Slot
 from .targeting import name_matches
 
 STATE_ATTR = "peftlab_adapters"
+ORIG_GRAD_ATTR = "_peftlab_orig_requires_grad"
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+RESERVED_NAMES = ("__base__", "base_layer", "weight", "bias")
+
+
+def check_adapter_name(name: Any) -> str:
+    """A valid adapter name: letters, digits, ``_`` and ``-``, not starting with a digit, not reserved."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
+        raise WrapError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (not starting with a digit, "
+            f"no '.'), and none of {', '.join(RESERVED_NAMES)}"
+        )
+    return name
+
+
+@dataclass
+class LiveState:
+    """What exists only in memory for one adapter: removed by unwrap/delete, never saved.
+
+    Attributes:
+        hooks: ``RemovableHandle`` s (forward hooks, pre-hooks) to remove.
+        objects: method objects (AdaLoRA's ``allocator``, prefix ``holder``...).
+    """
+
+    hooks: list = field(default_factory=list)
+    objects: dict[str, Any] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+        self.objects.clear()
 
 
 @dataclass
 class AdapterState:
-    """What :func:`peftlab.wrap` did to a model for one adapter."""
+    """What :func:`peftlab.wrap` did to a model for one adapter.
+
+    Saved metadata: ``config``, ``targets`` (module paths with a slot), ``shapes`` (their (out, in)
+    weight shapes), ``modules_to_save`` (paths of head copies), ``extra_keys`` (base tensors this
+    adapter trains, e.g. LoRA biases), ``owned_modules`` (model-level modules holding its tensors,
+    e.g. ``peftlab_prefix.<name>``), ``info`` (free-form, JSON-ready). ``live``: not saved.
+    """
 
     config: PeftConfig
     targets: list[str]
     shapes: dict[str, list[int]]
-    saved_keys: list[str]
     modules_to_save: list[str] = field(default_factory=list)
+    extra_keys: list[str] = field(default_factory=list)
+    owned_modules: list[str] = field(default_factory=list)
     base_model_name: str | None = None
-    orig_requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
     info: dict[str, Any] = field(default_factory=dict)
+    live: LiveState = field(default_factory=LiveState, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.config.adapter_name
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterState]:
@@ -40,13 +92,18 @@ def adapters(model: nn.Module) -> dict[str, AdapterState]:
 
 
 def get_state(model: nn.Module, adapter_name: str | None = None) -> AdapterState:
-    """One adapter's state; with ``adapter_name=None`` the only (or last added) adapter."""
+    """One adapter's state; with ``adapter_name=None`` the only adapter (or, with several, the active one)."""
     states = adapters(model)
     if not states:
         raise WrapError(
             f"{type(model).__name__} is not wrapped by peftlab; call peftlab.wrap(model, config) first"
         )
     if adapter_name is None:
+        if len(states) == 1:
+            return next(iter(states.values()))
+        active = getattr(model, "peftlab_active", None) or []
+        if len(active) == 1 and active[0] in states:
+            return states[active[0]]
         return list(states.values())[-1]
     if adapter_name not in states:
         raise WrapError(f"no adapter named {adapter_name!r}; this model has: {', '.join(states)}")
@@ -70,7 +127,11 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
         return []
     paths: list[str] = []
     for name in names:
-        hits = [p for p, _ in model.named_modules() if p and name_matches(p, name)]
+        hits = [
+            p
+            for p, m in model.named_modules()
+            if p and name_matches(p, name) and ".base_layer" not in p and not _in_adapter_store(p)
+        ]
         # keep only outermost matches (e.g. `classifier`, not `classifier.dense` when both match)
         hits = [p for p in hits if not any(p.startswith(h + ".") for h in hits)]
         if not hits:
@@ -82,53 +143,151 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
     return paths
 
 
-def wrapped_layers(model: nn.Module, adapter_name: str | None = None):
-    """(path, layer) for every AdapterLayer (optionally of one adapter), outermost first."""
+def _in_adapter_store(path: str) -> bool:
+    return any(f".{role}." in f".{path}." for role in ("modules_to_save", "adapter_down", "adapter_up"))
+
+
+def adapter_layers(model: nn.Module):
+    """(path, AdapterLayer) for every wrapper in ``model``."""
     for path, module in model.named_modules():
-        if isinstance(module, AdapterLayer) and (adapter_name is None or module.adapter_name == adapter_name):
+        if isinstance(module, AdapterLayer):
             yield path, module
 
 
+def wrapped_layers(model: nn.Module, adapter_name: str | None = None):
+    """(path, layer) for every AdapterLayer that holds ``adapter_name`` (any adapter when None)."""
+    for path, module in adapter_layers(model):
+        if adapter_name is None or adapter_name in module.slots:
+            yield path, module
+
+
+def slots_of(model: nn.Module, adapter_name: str) -> dict[str, Slot]:
+    """{module path: slot} of one adapter."""
+    return {path: layer.slots[adapter_name] for path, layer in wrapped_layers(model, adapter_name)}
+
+
+class Injection:
+    """The transaction a method injects through: adds slots (wrapping a module at most once),
+    registers hooks, and can undo all of it.
+
+    Attributes:
+        model, config; skip: ``modules_to_save`` paths (never targeted); live: the new adapter's
+        :class:`LiveState` (append hooks with :meth:`hook`).
+    """
+
+    def __init__(self, model: nn.Module, config: PeftConfig, skip: list[str]) -> None:
+        self.model, self.config, self.skip = model, config, list(skip)
+        self.live = LiveState()
+        self.wrapped: list[str] = []  # paths wrapped by this injection (unwrapped on rollback)
+        self.slotted: list[str] = []  # paths that got a slot
+        self.undo: list = []  # extra callables run on rollback, last first
+
+    def add_slot(self, path: str, make_slot, tensors: dict[str, Any]) -> Slot:
+        """Give the module at ``path`` a slot ``make_slot(layer)`` with ``tensors`` ({role: tensor})."""
+        module = self.model.get_submodule(path)
+        if isinstance(module, AdapterLayer):
+            layer = module
+        else:
+            layer = AdapterLayer(module)
+            replace_module(self.model, path, layer)
+            self.wrapped.append(path)
+        slot = layer.add_slot(make_slot(layer), tensors)
+        self.slotted.append(path)
+        return slot
+
+    def hook(self, handle) -> None:
+        self.live.hooks.append(handle)
+
+    def rollback(self) -> None:
+        for fn in reversed(self.undo):
+            fn()
+        name = self.config.adapter_name
+        for path in self.slotted:
+            layer = self.model.get_submodule(path)
+            if isinstance(layer, AdapterLayer) and name in layer.slots:
+                layer.remove_slot(name)
+        for path in reversed(self.wrapped):
+            layer = self.model.get_submodule(path)
+            if isinstance(layer, AdapterLayer) and not layer.slots:
+                replace_module(self.model, path, layer.base_layer)
+        self.live.clear()
+
+
+def base_layer_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
 def inject(model: nn.Module, config: PeftConfig, method) -> AdapterState:
-    """Freeze ``model``, call the method's injection, make ``modules_to_save`` trainable, record it."""
+    """Freeze ``model``, let the method add its slots, copy ``modules_to_save``, record it.
+
+    A transaction: on any exception the model is left exactly as it was (wrappers, slots, hooks,
+    ``requires_grad`` flags, the adapter registry), and the exception propagates.
+    """
+    from .modules_to_save import add_head_copies
+
+    check_adapter_name(config.adapter_name)
     states = dict(adapters(model))
     if config.adapter_name in states:
         raise WrapError(
-            f"this model already has an adapter named {config.adapter_name!r}; pass a different "
-            f"adapter_name in the config, or unwrap first"
+            f"this model already has an adapter named {config.adapter_name!r} (adapters: {', '.join(states)}); "
+            f"pass a different adapter_name, or delete_adapter(model, {config.adapter_name!r}) first"
         )
-    orig = {n: p.requires_grad for n, p in model.named_parameters()}
-    before = {n for n, _ in model.named_parameters()}
-    previous_keys = {k for s in states.values() for k in s.saved_keys}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    first = not states
+    txn = Injection(model, config, skip=[])
+    try:
+        txn.skip = resolve_modules_to_save(model, config.modules_to_save)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        record = method.inject(model, config, txn)
+        to_save = add_head_copies(txn, txn.skip)
+        model.train(model.training)  # new adapter modules take the model's mode (no dropout in an eval model)
+        state = AdapterState(
+            config=config,
+            targets=record["targets"],
+            shapes=record.get("shapes", {}),
+            modules_to_save=to_save,
+            extra_keys=list(record.get("extra_keys", [])),
+            owned_modules=list(record.get("owned_modules", [])),
+            base_model_name=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            info=record.get("info", {}),
+            live=txn.live,
+        )
+        txn.live.objects.update(record.get("live", {}))
+        states[config.adapter_name] = state
+        setattr(model, STATE_ATTR, states)
+        if first:
+            setattr(model, ORIG_GRAD_ATTR, grads)
+        from .api import set_active_adapters
 
-    to_save = resolve_modules_to_save(model, config.modules_to_save)
-    record = method.inject(model, config, skip=to_save)
-    model.train(model.training)  # new adapter modules take the model's mode (no dropout in an eval model)
-    for path in to_save:
-        for p in model.get_submodule(path).parameters():
-            p.requires_grad_(True)
-
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    buffers = [
-        f"{path}.{b}" if path else b
-        for path, layer in wrapped_layers(model, config.adapter_name)
-        for b, _ in layer.named_buffers(recurse=False)
-        if b.startswith(layer.prefix)
-    ]
-    saved = [k for k in trainable + buffers + record.get("extra_keys", []) if k not in previous_keys]
-    new_params = {n for n, _ in model.named_parameters()} - before
-    state = AdapterState(
-        config=config,
-        targets=record["targets"],
-        shapes=record.get("shapes", {}),
-        saved_keys=list(dict.fromkeys(saved)),
-        modules_to_save=to_save,
-        base_model_name=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        orig_requires_grad={n: orig.get(n, True) for n in orig if n not in new_params},
-        info=record.get("info", {}),
-    )
-    states[config.adapter_name] = state
-    setattr(model, STATE_ATTR, states)
+        set_active_adapters(model, [config.adapter_name], trainable=[config.adapter_name])
+        for key in state.extra_keys:  # base tensors this adapter trains (LoRA bias modes)
+            param = dict(model.named_parameters()).get(key)
+            if param is not None:
+                param.requires_grad_(True)
+    except BaseException:
+        txn.rollback()
+        restored = dict(adapters(model))
+        restored.pop(config.adapter_name, None)
+        if restored:
+            setattr(model, STATE_ATTR, restored)
+        elif hasattr(model, STATE_ATTR):
+            delattr(model, STATE_ATTR)
+        if first and hasattr(model, ORIG_GRAD_ATTR):
+            delattr(model, ORIG_GRAD_ATTR)
+        params = dict(model.named_parameters())
+        for n, flag in grads.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+        _restore_active(model)
+        raise
     return state
+
+
+def _restore_active(model: nn.Module) -> None:
+    """After a failed wrap, re-apply the model's recorded active set to every layer."""
+    active = getattr(model, "peftlab_active", None)
+    if active is None:
+        return
+    for _, layer in adapter_layers(model):
+        layer.active = [n for n in active if n in layer.slots]

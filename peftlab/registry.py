@@ -20,16 +20,20 @@ class Method:
 
     Attributes:
         name: the config's ``method`` string.
-        inject: ``inject(model, config, skip=paths) -> dict`` adds the adapter to ``model`` (base
-            already frozen; ``skip`` = ``modules_to_save`` paths, never targeted) and returns
-            ``{"targets": [...], "shapes": {...}, "info": {...}, "extra_keys": [...]}``. shapes:
-            each target's (out, in) weight shape, checked before loading an adapter; info:
-            free-form method state kept on the AdapterState; extra_keys: state-dict keys to save
-            besides the trainable parameters and the ``prefix``-named buffers of AdapterLayers.
-        remove: ``remove(model, adapter_name)`` undoes injection without merging; ``None``
-            means the generic removal of :class:`~peftlab.layers.AdapterLayer` wrappers.
+        inject: ``inject(model, config, txn) -> dict`` adds the adapter to ``model`` through the
+            :class:`~peftlab.inject.Injection` ``txn`` (``txn.add_slot(path, make_slot, tensors)``,
+            ``txn.hook(handle)``; ``txn.skip`` = ``modules_to_save`` paths, never targeted), with
+            the base already frozen, and returns ``{"targets": [...], "shapes": {...}, "info": {...},
+            "extra_keys": [...], "owned_modules": [...], "live": {...}}``. shapes: each target's
+            (out, in) weight shape, checked before loading an adapter; info: saved, JSON-ready
+            metadata; extra_keys: base tensors the adapter trains and saves (LoRA biases);
+            owned_modules: model-level module paths holding the adapter's tensors (prefix tables);
+            live: in-memory objects (allocators, holders), dropped by unwrap.
+        remove: ``remove(model, state)`` extra clean-up after the generic removal (slots, hooks,
+            live objects), e.g. deleting ``owned_modules``; ``None`` when nothing else is needed.
         set_enabled: ``set_enabled(model, adapter_name, flag)`` for methods that are not
-            AdapterLayers (prefix tuning); ``None`` means the generic layer flag.
+            slots (prefix tuning); slots use the generic per-layer ``disabled`` set.
+        set_active: ``set_active(model, state, active, weight)`` for methods that are not slots.
         peft_type: HF PEFT's ``peft_type`` string, when interop is supported.
         to_peft_config: ``(config, state) -> dict`` HF PEFT ``adapter_config.json`` content.
         from_peft_config: ``(dict) -> PeftConfig``.
@@ -51,6 +55,7 @@ class Method:
     inject: Callable[..., dict[str, Any]]
     remove: Callable | None = None
     set_enabled: Callable | None = None
+    set_active: Callable | None = None
     merge: Callable | None = None
     unmerge: Callable | None = None
     on_step: Callable | None = None

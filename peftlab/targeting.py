@@ -90,10 +90,28 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
+def base_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the model as if unwrapped: a peftlab wrapper shows as its base module
+    under the wrapper's path, and nothing inside a wrapper (base_layer, adapter tensors, head
+    copies) is listed. Targeting a wrapped module adds a slot to its wrapper."""
+    from .layers import AdapterLayer
+
+    out: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(w + ".") for w in inside):
+            continue
+        if isinstance(module, AdapterLayer):
+            inside.append(path)
+            module = module.base_layer
+        out.append((path, module))
+    return out
+
+
 def candidate_names(model: nn.Module) -> list[str]:
     """Distinct last-component names of linear layers, in model order (for error messages)."""
     seen: dict[str, None] = {}
-    for path, module in model.named_modules():
+    for path, module in base_view(model):
         if is_linear(module):
             seen.setdefault(path.rsplit(".", 1)[-1], None)
     return list(seen)
@@ -120,7 +138,7 @@ def resolve_targets(
     skip = set(skip)
     if target_modules is None:
         target_modules = default_targets(model)
-    modules = [(p, m) for p, m in model.named_modules() if p and p not in skip]
+    modules = [(p, m) for p, m in base_view(model) if p and p not in skip]
     skip_prefixes = tuple(s + "." for s in skip)
     modules = [(p, m) for p, m in modules if not p.startswith(skip_prefixes)]
 

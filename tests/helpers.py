@@ -84,6 +84,37 @@ def tiny_model(family: str) -> torch.nn.Module:
     return model.eval()
 
 
+def perturb(model: torch.nn.Module, scale: float = 0.05, adapter_name: str | None = None) -> None:
+    """Add N(0, scale²) noise to every tensor of the adapter(s), so that they change the output.
+
+    Works for every method (LoRA's zero B, AdaLoRA's zero Λ, a bottleneck's zero W_up, prefix tables,
+    head copies) through the generic adapter tensor selection.
+    """
+    from peftlab.io import adapter_tensors
+
+    names = [adapter_name] if adapter_name else peftlab.list_adapters(model)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name in names:
+            for tensor in adapter_tensors(model, name).values():
+                if tensor.is_floating_point():
+                    noise = torch.randn(tensor.shape, generator=gen) * scale
+                    tensor.add_(noise.to(tensor.device, tensor.dtype))
+
+
+def slots(model: torch.nn.Module, kind: str | None = None, adapter_name: str | None = None) -> list:
+    """Every adapter slot in ``model`` (of class name ``kind``, e.g. "LoraSlot"), in module order."""
+    from peftlab.layers import AdapterLayer
+
+    out = []
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            for name, slot in module.slots.items():
+                if (kind is None or type(slot).__name__ == kind) and adapter_name in (None, name):
+                    out.append(slot)
+    return out
+
+
 def read_sst2(split: str, limit: int | None = None) -> tuple[list[str], list[int]]:
     """(sentences, labels) of ``../shared/data/sst2/<split>.tsv``."""
     sentences, labels = [], []

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, register_config
 from ..errors import ConfigError
-from ..inject import get_state, replace_module, wrapped_layers
-from ..layers import AdapterLayer, layer_dims, weight_shape
+from ..inject import base_layer_of, get_state, slots_of
+from ..layers import Slot, layer_dims, weight_shape
 from ..registry import Method, register_method
 from ..targeting import is_linear, resolve_targets
 from .adalora_alloc import RankAllocator
@@ -93,46 +94,63 @@ class AdaLoraConfig(PeftConfig):
             raise ConfigError("need alpha > 0, orth_reg_weight >= 0 and dropout in [0, 1)")
 
 
-class AdaLoraLinear(AdapterLayer):
-    """SVD-form adapter around a frozen linear layer (shapes in the module docstring)."""
+class AdaLoraSlot(Slot):
+    """SVD-form adapter on a frozen linear layer (shapes in the module docstring).
 
-    prefix = "lora_"
+    Tensors: ``lora_A`` (r, d_in) = Q, ``lora_B`` (d_out, r) = P, ``lora_E`` (r, 1) = λ.
+    Contribution: ``result + w · s · (D(x) (Q ⊙ λ)ᵀ) Pᵀ``.
+    """
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, r: int, alpha: float, dropout: float
-    ) -> None:
-        super().__init__(base_layer, adapter_name)
+    roles = ("lora_A", "lora_B", "lora_E")
+    method = "adalora"
+
+    def __init__(self, layer, name: str, r: int, alpha: float, dropout: float) -> None:
+        super().__init__(layer, name)
+        self.r, self.alpha, self.dropout_p = r, alpha, float(dropout)
+        self.scaling = alpha / (r + 1e-5)  # as HF PEFT: alpha / (ranknum + 1e-5), ranknum = init_r
+        self.fan_in_fan_out = type(layer.base_layer).__name__ == "Conv1D"
+
+    @staticmethod
+    def make_tensors(base_layer: nn.Module, r: int) -> dict[str, nn.Parameter]:
         d_in, d_out = layer_dims(base_layer)
         weight = getattr(base_layer, "weight", None)
         kw = {"device": weight.device if weight is not None else None, "dtype": adapter_dtype(base_layer)}
-        self.r, self.alpha = r, alpha
-        self.scaling = alpha / (r + 1e-5)  # as HF PEFT: alpha / (ranknum + 1e-5), ranknum = init_r
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"
-        self.lora_A = nn.Parameter(torch.randn(r, d_in, **kw) * 0.02)
-        self.lora_B = nn.Parameter(torch.randn(d_out, r, **kw) * 0.02)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        return {
+            "lora_A": nn.Parameter(torch.randn(r, d_in, **kw) * 0.02),
+            "lora_B": nn.Parameter(torch.randn(d_out, r, **kw) * 0.02),
+            "lora_E": nn.Parameter(torch.zeros(r, 1, **kw)),
+        }
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.layer.lora_A[self.name]
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.layer.lora_B[self.name]
+
+    @property
+    def lora_E(self) -> nn.Parameter:
+        return self.layer.lora_E[self.name]
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ (self.lora_A * self.lora_E).float()) * self.scaling
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if not self.active:
-            return result
-        xin = self.lora_dropout(x.to(self.lora_A.dtype))
+    def contribute(self, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
+        xin = F.dropout(x.to(self.lora_A.dtype), self.dropout_p, self.training) if self.dropout_p else x.to(self.lora_A.dtype)
         lora = (xin @ (self.lora_A * self.lora_E).t()) @ self.lora_B.t()
-        return (result + lora * self.scaling).to(result.dtype)
+        return (result + lora * (self.scaling * weight)).to(result.dtype)
 
     def rank(self) -> int:
         return int((self.lora_E != 0).sum())
 
-    def extra_repr(self) -> str:
-        return f"adapter={self.adapter_name!r}, init_r={self.r}, rank={self.rank()}"
+    def describe(self) -> str:
+        return f"init_r={self.r}, rank={self.rank()}"
 
 
-def adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraLinear]:
-    return {p: m for p, m in wrapped_layers(model, adapter_name) if isinstance(m, AdaLoraLinear)}
+def adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraSlot]:
+    """{path: AdaLoraSlot} of one adapter."""
+    return {p: s for p, s in slots_of(model, adapter_name).items() if isinstance(s, AdaLoraSlot)}
 
 
 def adalora_orth_loss(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
@@ -154,33 +172,39 @@ def _orth_hook(adapter_name: str):
         loss = getattr(output, "loss", None)
         if model.training and isinstance(loss, torch.Tensor):
             state = get_state(model, adapter_name)
-            if state.config.orth_reg_weight > 0 and all(
-                m.enabled for m in adalora_layers(model, adapter_name).values()
-            ):
+            running = [
+                s for s in adalora_layers(model, adapter_name).values()
+                if adapter_name in s.layer.active and adapter_name not in s.layer.disabled
+            ]
+            if state.config.orth_reg_weight > 0 and running:
                 output.loss = loss + state.config.orth_reg_weight * adalora_orth_loss(model, adapter_name)
         return output
 
     return hook
 
 
-def inject_adalora(model: nn.Module, config: AdaLoraConfig, skip: list[str] = ()) -> dict[str, Any]:
-    targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=skip)
+def inject_adalora(model: nn.Module, config: AdaLoraConfig, txn) -> dict[str, Any]:
+    targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
     shapes = {}
     for path in targets:
-        base = model.get_submodule(path)
+        base = base_layer_of(model.get_submodule(path))
         shapes[path] = weight_shape(base)
-        replace_module(
-            model, path, AdaLoraLinear(base, config.adapter_name, config.init_r, config.alpha, config.dropout)
+        txn.add_slot(
+            path,
+            lambda layer: AdaLoraSlot(layer, config.adapter_name, config.init_r, config.alpha, config.dropout),
+            AdaLoraSlot.make_tensors(base, config.init_r),
         )
     layers = adalora_layers(model, config.adapter_name)
     allocator = RankAllocator(layers, config)
     if config.rank_pattern:
         unknown = sorted(set(config.rank_pattern) - set(layers))
         if unknown:
-            raise ConfigError(f"rank_pattern names modules that are not adapted: {unknown[:5]}")
+            raise ConfigError(
+                f"rank_pattern names modules that are not adapted: {unknown[:5]}; adapted modules: {sorted(layers)[:5]}"
+            )
         allocator.final_pattern = {k: list(v) for k, v in config.rank_pattern.items()}
-    hook = model.register_forward_hook(_orth_hook(config.adapter_name))
-    return {"targets": targets, "shapes": shapes, "info": {"allocator": allocator, "hooks": [hook]}}
+    txn.hook(model.register_forward_hook(_orth_hook(config.adapter_name)))
+    return {"targets": targets, "shapes": shapes, "live": {"allocator": allocator}}
 
 
 def adalora_step(model: nn.Module, step: int, adapter_name: str | None = None) -> None:
@@ -190,7 +214,7 @@ def adalora_step(model: nn.Module, step: int, adapter_name: str | None = None) -
 
 
 def _on_step(model: nn.Module, state, step: int) -> None:
-    allocator: RankAllocator = state.info["allocator"]
+    allocator: RankAllocator = state.live.objects["allocator"]
     pattern = allocator.step(step)
     if pattern is not None and state.config.rank_pattern != pattern:
         state.config.rank_pattern = pattern
@@ -200,13 +224,6 @@ def ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """Current rank (number of non-zero λ) of every AdaLoRA layer."""
     name = get_state(model, adapter_name).config.adapter_name
     return {p: m.rank() for p, m in adalora_layers(model, name).items()}
-
-
-def _remove(model: nn.Module, adapter_name: str) -> None:
-    for handle in get_state(model, adapter_name).info.get("hooks", []):
-        handle.remove()
-    for path, layer in list(wrapped_layers(model, adapter_name)):
-        replace_module(model, path, layer.base_layer)
 
 
 # ---- HF PEFT interop: keys `base_model.model.<path>.lora_{A,B,E}`; pruned to rank_pattern -------
@@ -291,7 +308,7 @@ def prepare_import(model, tensors: dict, state) -> dict:
     out = dict(tensors)
     for path, keep in pattern.items():
         idx = torch.tensor(keep)
-        layer = model.get_submodule(path)
+        layer = model.get_submodule(path).slots[state.name]
         full_a = torch.zeros_like(layer.lora_A, device="cpu")
         full_b = torch.zeros_like(layer.lora_B, device="cpu")
         full_e = torch.zeros_like(layer.lora_E, device="cpu")
@@ -306,7 +323,6 @@ register_method(
     Method(
         name="adalora",
         inject=inject_adalora,
-        remove=_remove,
         on_step=_on_step,
         peft_type="ADALORA",
         to_peft_config=to_peft_config,

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, register_config
 from ..errors import ConfigError, TargetError
-from ..inject import replace_module, wrapped_layers
-from ..layers import AdapterLayer, layer_dims, weight_shape
+from ..inject import base_layer_of
+from ..layers import Slot, layer_dims, weight_shape
 from ..registry import Method, register_method
 from .adapter_arch import sites_for
 
@@ -111,135 +112,125 @@ class AdapterConfig(PeftConfig):
         return size
 
 
-class BottleneckAdapterLayer(AdapterLayer):
-    """Wraps a sublayer's output projection (d_out = d) and adds a bottleneck adapter.
+class BottleneckSlot(Slot):
+    """A bottleneck adapter on a sublayer's output projection (d_out = d).
 
-    Serial: y = h + a(h) with h = base(x). Parallel: y = h + s · a(u), u = the sublayer input
-    captured by a pre-hook (shape (..., d)).
+    Tensors: ``adapter_down`` (Linear d_in -> m), ``adapter_up`` (Linear m -> d, zero at init).
+    Serial: ``result + w·a(result)``. Parallel: ``result + w·s·a(u)``, u = the sublayer input
+    captured by a forward pre-hook (shape (..., d)).
     """
 
-    prefix = "adapter_"
+    roles = ("adapter_down", "adapter_up")
     mergeable = False
+    method = "adapter"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        bottleneck: int,
-        activation: str,
-        dropout: float,
-        parallel: bool = False,
-        scale: float = 1.0,
-        d_in: int | None = None,
-    ) -> None:
-        super().__init__(base_layer, adapter_name)
+    def __init__(self, layer, name: str, activation: str, dropout: float, parallel: bool, scale: float) -> None:
+        super().__init__(layer, name)
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout_p = float(dropout)
+        self.parallel, self.scale = parallel, scale
+        self.captured: torch.Tensor | None = None
+
+    @staticmethod
+    def make_tensors(base_layer: nn.Module, bottleneck: int, d_in: int | None = None) -> dict[str, nn.Module]:
         _, d = layer_dims(base_layer)
         weight = getattr(base_layer, "weight", None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         device = weight.device if weight is not None else None
-        self.parallel, self.scale = parallel, scale
-        self.adapter_down = nn.Linear(d_in or d, bottleneck, device=device, dtype=dtype)
-        self.adapter_act = ACTIVATIONS[activation]()
-        self.adapter_up = nn.Linear(bottleneck, d, device=device, dtype=dtype)
-        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
-        self._sublayer_input: torch.Tensor | None = None
+        up = nn.Linear(bottleneck, d, device=device, dtype=dtype)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        return {"adapter_down": nn.Linear(d_in or d, bottleneck, device=device, dtype=dtype), "adapter_up": up}
 
     def adapt(self, h: torch.Tensor) -> torch.Tensor:
-        x = self.adapter_dropout(h.to(self.adapter_down.weight.dtype))
-        return self.adapter_up(self.adapter_act(self.adapter_down(x)))
+        """a(h) = W_up f(W_down D(h) + b_down) + b_up."""
+        down, up = self.tensor("adapter_down"), self.tensor("adapter_up")
+        x = h.to(down.weight.dtype)
+        if self.dropout_p:
+            x = F.dropout(x, self.dropout_p, self.training)
+        return up(self.activation(down(x)))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        h = self.base_layer(x, *args, **kwargs)
-        u, self._sublayer_input = self._sublayer_input, None
-        if not self.active:
-            return h
+    def contribute(self, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
         if self.parallel:
+            u, self.captured = self.captured, None
             if u is None:
                 raise RuntimeError("parallel adapter: the sublayer input was not captured (pre-hook missing)")
-            return h + (self.scale * self.adapt(u)).to(h.dtype)
-        return h + self.adapt(h).to(h.dtype)
+            return result + (weight * self.scale * self.adapt(u)).to(result.dtype)
+        delta = self.adapt(result)
+        return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
-    def extra_repr(self) -> str:
+    def describe(self) -> str:
         kind = f"parallel, scale={self.scale:g}" if self.parallel else "serial"
-        return f"adapter={self.adapter_name!r}, {kind}, bottleneck={self.adapter_down.out_features}"
+        return f"{kind}, bottleneck={self.tensor('adapter_down').out_features}"
 
 
 def _matches(model: nn.Module, pattern: str, layers: list[int] | None) -> dict[int, str]:
+    from ..targeting import base_view
+
     found = {}
-    for path, _ in model.named_modules():
+    for path, _ in base_view(model):
         m = re.fullmatch(pattern, path)
-        if m and (layers is None or int(m.group(1)) in layers):
-            found[int(m.group(1))] = path
+        if m:
+            try:
+                index = int(m.group(1))
+            except (IndexError, TypeError, ValueError):
+                raise ConfigError(
+                    f"site regex {pattern!r} must have a first group that captures the layer index, e.g. "
+                    f"r'.*layers\\.(\\d+)\\.mlp\\.down_proj'"
+                ) from None
+            if layers is None or index in layers:
+                found[index] = path
     return found
 
 
-def inject_adapter(model: nn.Module, config: AdapterConfig, skip: list[str] = ()) -> dict[str, Any]:
+def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, Any]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     sites = sites_for(
         model_type, {k: getattr(config, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in", "norms")}
     )
     kinds = ["ffn"] if config.style == "pfeiffer" else ["attn", "ffn"]
     parallel = config.style == "parallel"
-    targets, shapes, hooks = [], {}, []
+    targets, shapes = [], {}
     for kind in kinds:
         outs = _matches(model, getattr(sites, f"{kind}_out"), config.layers)
         if not outs:
             raise TargetError(
                 f"no {kind} output module matched {getattr(sites, f'{kind}_out')!r} in {type(model).__name__}"
+                + (f" for layers {config.layers}" if config.layers is not None else "")
             )
         ins = _matches(model, getattr(sites, f"{kind}_in"), config.layers) if parallel else {}
         for layer, path in sorted(outs.items()):
-            base = model.get_submodule(path)
+            base = base_layer_of(model.get_submodule(path))
             _, d = layer_dims(base)
-            wrapper = BottleneckAdapterLayer(
-                base,
-                config.adapter_name,
-                config.bottleneck(layer, d),
-                config.activation,
-                config.dropout,
-                parallel,
-                config.scale,
+            if parallel and layer not in ins:
+                raise TargetError(f"parallel adapter: no sublayer-input module for layer {layer} ({kind}_in)")
+            slot = txn.add_slot(
+                path,
+                lambda wrapper: BottleneckSlot(
+                    wrapper, config.adapter_name, config.activation, config.dropout, parallel, config.scale
+                ),
+                BottleneckSlot.make_tensors(base, config.bottleneck(layer, d)),
             )
-            replace_module(model, path, wrapper)
             if parallel:
-                if layer not in ins:
-                    raise TargetError(
-                        f"parallel adapter: no sublayer-input module for layer {layer} ({kind}_in)"
-                    )
-                hooks.append(
-                    model.get_submodule(ins[layer]).register_forward_pre_hook(
-                        _capture(wrapper), with_kwargs=True
-                    )
-                )
+                txn.hook(model.get_submodule(ins[layer]).register_forward_pre_hook(_capture(slot), with_kwargs=True))
             targets.append(path)
             shapes[path] = weight_shape(base)
+    extra: list[str] = []
     if config.train_layernorm:
         if not sites.norms:
             raise ConfigError("train_layernorm=True needs the `norms` regex for this architecture")
         for path, module in model.named_modules():
             m = re.fullmatch(sites.norms, path)
             if m and (config.layers is None or int(m.group(1)) in config.layers):
-                for p in module.parameters():
-                    p.requires_grad_(True)
-    return {"targets": targets, "shapes": shapes, "info": {"hooks": hooks}}
+                extra.extend(f"{path}.{n}" for n, _ in module.named_parameters())
+    return {"targets": targets, "shapes": shapes, "extra_keys": extra}
 
 
-def _capture(wrapper: BottleneckAdapterLayer):
+def _capture(slot: BottleneckSlot):
     def hook(module, args, kwargs):
-        wrapper._sublayer_input = args[0] if args else kwargs.get("hidden_states")
+        slot.captured = args[0] if args else kwargs.get("hidden_states")
 
     return hook
 
 
-def remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    from ..inject import get_state
-
-    for handle in get_state(model, adapter_name).info.get("hooks", []):
-        handle.remove()
-    for path, layer in list(wrapped_layers(model, adapter_name)):
-        replace_module(model, path, layer.base_layer)
-
-
-register_method(Method(name="adapter", inject=inject_adapter, remove=remove_adapter))
+register_method(Method(name="adapter", inject=inject_adapter))

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..config import PeftConfig, register_config
 from ..errors import ConfigError
-from ..inject import replace_module
-from ..layers import AdapterLayer, is_conv1d, layer_dims, weight_shape
+from ..inject import base_layer_of
+from ..layers import AdapterLayer, Slot, is_conv1d, layer_dims, weight_shape
 from ..registry import Method, register_method
 from ..targeting import resolve_targets
 
@@ -108,98 +108,131 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
-class LoraLinear(AdapterLayer):
-    """LoRA around a frozen linear-like layer (``nn.Linear``, ``Conv1D``, bitsandbytes linears).
+class LoraSlot(Slot):
+    """One LoRA adapter on a linear-like layer (``nn.Linear``, ``Conv1D``, bitsandbytes linears).
+
+    Tensors (in the layer's per-role dicts, keyed by adapter name): ``lora_A`` (r, d_in),
+    Kaiming-uniform; ``lora_B`` (d_out, r), zero. Contribution: ``result + w·s·(D(x) Aᵀ) Bᵀ``.
+    As the only running slot with weight 1 it takes the fused path (:func:`lora_forward`: the
+    lean autograd function on the CPU, the Triton kernel on CUDA), which computes the base term too.
 
     Args:
-        base_layer: the frozen layer; its forward is what runs for the base term.
-        adapter_name: name of this adapter.
+        layer: the owning :class:`~peftlab.layers.AdapterLayer`; name: the adapter name.
         r, alpha, scaling: rank, alpha and the resulting scale s.
         dropout: dropout probability on the adapter input.
         use_kernel: "auto", "triton" or "torch" (see :class:`LoraConfig`).
     """
 
-    prefix = "lora_"
+    roles = ("lora_A", "lora_B")
+    method = "lora"
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        r: int,
-        alpha: float,
-        scaling: float,
-        dropout: float = 0.0,
-        use_kernel: str = "auto",
+        self, layer, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0, use_kernel: str = "auto"
     ) -> None:
-        super().__init__(base_layer, adapter_name)
-        d_in, d_out = layer_dims(base_layer)
-        self.in_features, self.out_features = d_in, d_out
+        super().__init__(layer, name)
+        self.in_features, self.out_features = layer_dims(layer.base_layer)
         self.r, self.alpha, self.scaling = r, alpha, scaling
         self.dropout_p = float(dropout)
         self.use_kernel = use_kernel
-        self.fan_in_fan_out = is_conv1d(base_layer)
-        weight = getattr(base_layer, "weight", None)
-        device = weight.device if weight is not None else None
-        dtype = adapter_dtype(base_layer)
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device, dtype=dtype))
-        self.reset_parameters()
+        self.fan_in_fan_out = is_conv1d(layer.base_layer)
 
-    def reset_parameters(self) -> None:
-        """A ~ Kaiming-uniform(a=sqrt(5)) as nn.Linear, B = 0 (so the update starts at zero)."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+    @staticmethod
+    def make_tensors(base_layer: nn.Module, r: int) -> dict[str, nn.Parameter]:
+        """Fresh ``lora_A`` (r, d_in), Kaiming-uniform(a=√5) as nn.Linear, and ``lora_B`` (d_out, r) = 0."""
+        d_in, d_out = layer_dims(base_layer)
+        weight = getattr(base_layer, "weight", None)
+        kw = {"device": weight.device if weight is not None else None, "dtype": adapter_dtype(base_layer)}
+        lora_a = nn.Parameter(torch.empty(r, d_in, **kw))
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+        return {"lora_A": lora_a, "lora_B": nn.Parameter(torch.zeros(d_out, r, **kw))}
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.layer.lora_A[self.name]
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.layer.lora_B[self.name]
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A, shape (d_out, d_in), fp32."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.active:
-            return self.base_layer(x, *args, **kwargs)
+    def fused_forward(self, x: torch.Tensor, weight: float) -> torch.Tensor | None:
+        if weight != 1.0:
+            return None
         from .lora_ops import lora_forward
 
         return lora_forward(self, x)
 
-    def extra_repr(self) -> str:
-        return (
-            f"adapter={self.adapter_name!r}, in={self.in_features}, out={self.out_features}, r={self.r}, "
-            f"scaling={self.scaling:g}, dropout={self.dropout_p:g}"
-        )
+    def contribute(self, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
+        from .lora_ops import lora_delta
+
+        return (result + lora_delta(self, x, self.scaling * weight)).to(result.dtype)
+
+    def describe(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout_p:g}"
 
 
-def inject_lora(model: nn.Module, config: LoraConfig, skip: list[str] = ()) -> dict[str, Any]:
-    """Wrap every target with :class:`LoraLinear`; set bias trainability per ``config.bias``."""
+def lora_layer(
+    base_layer: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    use_kernel: str = "auto",
+    name: str = "default",
+) -> AdapterLayer:
+    """A standalone :class:`~peftlab.layers.AdapterLayer` around ``base_layer`` with one active LoRA slot.
+
+    For using LoRA on a single module outside :func:`peftlab.wrap`; ``layer.slots[name]`` is the slot.
+    """
+    layer = AdapterLayer(base_layer)
+    scale = alpha / r if scaling is None else scaling
+    layer.add_slot(LoraSlot(layer, name, r, alpha, scale, dropout, use_kernel), LoraSlot.make_tensors(base_layer, r))
+    layer.active = [name]
+    return layer
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
+    """Give every target a :class:`LoraSlot`; set bias trainability per ``config.bias``."""
     from ..targeting import is_linear
 
-    targets = resolve_targets(model, config.target_modules, predicate=_adaptable(is_linear), skip=skip)
+    targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
+    check_patterns(config, targets)
     shapes = {}
     for path in targets:
-        base = model.get_submodule(path)
+        base = base_layer_of(model.get_submodule(path))
         shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
-        layer = LoraLinear(
-            base, config.adapter_name, r, alpha, config.scaling(r, alpha), config.dropout, config.use_kernel
+        scaling = config.scaling(r, alpha)
+        txn.add_slot(
+            path,
+            lambda layer, r=r, alpha=alpha, scaling=scaling: LoraSlot(
+                layer, config.adapter_name, r, alpha, scaling, config.dropout, config.use_kernel
+            ),
+            LoraSlot.make_tensors(base, r),
         )
-        replace_module(model, path, layer)
+    extra: list[str] = []
     if config.bias == "all":
-        for name, p in model.named_parameters():
-            if "bias" in name:  # as HF PEFT: every parameter with "bias" in its name
-                p.requires_grad_(True)
+        extra = [n for n, p in model.named_parameters() if "bias" in n and ".lora_" not in n]  # as HF PEFT
     elif config.bias == "lora_only":
-        for path in targets:
-            bias = getattr(model.get_submodule(path).base_layer, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                bias.requires_grad_(True)
-    fan_in_fan_out = any(model.get_submodule(t).fan_in_fan_out for t in targets)
-    return {"targets": targets, "shapes": shapes, "info": {"fan_in_fan_out": fan_in_fan_out}}
+        extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(model.get_submodule(path)), "bias", None) is not None]
+    fan_in_fan_out = any(is_conv1d(base_layer_of(model.get_submodule(t))) for t in targets)
+    return {"targets": targets, "shapes": shapes, "extra_keys": extra, "info": {"fan_in_fan_out": fan_in_fan_out}}
 
 
-def _adaptable(is_linear):
-    def predicate(module: nn.Module) -> bool:
-        return is_linear(module) or (isinstance(module, LoraLinear))
-
-    return predicate
+def check_patterns(config, targets: list[str]) -> None:
+    """Every ``rank_pattern`` / ``alpha_pattern`` key must match a targeted module."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, field_name, None) or {}
+        for key in pattern:
+            if not any(re.match(rf"(.*\.)?({key})$", t) for t in targets):
+                names = sorted({t.rsplit(".", 1)[-1] for t in targets})
+                raise ConfigError(
+                    f"{field_name} key {key!r} matches no targeted module; targeted modules end in "
+                    f"{', '.join(names)} (e.g. {targets[0]})"
+                )
 
 
 # ---- HF PEFT interop ---------------------------------------------------------------------------

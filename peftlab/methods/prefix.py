@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import PeftConfig, register_config
 from ..errors import ConfigError, MergeError, TargetError
-from ..inject import get_state
+from ..layers import SLOT_ROLES
 from ..registry import Method, register_method
 from . import prefix_attention
 
@@ -112,17 +112,36 @@ def _geometry(model: nn.Module) -> tuple[int, int, int, list[nn.Module]]:
     return len(attn), kv_heads, head_dim, attn
 
 
-def inject_prefix(model: nn.Module, config: PrefixConfig, skip: list[str] = ()) -> dict[str, Any]:
-    impl = model.config._attn_implementation or "eager"
-    if impl in prefix_attention.ORIGINAL:
-        raise ConfigError("this model already carries a prefix adapter; unwrap it first")
-    if impl not in SUPPORTED_ATTENTION:
-        raise ConfigError(
-            f"prefix tuning supports attn_implementation {SUPPORTED_ATTENTION}, the model uses {impl!r}; "
-            f"load it with attn_implementation='sdpa'"
+HOLDER_ATTR = "_peftlab_prefix_holder"
+TABLES_ATTR = "peftlab_prefix"
+SLOT_ROLES.add(TABLES_ATTR)
+
+
+def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]:
+    """Add a prefix table ``peftlab_prefix.<name>`` and a pre-hook that feeds it to attention when it runs."""
+    if getattr(model, "config", None) is None:
+        raise TargetError(
+            f"prefix tuning needs a transformers model with a .config (attention geometry, attn_implementation); "
+            f"{type(model).__name__} has none"
         )
+    holder = getattr(model, HOLDER_ATTR, None)
     n_layers, kv_heads, head_dim, attn = _geometry(model)
-    prefix_attention.register()
+    if holder is None:
+        impl = model.config._attn_implementation or "eager"
+        if impl not in SUPPORTED_ATTENTION:
+            raise ConfigError(
+                f"prefix tuning supports attn_implementation {SUPPORTED_ATTENTION}, the model uses {impl!r}; "
+                f"load it with attn_implementation='sdpa'"
+            )
+        prefix_attention.register()
+        holder = prefix_attention.PrefixHolder(config.num_virtual_tokens)
+        for module in attn:
+            module._peftlab_prefix = holder
+        setattr(model, HOLDER_ATTR, holder)
+        model.config._attn_implementation = f"peftlab_prefix_{impl}"
+        txn.undo.append(lambda: _detach_holder(model, impl))
+    else:
+        impl = prefix_attention.ORIGINAL[model.config._attn_implementation]
     weight = next(model.parameters())
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     encoder = PrefixEncoder(
@@ -133,34 +152,51 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, skip: list[str] = ()) 
         device=weight.device,
         dtype=dtype,
     )
-    name = f"peftlab_prefix_{config.adapter_name}"
-    model.add_module(name, encoder)
-    holder = prefix_attention.PrefixHolder(config.num_virtual_tokens)
-    for module in attn:
-        module._peftlab_prefix = holder
-    model.config._attn_implementation = f"peftlab_prefix_{impl}"
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    tables = getattr(model, TABLES_ATTR, None)
+    if tables is None:
+        tables = nn.ModuleDict()
+        model.add_module(TABLES_ATTR, tables)
+    tables[config.adapter_name] = encoder
+    txn.undo.append(lambda: _drop_table(model, config.adapter_name))
+    name = config.adapter_name
 
     def pre_hook(mod, args, kwargs):
-        if not holder.enabled:
-            holder.kv = None
+        if holder.running() != name:
             return args, kwargs
-        enc = getattr(mod, name)
-        table = holder.folded if holder.folded is not None else enc()
+        enc = getattr(mod, TABLES_ATTR)[name]
+        table = holder.folded[name] if name in holder.folded else enc()
         holder.kv = table.view(enc.n, n_layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
-        return args, _shift_positions(args, kwargs, holder.n_prefix)
+        holder.n_prefix = enc.n
+        return args, _shift_positions(args, kwargs, enc.n)
 
-    hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    txn.hook(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
     return {
         "targets": [],
         "shapes": {},
-        "info": {
-            "hooks": [hook],
-            "holder": holder,
-            "attn_impl": impl,
-            "encoder": name,
-            "geometry": (n_layers, kv_heads, head_dim),
-        },
+        "owned_modules": [f"{TABLES_ATTR}.{name}"],
+        "live": {"holder": holder},
+        "info": {"attn_impl": impl, "geometry": [n_layers, kv_heads, head_dim]},
     }
+
+
+def _drop_table(model: nn.Module, name: str) -> None:
+    tables = getattr(model, TABLES_ATTR, None)
+    if tables is not None and name in tables:
+        del tables[name]
+        if len(tables) == 0:
+            delattr(model, TABLES_ATTR)
+
+
+def _detach_holder(model: nn.Module, impl: str) -> None:
+    holder = getattr(model, HOLDER_ATTR, None)
+    for module in model.modules():
+        if getattr(module, "_peftlab_prefix", None) is holder:
+            del module._peftlab_prefix
+    if hasattr(model, HOLDER_ATTR):
+        delattr(model, HOLDER_ATTR)
+    model.config._attn_implementation = impl
 
 
 def _shift_positions(args, kwargs, n_prefix: int) -> dict:
@@ -182,55 +218,79 @@ def _shift_positions(args, kwargs, n_prefix: int) -> dict:
     return {**kwargs, "position_ids": positions}
 
 
-def _remove(model: nn.Module, adapter_name: str) -> None:
-    state = get_state(model, adapter_name)
-    for hook in state.info["hooks"]:
-        hook.remove()
-    for module in model.modules():
-        if getattr(module, "_peftlab_prefix", None) is state.info["holder"]:
-            del module._peftlab_prefix
-    model.config._attn_implementation = state.info["attn_impl"]
-    delattr(model, state.info["encoder"])
+def _holder(model: nn.Module) -> prefix_attention.PrefixHolder:
+    return getattr(model, HOLDER_ATTR)
+
+
+def _remove(model: nn.Module, state) -> None:
+    holder = _holder(model)
+    holder.active = [n for n in holder.active if n != state.name]
+    holder.disabled.discard(state.name)
+    holder.folded.pop(state.name, None)
+    _drop_table(model, state.name)
+    if getattr(model, TABLES_ATTR, None) is None:
+        _detach_holder(model, state.info["attn_impl"])
 
 
 def _set_enabled(model: nn.Module, adapter_name: str, enabled: bool) -> None:
-    get_state(model, adapter_name).info["holder"].enabled = enabled
+    holder = _holder(model)
+    if enabled:
+        holder.disabled.discard(adapter_name)
+    else:
+        holder.disabled.add(adapter_name)
+
+
+def _set_active(model: nn.Module, state, active: bool, weight: float) -> None:
+    holder = _holder(model)
+    holder.active = [n for n in holder.active if n != state.name]
+    if active:
+        if weight != 1.0:
+            raise ConfigError(
+                f"prefix adapter {state.name!r} cannot be weighted (got weight {weight}): a prefix is not linear "
+                f"in its table; activate it with weight 1"
+            )
+        others = [n for n in holder.active if n != state.name]
+        if others:
+            raise ConfigError(
+                f"prefix adapters {others + [state.name]} cannot be active together; activate one prefix at a time"
+            )
+        holder.active.append(state.name)
 
 
 @torch.no_grad()
 def _merge(model: nn.Module, state) -> None:
     """Fold the reparameterisation MLP into a flat table used for inference (the MLP stays for unmerge)."""
-    holder = state.info["holder"]
-    if holder.folded is not None:
-        raise MergeError(
-            f"prefix adapter {state.config.adapter_name!r} is already merged; call unmerge() first"
-        )
-    holder.folded = getattr(model, state.info["encoder"])().detach().clone()
+    holder = _holder(model)
+    if state.name in holder.folded:
+        raise MergeError(f"prefix adapter {state.name!r} is already merged; call unmerge() first")
+    holder.folded[state.name] = getattr(model, TABLES_ATTR)[state.name]().detach().clone()
 
 
 def _unmerge(model: nn.Module, state) -> None:
-    holder = state.info["holder"]
-    if holder.folded is None:
-        raise MergeError(f"prefix adapter {state.config.adapter_name!r} is not merged; nothing to unmerge")
-    holder.folded = None
+    holder = _holder(model)
+    if state.name not in holder.folded:
+        raise MergeError(f"prefix adapter {state.name!r} is not merged; nothing to unmerge")
+    del holder.folded[state.name]
 
 
 def _is_merged(state) -> bool:
-    return state.info["holder"].folded is not None
+    return state.name in state.live.objects["holder"].folded
 
 
 # ---- HF PEFT interop: one tensor, `prompt_embeddings` = the flat table (n, L·2·d_kv) -------------
 
 
 def prepare_export(model, tensors: dict, state) -> dict:
-    holder = state.info["holder"]
+    holder = _holder(model)
     with torch.no_grad():
-        table = holder.folded if holder.folded is not None else getattr(model, state.info["encoder"])()
+        table = holder.folded.get(state.name)
+        if table is None:
+            table = getattr(model, TABLES_ATTR)[state.name]()
     return {"prompt_embeddings": table.detach()}
 
 
 def prepare_import(model, tensors: dict, state) -> dict:
-    return {f"{state.info['encoder']}.embedding.weight": tensors["prompt_embeddings"]}
+    return {f"{TABLES_ATTR}.embedding.weight": tensors["prompt_embeddings"]}
 
 
 def to_peft_config(config: PrefixConfig, state) -> dict[str, Any]:
@@ -266,6 +326,7 @@ register_method(
         is_merged=_is_merged,
         remove=_remove,
         set_enabled=_set_enabled,
+        set_active=_set_active,
         merge=_merge,
         unmerge=_unmerge,
         peft_type="PREFIX_TUNING",

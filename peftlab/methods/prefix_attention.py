@@ -25,14 +25,32 @@ _REGISTERED = False
 class PrefixHolder:
     """Plain object (not a Module) shared by the attention modules of one model.
 
-    ``kv``: (n_layers, 2, kv_heads, n_prefix, head_dim) for the current forward, or None.
+    ``kv``: (n_layers, 2, kv_heads, n_prefix, head_dim) for the current forward, or None; set by
+    the forward pre-hook of the running prefix adapter. ``active``: the names of the active
+    prefix adapters (at most one may run); ``disabled``: names switched off; ``folded``:
+    ``{name: merged (MLP-free) table}``.
     """
 
     def __init__(self, n_prefix: int) -> None:
         self.n_prefix = n_prefix
         self.kv: torch.Tensor | None = None
-        self.folded: torch.Tensor | None = None  # the merged (MLP-free) table, when merged
-        self.enabled = True
+        self.folded: dict[str, torch.Tensor] = {}
+        self.active: list[str] = []
+        self.disabled: set[str] = set()
+
+    def running(self) -> str | None:
+        """The prefix adapter that runs now (None: none); two active at once is an error."""
+        names = [n for n in self.active if n not in self.disabled]
+        if len(names) > 1:
+            raise RuntimeError(
+                f"prefix adapters {names} are active together; only one prefix can run at a time "
+                f"(set_active_adapters with one prefix adapter)"
+            )
+        return names[0] if names else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.running() is not None
 
 
 def _prefix_mask(attention_mask, module, q_len: int, k_len: int, n_prefix: int, query: torch.Tensor):
