@@ -4,8 +4,10 @@ A worker stays in its parent's process group (a Ctrl-C in the terminal reaches b
 
 * the parent ends its live workers when it gets SIGTERM or SIGINT (:func:`guard`, used by
   :func:`run`), when it raises, and at interpreter exit;
-* the worker ends itself when its parent dies without warning (``kill -9``): it polls its parent's
-  pid (:func:`exit_with_parent`, called first thing by the worker; the pid comes in ``PEFTLAB_PARENT_PID``).
+* the worker ends itself when the sweep dies without warning (``kill -9``): it checks every second
+  that the sweep's pid (in ``PEFTLAB_PARENT_PID``) is still among its ancestors (:func:`exit_with_parent`,
+  called first thing by the worker). An ancestor, not only the parent: under ``torchrun`` or
+  ``accelerate launch`` the sweep is the worker's grandparent.
 
 So killing the parent never orphans a worker that would go on training beside the rerun.
 """
@@ -115,24 +117,46 @@ def run(cmd: list[str], timeout: float | None = None, **popen_kwargs) -> subproc
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """In a worker: exit as soon as the parent that started it is gone (checked every ``poll_s`` s).
+def _ancestors() -> list[int]:
+    """Pids from this process's parent up to (not including) init, read from /proc."""
+    pids, pid = [], os.getppid()
+    while pid > 1 and len(pids) < 64:
+        pids.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
-    Uses the pid the parent put in ``PEFTLAB_PARENT_PID``, so a parent that died before this check
-    started is caught too. Does nothing when the variable is not set (worker started by hand).
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker: exit as soon as the sweep that started it is gone (checked every ``poll_s`` s).
+
+    Uses the pid the sweep put in ``PEFTLAB_PARENT_PID``, so a sweep that died before this check
+    started is caught too. When the sweep dies its children are re-parented at once, so it drops out
+    of the worker's ancestry even before it is reaped. Without /proc (not Linux) the check is that
+    this process's own parent is unchanged. Does nothing when the variable is not set (worker
+    started by hand).
     """
     expected = os.environ.get(PARENT_ENV)
     if not expected:
         return
+    first_parent = os.getppid()
+    has_proc = os.path.isdir(f"/proc/{os.getpid()}")
 
     def parent_gone() -> bool:
-        return os.getppid() != int(expected)
+        if has_proc:
+            return int(expected) not in _ancestors()
+        return os.getppid() != first_parent
 
     def watch() -> None:
         while not parent_gone():
             time.sleep(poll_s)
         print(
-            f"peftlab worker {os.getpid()}: parent {expected} is gone; exiting", file=sys.stderr, flush=True
+            f"peftlab worker {os.getpid()}: its sweep (pid {expected}) is gone; exiting",
+            file=sys.stderr,
+            flush=True,
         )
         os._exit(1)
 

@@ -182,3 +182,40 @@ def test_run_id_is_a_pure_function_of_the_record():
         {"models": ["m"], "tasks": ["sst2"], "methods": [{"method": "lora", "label": "x"}], "data": "d"}
     )
     assert run_id(json.loads(json.dumps(finished(spec)))) == spec["run_id"]
+
+
+def test_worker_under_a_launcher_ends_with_the_sweep(tmp_path):
+    """As under torchrun: sweep -> launcher -> worker. The worker runs while the sweep lives (its grandparent
+    counts), and exits when the sweep is killed with SIGKILL, though the launcher is still there."""
+    pid_file = tmp_path / "worker.pid"
+    worker = (
+        "import os, sys, time; from peftlab.bench.procs import exit_with_parent; exit_with_parent(0.2); "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}])"
+    sweep = (
+        "import sys, time; from peftlab.bench import procs; "
+        f"procs.start([sys.executable, '-c', {launcher!r}]); time.sleep(120)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", sweep], cwd=tmp_path)
+    pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.2)
+        pid = int(pid_file.read_text())
+        time.sleep(1.0)  # several checks: the sweep is the grandparent, not the parent; it must keep running
+        assert alive(pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), "the worker outlived its sweep"
+    finally:
+        if pid and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.kill()
+        parent.wait()
