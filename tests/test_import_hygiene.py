@@ -12,14 +12,18 @@ import sys
 
 HEAVY = ("bitsandbytes", "peft", "transformers.trainer", "transformers.trainer_utils")
 
+# torch is timed on its own: a required dependency, most of the time on any machine, and what a loaded
+# machine slows most; the rest is what peftlab's own import mechanics control.
 PROBE = """
 import sys, time
 start = time.perf_counter()
+import torch
+torch_s = time.perf_counter() - start
 import peftlab
-elapsed = time.perf_counter() - start
+total_s = time.perf_counter() - start
 import json
 with open(sys.argv[1], "w") as f:
-    json.dump({"seconds": elapsed, "loaded": [m for m in HEAVY if m in sys.modules]}, f)
+    json.dump({"total": total_s, "beyond_torch": total_s - torch_s, "loaded": [m for m in HEAVY if m in sys.modules]}, f)
 """.replace("HEAVY", repr(HEAVY))
 
 
@@ -36,9 +40,10 @@ def _import_once(tmp_path, i: int) -> dict:
 def test_import_is_fast_silent_and_light(tmp_path):
     runs = [_import_once(tmp_path, i) for i in range(3)]
     assert all(r["loaded"] == [] for r in runs), runs[0]["loaded"]
-    best = min(r["seconds"] for r in runs)
-    print(f"import peftlab: {best:.2f} s (best of 3)")
-    assert best < 3.0, f"import peftlab took {best:.2f} s (target 1.5 s on a quiet machine)"
+    total, beyond = min(r["total"] for r in runs), min(r["beyond_torch"] for r in runs)
+    print(f"import peftlab: {total:.2f} s, of which {beyond:.2f} s beyond torch (best of 3)")
+    assert beyond < 1.0, f"import peftlab spends {beyond:.2f} s beyond importing torch"
+    assert total < 3.0, f"import peftlab took {total:.2f} s (target 1.5 s on a quiet machine)"
 
 
 def test_lazy_names_still_resolve(tmp_path):
