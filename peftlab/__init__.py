@@ -23,6 +23,7 @@ from .api import (
 from .combine import combine
 from .config import PeftConfig
 from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
+from .estimate import Estimate, estimate  # noqa: E402  (the function shadows the module name)
 from .hf_peft import export_peft, import_peft
 from .io import load_adapter, save_adapter, save_merged
 from .memory import disable_gradient_checkpointing, enable_gradient_checkpointing, make_optimizer
@@ -73,6 +74,8 @@ __all__ = [
     "memory_report",
     "merge_quantized",
     "resolve_model_path",
+    "estimate",
+    "Estimate",
     "PeftConfig",
     "LoraConfig",
     "AdapterConfig",

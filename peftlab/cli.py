@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--adapter", required=True)
         p.add_argument("--out", required=True)
         p.set_defaults(func=func)
+    from .estimate_cli import add_parser as add_estimate_parser
+
+    add_estimate_parser(sub)
     return parser
 
 

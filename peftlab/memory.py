@@ -200,3 +200,20 @@ def make_optimizer(
             )
         warnings.warn(f"bitsandbytes unavailable: using torch AdamW instead of {name!r}", stacklevel=2)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+# ---- memory accounting rules: peftlab.estimate counts with these; tests/test_estimate.py checks them ----------
+# ---- against what the checkpoint contexts above actually keep (keep the two in step) ---------------------------
+
+#: Ops whose outputs ``selective=True`` keeps (the names behind :func:`_keep_matmuls`'s ``ops``).
+SELECTIVE_KEEPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "scaled_dot_product_attention")
+
+
+def checkpoint_kept_bytes(block_input: int, gemm_outputs: int, selective: bool) -> int:
+    """Bytes one checkpointed block holds from its forward until its backward.
+
+    Both modes keep the block's input (the recomputation starts from it); ``selective=True`` also keeps the
+    output of every op in :data:`SELECTIVE_KEEPS` (GEMMs and attention, logsumexp included), frozen GEMMs too.
+    Everything else is recomputed: one block's worth at a time, during that block's backward.
+    """
+    return block_input + (gemm_outputs if selective else 0)

@@ -205,3 +205,28 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     result = base(x)
     lora = LoraBranchFunction.apply(x, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
     return (result + lora).to(result.dtype)
+
+
+# ---- memory accounting rules: peftlab.estimate counts with these; tests/test_estimate.py checks them ----------
+# ---- against what the autograd functions above actually save (keep the two in step) ---------------------------
+
+
+def lora_saved_bytes(m: int, d_in: int, r: int, x_bytes: int, a_bytes: int) -> dict[str, int]:
+    """What :class:`LoraLinearFunction` and :class:`LoraBranchFunction` save for backward besides parameters.
+
+    x: (M, d_in) in the input dtype (a view of the layer input: shared with any other op that saves it) and
+    xa = D(x) Aᵀ: (M, r) in A's dtype. The dropout mask is regenerated from a seed, so p > 0 adds nothing.
+    """
+    return {"x": m * d_in * x_bytes, "xa": m * r * a_bytes}
+
+
+def lora_gemm_outputs(m: int, d_out: int, r: int, out_bytes: int, a_bytes: int, fused_base: bool) -> int:
+    """Bytes of the GEMM outputs of one LoRA forward (what selective checkpointing keeps, see peftlab.memory).
+
+    Fused path (plain float base, :class:`LoraLinearFunction`): y = x Wᵀ (M, d_out), into which the LoRA
+    term is added in place (addmm_), and xa (M, r). Generic path (quantized base): the base layer's own
+    GEMM output (M, d_out), xa, and the branch output xa Bᵀ (M, d_out) in A's dtype.
+    """
+    if fused_base:
+        return m * d_out * out_bytes + m * r * a_bytes
+    return m * d_out * out_bytes + m * r * a_bytes + m * d_out * a_bytes

@@ -1,0 +1,89 @@
+"""``peftlab estimate``: the memory breakdown of a training run as a table, or the largest batch / length that fits.
+
+    peftlab estimate --model smollm2-135m --method lora --r 16 --target all-linear --batch 8 --seq 2048 --quant nf4
+    peftlab estimate --model meta-llama/Meta-Llama-3-8B --method qlora --r 64 --seq 2048 --fit 24GB
+
+``--model``: a local model folder, a JSON config file, a peftlab short name or a built-in hub id (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+METHODS = ("full", "lora", "qlora", "adalora", "houlsby", "pfeiffer", "parallel", "prefix")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("estimate", help="predict training memory (and FLOPs) from a config alone; --fit searches")
+    p.add_argument("--model", required=True, help="folder, JSON config, short name or built-in hub id")
+    p.add_argument("--kind", choices=["causal-lm", "seq-cls", "token-cls"], help="default: by architecture")
+    p.add_argument("--method", default="lora", choices=METHODS)
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (AdaLoRA: init_r)")
+    p.add_argument("--target", default=None, help="target modules: all-linear, a regex, or comma-separated names")
+    p.add_argument("--reduction-factor", type=int, default=16, help="bottleneck adapters: m = d / factor")
+    p.add_argument("--prefix-tokens", type=int, default=20)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--quant", choices=["nf4", "fp4", "int8"], help="quantized base (qlora defaults to nf4)")
+    p.add_argument("--optimizer", default="adamw",
+                   choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit"])  # fmt: skip
+    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--loss", default="fused", choices=["fused", "unfused"])
+    p.add_argument("--fit", metavar="SIZE", help="memory budget (24GB, 24GiB, 800MB): print the largest that fits")
+    p.add_argument("--fit-what", default="batch", choices=["batch", "seq"], help="what --fit varies")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def peft_config(args):
+    """The peftlab config for ``--method`` (None for full fine-tuning) and the quantization."""
+    import peftlab
+
+    target = args.target
+    if target and target != "all-linear" and "," in target:
+        target = [t for t in target.split(",") if t]
+    elif target and target != "all-linear" and not any(c in target for c in "*.[(|\\"):
+        target = [target]
+    quant = args.quant or ("nf4" if args.method == "qlora" else None)
+    if args.method in ("lora", "qlora"):
+        return peftlab.LoraConfig(r=args.r, alpha=2 * args.r, target_modules=target), quant
+    if args.method == "adalora":
+        return peftlab.AdaLoraConfig(init_r=args.r, target_r=max(1, args.r * 2 // 3), target_modules=target,
+                                     total_steps=1000), quant  # fmt: skip
+    if args.method in ("houlsby", "pfeiffer", "parallel"):
+        return peftlab.AdapterConfig(style=args.method, reduction_factor=args.reduction_factor), quant
+    if args.method == "prefix":
+        return peftlab.PrefixConfig(num_virtual_tokens=args.prefix_tokens), quant
+    return None, quant
+
+
+def run(args) -> int:
+    from .estimate import estimate, fit, parse_size
+
+    config, quant = peft_config(args)
+    kwargs = dict(
+        model_or_path=args.model, config=config, batch_size=args.batch, seq_len=args.seq,
+        precision=args.precision, quant=quant, optimizer=args.optimizer,
+        gradient_checkpointing=args.checkpointing, grad_accum=args.grad_accum, kind=args.kind,
+        device=args.device, loss=args.loss,
+    )  # fmt: skip
+    if args.fit:
+        budget = parse_size(args.fit)
+        what = "batch_size" if args.fit_what == "batch" else "seq_len"
+        value, est = fit(budget, args.fit_what, **{k: v for k, v in kwargs.items() if k != what})
+        gib = budget / 2**30
+        if est is None:
+            print(f"nothing fits in {args.fit} ({gib:.2f} GiB): even {args.fit_what} 1 needs more; "
+                  f"try --quant nf4, --checkpointing full, or a smaller --{'seq' if what == 'seq_len' else 'batch'}")  # fmt: skip
+            return 1
+        print(f"largest {args.fit_what} that fits in {args.fit} ({gib:.2f} GiB): {value}\n")
+        print(json.dumps(est.to_dict(), indent=1) if args.json else est.table())
+        return 0
+    est = estimate(**kwargs)
+    print(json.dumps(est.to_dict(), indent=1) if args.json else est.table())
+    return 0
