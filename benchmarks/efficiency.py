@@ -1,18 +1,34 @@
-"""Training-step efficiency: peftlab LoRA vs HF PEFT LoRA vs full fine-tuning, same config, same run.
+r"""Training-step efficiency: peftlab LoRA vs HF PEFT LoRA vs the floors, interleaved rounds, same run.
 
-Each configuration runs in its own subprocess (peak RSS on a CPU, max allocated on a GPU), takes
-``--steps`` AdamW steps on one fixed batch (same seed), and reports the median step time after a
-warm-up step, tokens/s, peak memory and the loss after the last step (peftlab's must equal HF PEFT's:
-LoRA A gets the same values in both, dropout is off). Rows: ``frozen-floor`` (no adapters, only the forward and the
-input-gradient backward through the frozen base: what any LoRA step must at least pay), full fine-tuning,
-HF PEFT LoRA, peftlab LoRA,
-peftlab LoRA with selective checkpointing (``-sac``: GEMM outputs kept, element-wise ops recomputed) and
-with full activation checkpointing (``-ckpt``).
+    python benchmarks/efficiency.py [--model smollm2-135m llama-672m] [--rounds 3] [--steps 5]
+        [--configs floor-r0 hf-peft-lora peftlab-lora] [--device cpu|cuda] [--dtype fp32|bf16]
+        [--out benchmarks/results/efficiency]
 
-    python benchmarks/efficiency.py [--model smollm2-135m] [--out benchmarks/results/efficiency]
+**Rounds.** Every configuration runs in its own fresh process (peak memory is per process), and the
+configurations are interleaved: round 1 runs A B C, round 2 runs A B C again, and so on (≥ 3 rounds).
+Each process takes ``--steps`` AdamW steps on one fixed batch after one warm-up step and reports its
+median step. A ratio (e.g. peftlab / HF PEFT) is formed *within* each round, where both ran under the
+same machine load, and the table gives its median and spread (min–max) over the rounds; the 1-minute
+load average at the start and end of every round is listed beside it.
 
-Models: SmolLM2-135M (causal LM, 8×128 tokens, LoRA r=16 on all linear layers) and MiniLM-L6
-(sequence classification, 32×64). Writes efficiency.md and efficiency.json with device and date.
+**Floors.** ``floor-r0`` is peftlab's own LoRA path with every rank set to 0: the same autograd
+functions, the same saved tensors and the same dX products, minus the LoRA term (and the A/B grads of
+rank-0 matrices). That bounds what any adapter step must pay in this library. ``floor-torch`` is the
+plain-torch reference: the frozen model, forward and input-gradient backward through ``nn.Linear``
+(the embeddings' output requires grad), no adapter at all.
+
+**Rows** are registered with :func:`register_config` (name → builder); ``--configs`` picks them, so a
+new method (e.g. DoRA) adds a row with one decorated function.
+
+**Models.** SmolLM2-135M (causal LM, 8×128 tokens), MiniLM-L6 (sequence classification, 32×64), and a
+synthetic Llama of 672M parameters (hidden 2048, 12 layers, intermediate 5632, 16 query / 4 KV
+heads, vocab 32000; 2×128 tokens): random weights saved once as safetensors under
+``$PEFTLAB_CACHE`` (outside the repository) and memory-mapped from there. ``llama-tiny`` is the same
+recipe at toy size (``--dry-run`` and tests). LoRA r=16 on all linear layers everywhere.
+
+Memory: on a CPU the process's peak RSS (model load included) and the peak during training alone
+(VmHWM reset after setup); on CUDA ``torch.cuda.max_memory_allocated``. Writes efficiency.md,
+efficiency.json and efficiency.png (device, date and command included).
 """
 
 from __future__ import annotations
@@ -20,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,11 +46,184 @@ from pathlib import Path
 
 import torch
 
+LLAMA_672M = {
+    "hidden_size": 2048, "num_hidden_layers": 12, "intermediate_size": 5632, "num_attention_heads": 16,
+    "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+}  # fmt: skip
+LLAMA_TINY = {
+    "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "tie_word_embeddings": False,
+}  # fmt: skip
 SETUPS = {
     "smollm2-135m": {"kind": "causal-lm", "batch": 8, "length": 128, "targets": "all-linear"},
     "minilm-l6": {"kind": "seq-cls", "batch": 32, "length": 64, "targets": "all-linear"},
+    "llama-672m": {"kind": "causal-lm", "batch": 2, "length": 128, "targets": "all-linear", "synthetic": LLAMA_672M},
+    "llama-tiny": {"kind": "causal-lm", "batch": 2, "length": 16, "targets": "all-linear", "synthetic": LLAMA_TINY},
 }
-CONFIGS = ["frozen-floor", "full", "hf-peft-lora", "peftlab-lora", "peftlab-lora-sac", "peftlab-lora-ckpt"]
+DEFAULT_MODELS = ["smollm2-135m", "minilm-l6", "llama-672m"]
+RANK = 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: name -> builder(model_name, setup, args) -> model ready to train; see register_config
+CONFIGS: dict[str, dict] = {}
+
+
+def register_config(name: str, models=None, default: bool = True):
+    """Register a row: ``builder(model_name, setup, opts) -> model`` (frozen base + trainable parts).
+
+    ``models``: model kinds it applies to (None: all); ``default``: part of the default ``--configs``.
+    The builder loads the model itself (:func:`load_base`), so that e.g. a quantized loader can differ.
+    """
+
+    def deco(fn):
+        CONFIGS[name] = {"build": fn, "kinds": models, "default": default}
+        return fn
+
+    return deco
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def synthetic_dir(name: str, spec: dict) -> Path:
+    """A random Llama saved once as safetensors under the peftlab cache (atomic: temp dir + rename)."""
+    import shutil
+    import tempfile
+
+    from peftlab.models import cache_dir
+
+    target = cache_dir() / f"synthetic-{name}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    config = LlamaConfig(**spec)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp))  # safetensors
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_path(model_name: str) -> str:
+    setup = SETUPS[model_name]
+    if "synthetic" in setup:
+        return str(synthetic_dir(model_name, setup["synthetic"]))
+    import peftlab
+
+    return peftlab.resolve_model_path(model_name)
+
+
+def load_base(model_name: str, setup: dict, opts: dict):
+    """The model in fp32 (or ``--dtype``), memory-mapped from safetensors; dropout off; on ``--device``."""
+    from peftlab.models import auto_class
+
+    kwargs = {"num_labels": 2} if setup["kind"] == "seq-cls" else {}
+    torch.manual_seed(0)  # a new classifier head gets the same init in every config
+    model = auto_class(setup["kind"]).from_pretrained(model_path(model_name), dtype=opts["dtype"], **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    return model.to(opts["device"])
+
+
+def heads(setup: dict):
+    return ["classifier"] if setup["kind"] == "seq-cls" else None
+
+
+def peftlab_lora(model, setup: dict, opts: dict):
+    import peftlab
+
+    torch.manual_seed(1)
+    peftlab.wrap(
+        model,
+        peftlab.LoraConfig(r=RANK, alpha=2 * RANK, dropout=opts["lora_dropout"], target_modules=setup["targets"],
+                           modules_to_save=heads(setup)),
+    )  # fmt: skip
+    return model
+
+
+@register_config("floor-r0")
+def _floor_r0(model_name, setup, opts):
+    """peftlab's LoRA path with every rank 0: the same autograd functions minus the LoRA term."""
+    model = peftlab_lora(load_base(model_name, setup, opts), setup, opts)
+    for name, param in model.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            shape = list(param.shape)
+            shape[0 if "lora_A" in name else 1] = 0
+            param.data = param.data.new_empty(shape)  # rank 0, still requires grad
+    return model
+
+
+@register_config("floor-torch")
+def _floor_torch(model_name, setup, opts):
+    """No adapter: forward + input-gradient backward through the frozen nn.Linear model."""
+    model = load_base(model_name, setup, opts)
+    model.requires_grad_(False)
+    model.peftlab_bench_embeds = True  # the worker feeds inputs_embeds that require grad
+    return model
+
+
+@register_config("full", models=("causal-lm", "seq-cls"))
+def _full(model_name, setup, opts):
+    return load_base(model_name, setup, opts)
+
+
+@register_config("hf-peft-lora")
+def _hf_peft_lora(model_name, setup, opts):
+    import peft
+
+    model = load_base(model_name, setup, opts)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=opts["lora_dropout"], target_modules=setup["targets"],
+                        task_type="SEQ_CLS" if heads(setup) else "CAUSAL_LM"),
+    )  # fmt: skip
+    match_lora_init(model)
+    return model
+
+
+@register_config("peftlab-lora")
+def _peftlab_lora(model_name, setup, opts):
+    model = peftlab_lora(load_base(model_name, setup, opts), setup, opts)
+    match_lora_init(model)
+    return model
+
+
+@register_config("peftlab-lora-sac")
+def _peftlab_lora_sac(model_name, setup, opts):
+    from peftlab.memory import enable_gradient_checkpointing
+
+    return enable_gradient_checkpointing(_peftlab_lora(model_name, setup, opts), selective=True)
+
+
+@register_config("peftlab-lora-ckpt")
+def _peftlab_lora_ckpt(model_name, setup, opts):
+    from peftlab.memory import enable_gradient_checkpointing
+
+    return enable_gradient_checkpointing(_peftlab_lora(model_name, setup, opts), selective=False)
+
+
+@register_config("peftlab-qlora", models=("causal-lm",))
+def _peftlab_qlora(model_name, setup, opts):
+    """NF4 + double quantization through peftlab.load_quantized (fp32 embeddings, norms, head)."""
+    import peftlab
+
+    model = peftlab.load_quantized(
+        model_path(model_name), bits=4, quant_type="nf4", double_quant=True, device=opts["device"],
+        dtype=opts["dtype"],
+    )  # fmt: skip
+    model = peftlab_lora(model, setup, opts)
+    match_lora_init(model)
+    return model
 
 
 def match_lora_init(model: torch.nn.Module) -> None:
@@ -50,61 +240,52 @@ def match_lora_init(model: torch.nn.Module) -> None:
         path = name.removeprefix("base_model.model.").split(".lora_A")[0]
         gen = torch.Generator().manual_seed(zlib.crc32(path.encode()))
         flat = param.data.reshape(-1, param.shape[-1]) if param.dim() == 2 else param.data
-        flat.copy_(torch.randn(flat.shape, generator=gen) / flat.shape[-1] ** 0.5)
+        flat.copy_((torch.randn(flat.shape, generator=gen) / flat.shape[-1] ** 0.5).to(flat.dtype))
 
 
-def worker(model_name: str, config: str, steps: int, lora_dropout: float = 0.0) -> dict:
-    import peftlab
+# ---- one process: one configuration -------------------------------------------------------------------
 
+
+def _proc_status() -> dict[str, float]:
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+    except (OSError, KeyError):
+        return {}
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(model_name: str, config: str, opts: dict) -> dict:
     setup = SETUPS[model_name]
-    kwargs = {"num_labels": 2} if setup["kind"] == "seq-cls" else {}
-    torch.manual_seed(0)  # the new classifier head gets the same init in every config
-    model, _ = peftlab.load_model(model_name, kind=setup["kind"], **kwargs)
-    torch.manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (setup["batch"], setup["length"]))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    batch["labels"] = ids.clone() if setup["kind"] == "causal-lm" else torch.randint(0, 2, (setup["batch"],))
-    heads = ["classifier"] if setup["kind"] == "seq-cls" else None
+    device = torch.device(opts["device"])
+    cuda = device.type == "cuda"
+    model = CONFIGS[config]["build"](model_name, setup, opts)
     for module in model.modules():  # no dropout: the loss trajectories must be comparable across configs
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    torch.manual_seed(1)
-    if config.startswith("peftlab-lora"):
-        peftlab.wrap(
-            model,
-            peftlab.LoraConfig(
-                r=16, alpha=32, dropout=lora_dropout, target_modules=setup["targets"], modules_to_save=heads
-            ),
-        )
-    elif config == "hf-peft-lora":
-        import peft
-
-        task = "SEQ_CLS" if heads else "CAUSAL_LM"
-        model = peft.get_peft_model(
-            model,
-            peft.LoraConfig(
-                r=16,
-                lora_alpha=32,
-                lora_dropout=lora_dropout,
-                target_modules=setup["targets"],
-                task_type=task,
-            ),
-        )
-    elif config == "frozen-floor":  # no adapters: forward + input-gradient backward through the frozen base
-        model.requires_grad_(False)
+    torch.manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (setup["batch"], setup["length"]), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = (
+        ids.clone() if setup["kind"] == "causal-lm" else torch.randint(0, 2, (setup["batch"],), device=device)
+    )
+    if getattr(model, "peftlab_bench_embeds", False):
         embeds = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
         batch["inputs_embeds"] = embeds
-    if config not in ("full", "frozen-floor"):
-        match_lora_init(model)
-    if config.endswith(("-ckpt", "-sac")):  # full / selective (matmuls kept) activation checkpointing
-        from peftlab.memory import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, selective=config.endswith("-sac"))
     model.train()
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if config.startswith(("peftlab-lora", "frozen-floor")) and setup["kind"] == "causal-lm":
-        from peftlab.losses import causal_lm_loss
+    load_gpu = torch.cuda.memory_allocated(device) / 2**20 if cuda else None
+    if not config.startswith("hf-peft") and config != "full" and setup["kind"] == "causal-lm":
+        from peftlab.losses import causal_lm_loss  # no full logits tensor (HF PEFT rows use model(**batch))
 
         def loss_fn():
             return causal_lm_loss(model, batch)
@@ -115,117 +296,254 @@ def worker(model_name: str, config: str, steps: int, lora_dropout: float = 0.0) 
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    reset = _reset_peak_rss()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    load_avg = os.getloadavg()[0]
     times, losses = [], []
-    for _ in range(steps + 1):
+    for _ in range(opts["steps"] + 1):
         t0 = time.perf_counter()
         loss = loss_fn()
         loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step = statistics.median(times[1:])
+    status = _proc_status()
     return {
         "model": model_name,
         "config": config,
         "median_step_s": step,
+        "step_times_s": times,
         "tokens_per_s": ids.numel() / step,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_peak_rss_mb": status.get("VmHWM") if reset else None,
+        "rss_after_load_mb": load_rss,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        "gpu_after_load_mb": load_gpu,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "losses": losses,
-        "rss_after_load_mb": load_rss,
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "steps": steps,
-        "lora_dropout": lora_dropout,
+        "trainable": sum(p.numel() for p in trainable),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "load_avg_start": load_avg,
+        "load_avg_end": os.getloadavg()[0],
+        "steps": opts["steps"],
     }
+
+
+# ---- the parent: interleaved rounds, ratios, table ------------------------------------------------------
+
+
+def applicable(model_name: str, config: str) -> bool:
+    kinds = CONFIGS[config]["kinds"]
+    return kinds is None or SETUPS[model_name]["kind"] in kinds
+
+
+def run_rounds(args) -> tuple[list[dict], list[dict]]:
+    """All (model, config) processes, interleaved over ``args.rounds`` rounds; (rows, rounds info)."""
+    from tqdm import tqdm
+
+    jobs = [(m, c) for m in args.model for c in args.configs if applicable(m, c)]
+    for model_name in args.model:  # synthetic weights are written once, before any timing
+        if "synthetic" in SETUPS[model_name]:
+            synthetic_dir(model_name, SETUPS[model_name]["synthetic"])
+    rows, rounds = [], []
+    bar = tqdm(total=len(jobs) * args.rounds, desc="efficiency", file=sys.stderr)
+    for index in range(args.rounds):
+        info = {"round": index + 1, "load_avg_start": os.getloadavg(), "started": time.strftime("%H:%M:%S")}
+        for model_name, config in jobs:
+            cmd = [sys.executable, __file__, "--worker", model_name, config, "--steps", str(args.steps),
+                   "--lora-dropout", str(args.lora_dropout), "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                out, err, code = proc.stdout, proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as exc:
+                out, err, code = "", f"timed out after {args.timeout} s: {exc}", -1
+            if code == 0:
+                row = json.loads(out.strip().splitlines()[-1])
+            else:
+                row = {"model": model_name, "config": config, "error": err.strip()[-1500:] or f"exit {code}"}
+                print(f"[{model_name} {config}] failed:\n{row['error']}", file=sys.stderr)
+            row["round"] = index + 1
+            rows.append(row)
+            bar.update()
+        info["load_avg_end"] = os.getloadavg()
+        rounds.append(info)
+    bar.close()
+    return rows, rounds
+
+
+def spread(values: list[float]) -> tuple[float, float, float] | None:
+    return (statistics.median(values), min(values), max(values)) if values else None
+
+
+def summarize(rows: list[dict], models: list[str], configs: list[str], memory_key: str) -> list[dict]:
+    """Per (model, config): median step over rounds and per-round ratios to HF PEFT and floor-r0."""
+    out = []
+    for model_name in models:
+        by_round: dict[int, dict[str, dict]] = {}
+        for row in rows:
+            if row["model"] == model_name and "error" not in row:
+                by_round.setdefault(row["round"], {})[row["config"]] = row
+        for config in configs:
+            runs = [r[config] for r in by_round.values() if config in r]
+            errors = [r for r in rows if r["model"] == model_name and r["config"] == config and "error" in r]
+            if not runs:
+                if errors:
+                    out.append({"model": model_name, "config": config, "error": errors[0]["error"]})
+                continue
+            summary = {
+                "model": model_name,
+                "config": config,
+                "rounds": len(runs),
+                "failed_rounds": len(errors),
+                "step_s": spread([r["median_step_s"] for r in runs]),
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+                "memory_mb": statistics.median(r[memory_key] for r in runs if r.get(memory_key) is not None)
+                if any(r.get(memory_key) is not None for r in runs) else None,
+                "train_peak_rss_mb": statistics.median(r["train_peak_rss_mb"] for r in runs)
+                if all(r.get("train_peak_rss_mb") is not None for r in runs) else None,
+                "last_loss": runs[-1]["last_loss"],
+            }  # fmt: skip
+            for ref in ("hf-peft-lora", "floor-r0", "peftlab-lora"):
+                pairs = [(r[config], r[ref]) for r in by_round.values() if config in r and ref in r]
+                summary[f"time_vs_{ref}"] = spread([a["median_step_s"] / b["median_step_s"] for a, b in pairs])
+                mem = [(a.get(memory_key), b.get(memory_key)) for a, b in pairs]
+                summary[f"memory_vs_{ref}"] = spread([a / b for a, b in mem if a and b])
+                if pairs and ref == "hf-peft-lora" and config.startswith("peftlab-lora"):
+                    a, b = pairs[-1]
+                    summary["loss_rel_diff_vs_hf"] = abs(a["last_loss"] - b["last_loss"]) / abs(b["last_loss"])
+            out.append(summary)
+    return out
+
+
+def _fmt_spread(value, digits=2) -> str:
+    if not value:
+        return "–"
+    med, lo, hi = value
+    return f"{med:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
+def markdown(meta: dict, summary: list[dict], rounds: list[dict], memory_label: str) -> str:
+    lines = [
+        f"# Training-step efficiency ({meta['device']}, {meta['date']})",
+        "",
+        f"`{meta['command']}`: {meta['rounds']} interleaved rounds (every configuration in its own process, "
+        f"once per round), {meta['steps']} AdamW steps (lr 1e-4) on one fixed batch after a warm-up step, "
+        "median step per process; LoRA r=16 on all linear layers, dropout off, LoRA A identical in peftlab "
+        "and HF PEFT (so the last loss compares whole trajectories). Step: median over rounds [min–max]. "
+        "Ratios are taken within each round (same machine load), then median [min–max] over rounds. "
+        "`floor-r0`: peftlab's LoRA path with rank 0 (same autograd functions minus the LoRA term): the bound "
+        "any adapter step here must pay; `floor-torch`: frozen plain nn.Linear model, input-gradient backward.",
+        "",
+        f"| model | config | step s | tokens/s | × floor-r0 time | × HF PEFT time | {memory_label} | "
+        "× HF PEFT memory | train-only peak RSS MB | last loss | rel. diff vs HF PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        if "error" in s:
+            first = s["error"].strip().splitlines()[-1][:120] if s["error"].strip() else "failed"
+            lines.append(f"| {s['model']} | {s['config']} | failed: {first} |  |  |  |  |  |  |  |  |")
+            continue
+        diff = f"{s['loss_rel_diff_vs_hf']:.1e}" if "loss_rel_diff_vs_hf" in s else "–"
+        mem = f"{s['memory_mb']:.0f}" if s["memory_mb"] is not None else "–"
+        train = f"{s['train_peak_rss_mb']:.0f}" if s.get("train_peak_rss_mb") is not None else "–"
+        lines.append(
+            f"| {s['model']} | {s['config']} | {_fmt_spread(s['step_s'], 3)} | {s['tokens_per_s']:.0f} | "
+            f"{_fmt_spread(s['time_vs_floor-r0'])} | {_fmt_spread(s['time_vs_hf-peft-lora'])} | {mem} | "
+            f"{_fmt_spread(s['memory_vs_hf-peft-lora'])} | {train} | {s['last_loss']:.6f} | {diff} |"
+        )
+    lines += ["", "Machine load (1-minute load average) per round:", "", "| round | started | load at start | load at end |",
+              "|---|---|---|---|"]  # fmt: skip
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['started']} | {r['load_avg_start'][0]:.2f} | {r['load_avg_end'][0]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in summary if "error" not in s and s.get("time_vs_floor-r0")]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+    labels = [f"{s['model']}\n{s['config']}" for s in rows]
+    med = [s["time_vs_floor-r0"][0] for s in rows]
+    err = [[m - s["time_vs_floor-r0"][1] for m, s in zip(med, rows)], [s["time_vs_floor-r0"][2] - m for m, s in zip(med, rows)]]
+    ax.bar(range(len(rows)), med, yerr=err, capsize=3)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("step time / floor-r0 (median, min–max over rounds)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--model", nargs="+", default=DEFAULT_MODELS, choices=list(SETUPS))
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--configs", nargs="*", default=None, help=f"rows (default: all registered): {list(CONFIGS)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the base model")
     parser.add_argument("--out", default="benchmarks/results/efficiency")
-    parser.add_argument(
-        "--merge", action="store_true", help="keep the rows of out/efficiency.json for configs not run now"
-    )
-    parser.add_argument(
-        "--lora-dropout",
-        type=float,
-        default=0.0,
-        help="dropout on the LoRA input (both libraries); > 0 makes the losses differ (different masks)",
-    )
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per process")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="dropout on the LoRA input (both libraries); > 0 makes the losses differ (different masks)")  # fmt: skip
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    opts = {"steps": args.steps, "lora_dropout": args.lora_dropout, "device": args.device, "dtype": DTYPES[args.dtype]}
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.steps, args.lora_dropout)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], opts)))
         return
-    rows = []
-    for model_name in args.model:
-        for config in args.configs:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--worker", model_name, config, "--steps", str(args.steps)]
-                + ["--lora-dropout", str(args.lora_dropout)],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode != 0:
-                print(proc.stderr[-2000:], file=sys.stderr)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-    device = (
-        f"cpu ({torch.get_num_threads()} threads)"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name()
-    )
-    stamp = datetime.date.today().isoformat()
+    if args.configs is None:
+        args.configs = [name for name, c in CONFIGS.items() if c["default"]]
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config(s) {unknown}; registered: {', '.join(CONFIGS)}")
+    rows, rounds = run_rounds(args)
+    cuda = args.device.startswith("cuda")
+    memory_key, memory_label = ("peak_gpu_mb", "peak GPU MiB (max allocated)") if cuda else ("peak_rss_mb", "peak RSS MB")
+    summary = summarize(rows, args.model, args.configs, memory_key)
+    meta = {
+        "device": device_name(args.device),
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/efficiency.py " + " ".join(sys.argv[1:]),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.merge and (out / "efficiency.json").is_file():
-        done = {(r["model"], r["config"]) for r in rows}
-        old = json.loads((out / "efficiency.json").read_text())["rows"]
-        rows = [r for r in old if (r["model"], r["config"]) not in done] + rows
-        order = {c: i for i, c in enumerate(CONFIGS)}
-        rows.sort(key=lambda r: (list(SETUPS).index(r["model"]), order[r["config"]]))
-    (out / "efficiency.json").write_text(
-        json.dumps({"device": device, "date": stamp, "rows": rows}, indent=2)
-    )
-    lines = [
-        f"# Training-step efficiency ({device}, {stamp})",
-        "",
-        f"`python benchmarks/efficiency.py {' '.join(sys.argv[1:])}`: one fixed batch, AdamW lr 1e-4, median step "
-        "time after one warm-up step, peak RSS of the run's own process (model load included; 'after load' is "
-        "the peak before the first step). LoRA A matrices get identical values in peftlab and HF PEFT, so the "
-        + (
-            "loss after the last step compares whole training trajectories."
-            if not args.lora_dropout
-            else f"losses would match but for the dropout masks (p = {args.lora_dropout:g}), which differ between "
-            "the libraries: the loss column shows both still train, not equality."
-        ),
-        "",
-        "| model | config | median step (s) | tokens/s | peak RSS (MB) | RSS after load (MB) | × HF PEFT time "
-        "| × HF PEFT memory | last loss | rel. diff vs HF PEFT |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        hf = next((h for h in rows if h["model"] == r["model"] and h["config"] == "hf-peft-lora"), None)
-        time_ratio = f"{r['median_step_s'] / hf['median_step_s']:.2f}" if hf else "–"
-        mem_ratio = f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if hf else "–"
-        diff = (
-            f"{abs(r['last_loss'] - hf['last_loss']) / abs(hf['last_loss']):.1e}"
-            if hf and r["config"] not in ("full", "frozen-floor")
-            else "–"
-        )
-        lines.append(
-            f"| {r['model']} | {r['config']} | {r['median_step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['rss_after_load_mb']:.0f} | {time_ratio} | "
-            f"{mem_ratio} | {r['last_loss']:.6f} | {diff} |"
-        )
-    (out / "efficiency.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(meta, summary, rounds, memory_label)
+    for name, content in (
+        ("efficiency.json", json.dumps({**meta, "summary": summary, "rounds": rounds, "rows": rows}, indent=1)),
+        ("efficiency.md", text),
+    ):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, out / name)
+    plot(summary, out / "efficiency.png", f"step time vs peftlab's rank-0 floor, {meta['device']}, {meta['date']}")
+    print(text)
 
 
 if __name__ == "__main__":
