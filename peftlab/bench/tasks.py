@@ -267,6 +267,7 @@ class Task:
         """
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
         order = sorted(range(len(rows)), key=lambda i: self.length(rows[i]))
         original = rows
         rows = [original[i] for i in order]  # less padding; accuracy and entity F1 ignore order
@@ -284,7 +285,7 @@ class Task:
                 preds = []
                 for batch in self.batches(tokenizer, rows, batch_size, max_length, None):
                     batch.pop("labels")
-                    preds += model(**batch).logits.argmax(-1).tolist()
+                    preds += model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).tolist()
                 keep(prediction=preds, correct=[int(p == y) for p, (_, y) in zip(preds, rows)])
                 return {"accuracy": accuracy(preds, [y for _, y in rows])}
             if self.name == "conll2003":
@@ -293,7 +294,7 @@ class Task:
                     chunk = rows[i : i + batch_size]
                     batch = self.collate(tokenizer, chunk, max_length)
                     labels = batch.pop("labels")
-                    out = model(**batch).logits.argmax(-1)
+                    out = model(**{k: v.to(device) for k, v in batch.items()}).logits.argmax(-1).cpu()
                     for b, (_, tags) in enumerate(chunk):
                         keep = labels[b] != -100
                         predicted = [CONLL_TAGS[t] for t in out[b][keep].tolist()]
@@ -330,6 +331,7 @@ class Task:
                     max_length=max_length,
                     add_special_tokens=False,
                 )
+                enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
                 out = model.generate(
                     **enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
                 )
