@@ -8,12 +8,65 @@ through JSON (``to_dict`` / ``PeftConfig.from_dict``) and validate in ``__post_i
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import ConfigError
 
 _CONFIGS: dict[str, type[PeftConfig]] = {}
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+RESERVED_NAMES = ("__base__", "base_layer", "weight", "bias")
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def check_adapter_name(name: Any) -> str:
+    """A valid adapter name: letters, digits, ``_`` and ``-``, not starting with a digit, not reserved."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
+        raise ConfigError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (not starting with a digit, "
+            f"no '.'), and none of {', '.join(RESERVED_NAMES)}"
+        )
+    return name
+
+
+def check_int(owner: str, name: str, value: Any, low: int | None = None, allow_none: bool = False) -> None:
+    """``value`` is an int (not a bool) ≥ ``low``; else a ConfigError naming the field and what is valid."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" ≥ {low}" if low is not None else ""
+        raise ConfigError(f"{owner} {name} must be an integer{bound}, got {value!r} ({type(value).__name__})")
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """``value`` is a finite real number (not a bool, not a string) in the given interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ConfigError(
+            f"{owner} {name} must be a finite number in {interval}, got {value!r} ({type(value).__name__})"
+        )
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner} {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def register_config(cls: type[PeftConfig]) -> type[PeftConfig]:
@@ -66,8 +119,20 @@ class PeftConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
+                self.target_modules
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            if not (_REGEX_CHARS & set(self.target_modules)):  # a plain name, not a regex
+                self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, list):
+            bad = [t for t in self.target_modules if not isinstance(t, str) or not t]
+            if bad:
+                raise ConfigError(
+                    f"target_modules entries must be non-empty module names (strings), got {bad!r}; e.g. "
+                    f"['q_proj', 'v_proj'], a regex string, 'all-linear' or None"
+                )
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
             raise ConfigError(
                 f"target_modules must be a list of names, a regex string, 'all-linear' or None; "
@@ -77,8 +142,10 @@ class PeftConfig:
             raise ConfigError("target_modules is an empty list; give at least one module name or None")
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
-        if not self.adapter_name or not isinstance(self.adapter_name, str):
-            raise ConfigError(f"adapter_name must be a non-empty string, got {self.adapter_name!r}")
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        check_adapter_name(self.adapter_name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with a ``method`` key."""

@@ -148,12 +148,14 @@ def _missing(path: Path) -> None:
 
 
 def _import_one(model: nn.Module, path: Path, adapter_name: str, trainable: bool, check_finite: bool) -> None:
-    if not (path / PEFT_CONFIG_NAME).is_file() or not (path / PEFT_WEIGHTS_NAME).is_file():
+    if not (path / PEFT_CONFIG_NAME).is_file():
         _missing(path)
     raw = read_json(path / PEFT_CONFIG_NAME)
     if "peft_type" not in raw:
         raise AdapterFileError(f"{path / PEFT_CONFIG_NAME} has no 'peft_type'; is it a HF PEFT adapter?")
     method = method_for_peft_type(raw["peft_type"])
+    if not (path / PEFT_WEIGHTS_NAME).is_file():
+        _missing(path)
     tensors = read_safetensors(path / PEFT_WEIGHTS_NAME)
     if check_finite:
         check_tensors_finite(tensors, str(path / PEFT_WEIGHTS_NAME))

@@ -15,31 +15,18 @@ anything raises, every slot, wrapper, hook and ``requires_grad`` flag is put bac
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .config import PeftConfig
+from .config import PeftConfig, check_adapter_name
 from .errors import TargetError, WrapError
 from .layers import AdapterLayer, Slot
 from .targeting import name_matches
 
 STATE_ATTR = "peftlab_adapters"
 ORIG_GRAD_ATTR = "_peftlab_orig_requires_grad"
-ADAPTER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
-RESERVED_NAMES = ("__base__", "base_layer", "weight", "bias")
-
-
-def check_adapter_name(name: Any) -> str:
-    """A valid adapter name: letters, digits, ``_`` and ``-``, not starting with a digit, not reserved."""
-    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
-        raise WrapError(
-            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (not starting with a digit, "
-            f"no '.'), and none of {', '.join(RESERVED_NAMES)}"
-        )
-    return name
 
 
 @dataclass

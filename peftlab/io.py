@@ -89,9 +89,9 @@ def atomic_save_safetensors(
 
 @contextlib.contextmanager
 def folder_lock(path: Path):
-    """An exclusive advisory lock on ``path/.peftlab.lock`` (concurrent writers into one folder serialise)."""
+    """An exclusive advisory lock beside ``path`` (``.<name>.lock``): concurrent writers into one folder serialise."""
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / ".peftlab.lock", "a") as f:
+    with open(path.parent / f".{path.name}.lock", "a") as f:
         try:
             import fcntl
 
@@ -330,7 +330,7 @@ def _save_one(model: nn.Module, path: Path, name: str) -> None:
                 "info": state.info,
             },
         )
-        _clean_stale(path, keep={CONFIG_NAME, weights_name, ".peftlab.lock"})
+        _clean_stale(path, keep={CONFIG_NAME, weights_name})
 
 
 def read_adapter_config(path: str | Path) -> tuple[PeftConfig, dict[str, Any]]:

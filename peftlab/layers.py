@@ -229,6 +229,8 @@ class AdapterLayer(nn.Module):
             from .mixed_batch import mixed_forward
 
             return mixed_forward(self, x, *args, **kwargs)
+        if self.merged_stack and self.training and torch.is_grad_enabled():
+            self._refuse_training_merged()
         running = self.running()
         if not running:
             return self.base_layer(x, *args, **kwargs)
@@ -246,6 +248,15 @@ class AdapterLayer(nn.Module):
             if not slot.replaces_base:
                 result = slot.contribute(x, result, weight)
         return result
+
+    def _refuse_training_merged(self) -> None:
+        for name, _ in self.merged_stack:
+            store = [getattr(self, r) for r in self.slots[name].roles if r in self._modules]
+            if any(p.requires_grad for st in store for p in ([st[name]] if isinstance(st, nn.ParameterDict) else st[name].parameters())):
+                raise MergeError(
+                    f"adapter {name!r} is merged into the base weights, so training it would compute no gradient "
+                    f"for it; call peftlab.unmerge(model) before training (merge again for inference)"
+                )
 
     # -- merge -----------------------------------------------------------------------------------
     def merge(self, name: str, safe: bool = True) -> None:

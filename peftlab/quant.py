@@ -300,7 +300,8 @@ def merge_error_report(model: nn.Module, adapter_name: str | None = None) -> dic
     layers = {}
     for path, layer in wrapped_layers(model, adapter_name):
         err = getattr(layer.base_layer, "peftlab_merge_error", None)
-        if err is not None and layer.merged:
+        merged = layer.is_merged(adapter_name) if adapter_name else bool(layer.merged_stack)
+        if err is not None and merged:
             layers[path] = dict(err)
     report: dict[str, Any] = {"layers": layers}
     if layers:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import peftlab
-from peftlab.methods.lora import LoraLinear
+from helpers import slots
 
 peft = pytest.importorskip("peft")
 
@@ -15,10 +15,9 @@ peft = pytest.importorskip("peft")
 def randomize(model, scale=0.05):
     torch.manual_seed(1)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.lora_B.normal_(0, scale)
-                m.lora_A.normal_(0, scale)
+        for m in slots(model, "LoraSlot"):
+            m.lora_B.normal_(0, scale)
+            m.lora_A.normal_(0, scale)
 
 
 def peft_count(model, **kwargs):

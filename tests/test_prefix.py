@@ -42,7 +42,7 @@ def test_gradients_reach_only_prefix_parameters(tiny, family):
     labels = x if family == "llama" else torch.tensor([0, 1])
     model(input_ids=x, labels=labels).loss.backward()
     for n, p in model.named_parameters():
-        assert (p.grad is not None) == n.startswith("peftlab_prefix_default."), n
+        assert (p.grad is not None) == n.startswith("peftlab_prefix.default."), n
     assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.grad is not None)
 
 

@@ -260,7 +260,7 @@ def test_qlora_minilm_sst2_lowers_the_loss(minilm_dir, sst2_dir):
         loss = model(**batches[step % len(batches)]).loss
         loss.backward()
         assert (
-            model.bert.encoder.layer[0].attention.self.query.lora_B.grad is not None
+            model.bert.encoder.layer[0].attention.self.query.slots["default"].lora_B.grad is not None
         )  # through checkpointing
         opt.step()
         opt.zero_grad()
@@ -283,7 +283,7 @@ def test_prepare_for_kbit_training_norms_fp32_and_input_grads(tiny):
     model(x, labels=x).loss.backward()
     first = model.model.layers[0].self_attn.q_proj  # first block: its grads pass through checkpointing
     assert (
-        first.lora_A.dtype == torch.float32 and first.lora_B.grad.abs().sum() > 0
+        first.slots["default"].lora_A.dtype == torch.float32 and first.slots["default"].lora_B.grad.abs().sum() > 0
     )  # dB ≠ 0 (dA = 0 while B = 0)
 
 
@@ -360,7 +360,7 @@ def test_nf4_merge_dequantizes_adds_requantizes_and_measures(tiny):
     model, x = trained_lora(tiny, bits=4)
     path, layer = "model.layers.0.self_attn.q_proj", model.model.layers[0].self_attn.q_proj
     w_old = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
-    target = w_old + layer.delta_weight()
+    target = w_old + layer.slots["default"].delta_weight()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a 4-bit merge reports, it does not warn
         report = merge_quantized(model, {"input_ids": x})
@@ -413,7 +413,7 @@ def test_dequantize_model_reaches_adapter_base_layers(tiny):
         expected = model(x).logits
     dequantize_model(model)
     layer = model.model.layers[1].mlp.down_proj
-    assert type(layer.base_layer) is nn.Linear and layer.lora_A.requires_grad
+    assert type(layer.base_layer) is nn.Linear and layer.slots["default"].lora_A.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-4, atol=1e-4)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, register_config
+from ..config import PeftConfig, check_int, check_number, register_config
 from ..errors import ConfigError
 from ..inject import base_layer_of, get_state, slots_of
 from ..layers import Slot, layer_dims, weight_shape
@@ -70,28 +70,26 @@ class AdaLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("init_r", "target_r", "delta_t"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"AdaLoRA {name} must be a positive integer, got {value!r}")
+            check_int("AdaLoRA", name, getattr(self, name), low=1)
         if self.target_r > self.init_r:
             raise ConfigError(f"AdaLoRA target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         if self.total_steps is None:
             raise ConfigError(
                 "AdaLoRA needs total_steps (the number of training steps) for its budget schedule"
             )
-        if not isinstance(self.total_steps, int) or self.total_steps <= 0:
-            raise ConfigError(f"AdaLoRA total_steps must be a positive integer, got {self.total_steps!r}")
-        if self.t_init < 0 or self.t_final < 0:
-            raise ConfigError(f"t_init and t_final must be >= 0, got {self.t_init}, {self.t_final}")
+        check_int("AdaLoRA", "total_steps", self.total_steps, low=1)
+        check_int("AdaLoRA", "t_init", self.t_init, low=0)
+        check_int("AdaLoRA", "t_final", self.t_final, low=0)
         if self.t_init + self.t_final >= self.total_steps:
             raise ConfigError(
                 f"inconsistent AdaLoRA schedule: t_init ({self.t_init}) + t_final ({self.t_final}) must be smaller "
                 f"than total_steps ({self.total_steps}), leaving steps in which ranks are pruned"
             )
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.alpha <= 0 or self.orth_reg_weight < 0 or not 0 <= self.dropout < 1:
-            raise ConfigError("need alpha > 0, orth_reg_weight >= 0 and dropout in [0, 1)")
+        check_number("AdaLoRA", "beta1", self.beta1, low=0, high=1, high_open=True)
+        check_number("AdaLoRA", "beta2", self.beta2, low=0, high=1, high_open=True)
+        check_number("AdaLoRA", "alpha", self.alpha, low=0, low_open=True)
+        check_number("AdaLoRA", "orth_reg_weight", self.orth_reg_weight, low=0)
+        check_number("AdaLoRA", "dropout", self.dropout, low=0, high=1, high_open=True)
 
 
 class AdaLoraSlot(Slot):
@@ -215,6 +213,17 @@ def adalora_step(model: nn.Module, step: int, adapter_name: str | None = None) -
 
 def _on_step(model: nn.Module, state, step: int) -> None:
     allocator: RankAllocator = state.live.objects["allocator"]
+    if not state.live.objects.get("warned_no_grad") and all(
+        s.lora_E.grad is None for s in allocator.layers.values()
+    ):
+        import warnings
+
+        state.live.objects["warned_no_grad"] = True
+        warnings.warn(
+            f"AdaLoRA adapter {state.name!r}: on_train_step/adalora_step found no gradients, so importances and "
+            f"ranks are not updated; call it after loss.backward() and optimizer.step(), before zero_grad()",
+            stacklevel=3,
+        )
     pattern = allocator.step(step)
     if pattern is not None and state.config.rank_pattern != pattern:
         state.config.rank_pattern = pattern

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PeftConfig, register_config
+from ..config import PeftConfig, check_bool, check_int, check_number, register_config
 from ..errors import ConfigError
 from ..inject import base_layer_of
 from ..layers import AdapterLayer, Slot, is_conv1d, layer_dims, weight_shape
@@ -65,22 +65,21 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        check_int("LoRA", "rank r", self.r, low=1)
+        check_number("LoRA", "alpha", self.alpha, low=0, low_open=True)
+        check_number("LoRA", "dropout", self.dropout, low=0, high=1, high_open=True)
+        check_bool("LoRA", "use_rslora", self.use_rslora)
         if self.bias not in BIAS_OPTIONS:
             raise ConfigError(f"LoRA bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if self.use_kernel not in ("auto", "triton", "torch"):
             raise ConfigError(f"use_kernel must be 'auto', 'triton' or 'torch', got {self.use_kernel!r}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, field_name), dict):
+                raise ConfigError(f"LoRA {field_name} must be a dict {{module name or regex: value}}, got {getattr(self, field_name)!r}")
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+            check_int("LoRA", f"rank_pattern[{key!r}]", value, low=1)
         for key, value in self.alpha_pattern.items():
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(f"alpha_pattern[{key!r}] must be a positive number, got {value!r}")
+            check_number("LoRA", f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """Rank and alpha for the module at ``path`` after the per-module patterns."""
@@ -215,7 +214,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
         )
     extra: list[str] = []
     if config.bias == "all":
-        extra = [n for n, p in model.named_parameters() if "bias" in n and ".lora_" not in n]  # as HF PEFT
+        skip = tuple(f"{path}." for path in txn.skip)  # modules_to_save copies carry their own biases
+        extra = [n for n, p in model.named_parameters() if "bias" in n and ".lora_" not in n and not n.startswith(skip)]
     elif config.bias == "lora_only":
         extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(model.get_submodule(path)), "bias", None) is not None]
     fan_in_fan_out = any(is_conv1d(base_layer_of(model.get_submodule(t))) for t in targets)

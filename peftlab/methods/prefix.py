@@ -48,12 +48,12 @@ class PrefixConfig(PeftConfig):
         super().__post_init__()
         if self.target_modules is not None:
             raise ConfigError("prefix tuning adapts every attention layer; it takes no target_modules")
-        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
+        if isinstance(self.num_virtual_tokens, bool) or not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ConfigError(
                 f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}"
             )
         if self.projection_dim is not None and (
-            not isinstance(self.projection_dim, int) or self.projection_dim <= 0
+            isinstance(self.projection_dim, bool) or not isinstance(self.projection_dim, int) or self.projection_dim <= 0
         ):
             raise ConfigError(
                 f"projection_dim must be a positive integer or None, got {self.projection_dim!r}"
