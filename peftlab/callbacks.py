@@ -5,13 +5,15 @@
 * after each optimizer step (before gradients are zeroed) :func:`peftlab.on_train_step` runs, once per
   optimizer step, not per micro-batch (AdaLoRA's rank allocation);
 * ``trainer.save_model(out)`` and every ``checkpoint-N/`` hold the adapter, not the whole model:
-  ``adapter_config.json`` + ``adapter.safetensors`` (loadable with :func:`peftlab.load_adapter`), optionally
-  HF PEFT's format in ``peft/`` (``PeftlabCallback(peft_format=True)``), plus
-  ``peftlab_train_state.safetensors`` (AdaLoRA's importance EMAs and final rank pattern) and a
-  ``model.safetensors.index.json`` that maps the adapter's keys to ``adapter.safetensors``;
+  ``adapter_config.json`` + its weights file (loadable with :func:`peftlab.load_adapter`), optionally
+  HF PEFT's format in ``peft/`` (``PeftlabCallback(peft_format=True)``), plus what resuming needs:
+  ``peftlab_train_state.safetensors`` (the adapter tensors keyed by their path in the model, a second small
+  copy, and AdaLoRA's importance EMAs and final rank pattern) and a ``model.safetensors.index.json``
+  pointing to it;
 * ``trainer.train(resume_from_checkpoint=...)`` therefore restores the adapter through the Trainer's own
-  sharded-checkpoint loader (no model weights are read), the optimizer, scheduler and RNG states as usual,
-  and the AdaLoRA allocator state (a ``load_state_dict`` pre-hook takes the ``peftlab_train_state.*`` keys).
+  sharded-checkpoint loader (``load_state_dict(strict=False)``; no base weights are read), the optimizer,
+  scheduler and RNG states as usual, and the AdaLoRA allocator state (a ``load_state_dict`` pre-hook takes
+  the ``peftlab_train_state.*`` keys).
 
 How: when the Trainer is built the callback replaces ``save_pretrained`` on that model instance with an
 adapter writer (the Trainer saves through ``model.save_pretrained``, as it does for HF PEFT models). A model
@@ -48,6 +50,12 @@ _ORIGINAL = "_peftlab_original_save_pretrained"
 # ---- AdaLoRA allocator state ---------------------------------------------------------------------
 
 
+def _allocator(state) -> Any:
+    """AdaLoRA's RankAllocator of one adapter state (None for other methods)."""
+    objects = getattr(getattr(state, "live", None), "objects", None) or {}
+    return objects.get("allocator") or (getattr(state, "info", None) or {}).get("allocator")
+
+
 def train_state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Per-adapter training state that is not a parameter: AdaLoRA's importance EMAs (Ī, Ū) and final
     rank pattern, keyed ``peftlab_train_state.<adapter>.<ipt|unc|final>.<entry>``. Empty for other methods."""
@@ -55,7 +63,7 @@ def train_state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for name, state in adapters(model).items():
-        allocator = state.info.get("allocator")
+        allocator = _allocator(state)
         if allocator is None:
             continue
         prefix = f"{TRAIN_STATE_PREFIX}{name}."
@@ -72,7 +80,7 @@ def load_train_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -
     """Inverse of :func:`train_state_tensors` (keys that are not ``peftlab_train_state.*`` are ignored)."""
     states = adapters(model)
     for name, state in states.items():
-        allocator = state.info.get("allocator")
+        allocator = _allocator(state)
         prefix = f"{TRAIN_STATE_PREFIX}{name}."
         if allocator is None or f"{prefix}present" not in tensors:
             continue
@@ -103,40 +111,55 @@ def _train_state_pre_hook(module, state_dict, prefix, local_metadata, strict, mi
 # ---- adapter-only save_pretrained ----------------------------------------------------------------
 
 
+def adapter_weights_name(folder: str | Path) -> str:
+    """The weights file a saved peftlab adapter's config points to."""
+    from .io import CONFIG_NAME
+
+    return json.loads((Path(folder) / CONFIG_NAME).read_text()).get("weights", "adapter.safetensors")
+
+
+def _named_adapter_tensors(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors keyed by their path in ``model`` (what ``model.load_state_dict`` takes)."""
+    from .io import adapter_state_dict
+
+    try:
+        return adapter_state_dict(model, name, named=True)
+    except TypeError:  # an io without the ``named`` switch keys by model path already
+        return adapter_state_dict(model, name)
+
+
 def save_checkpoint_files(
     model: torch.nn.Module, save_directory: str | Path, peft_format: bool = False
 ) -> Path:
-    """Write the adapter files of every adapter on ``model`` into ``save_directory`` (see the module doc):
-    one adapter at the top, several in ``<name>/`` subfolders; the Trainer's index; AdaLoRA train state."""
-    from safetensors import safe_open
-
+    """Write the adapter files of every adapter on ``model`` into ``save_directory`` (see the module doc): one
+    adapter at the top, several in ``<name>/`` subfolders (:func:`peftlab.save_adapter`), and for the Trainer's
+    resume ``peftlab_train_state.safetensors`` (the adapter tensors keyed by model path, AdaLoRA's allocator
+    state) with the index that points the Trainer's loader to it."""
+    from .distributed import gather_state_dict
     from .hf_peft import export_peft
-    from .io import WEIGHTS_NAME, atomic_save_safetensors, atomic_write_json, save_adapter
+    from .io import atomic_save_safetensors, atomic_write_json, save_adapter
 
     out = Path(save_directory)
     names = list(adapters(model))
-    weight_map: dict[str, str] = {}
+    resume: dict[str, torch.Tensor] = {}
     for name in names:
         folder = out if len(names) == 1 else out / name
         save_adapter(model, folder, name)
         if peft_format:
             export_peft(model, folder / PEFT_SUBFOLDER, name)
-        rel = str((folder / WEIGHTS_NAME).relative_to(out))
-        with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
-            weight_map.update({key: rel for key in f.keys()})
-    extra = train_state_tensors(model)
-    if extra:
-        atomic_save_safetensors(out / TRAIN_STATE_NAME, extra, {"format": "pt"})
-        weight_map.update({key: TRAIN_STATE_NAME for key in extra})
+        resume.update(gather_state_dict(_named_adapter_tensors(model, name)))
+    resume.update(train_state_tensors(model))
+    atomic_save_safetensors(out / TRAIN_STATE_NAME, resume, {"format": "pt"})
     atomic_write_json(
         out / INDEX_NAME,
         {
             "metadata": {
                 "format": "peftlab-adapter",
                 "note": "adapter-only checkpoint written by peftlab.PeftlabCallback: load it with "
-                "peftlab.load_adapter(base_model, this_folder); the base model's weights are not here",
+                "peftlab.load_adapter(base_model, this_folder); the base model's weights are not here. "
+                f"{TRAIN_STATE_NAME} holds the trainable tensors and allocator state for trainer.train(resume_from_checkpoint)",
             },
-            "weight_map": weight_map,
+            "weight_map": dict.fromkeys(resume, TRAIN_STATE_NAME),
         },
     )
     return out

@@ -156,7 +156,14 @@ def cmd_bench(args) -> int:
         sweep.setdefault("train", {})["max_steps"] = args.max_steps
     if args.data:
         sweep["data"] = args.data
+    for key in ("precision", "grad_accum", "processes", "distributed"):
+        if getattr(args, key, None) is not None:
+            sweep.setdefault("train", {})[key] = getattr(args, key)
     specs = expand(sweep)
+    from .bench.multiprocess import check_train_config
+
+    for spec in specs:
+        check_train_config(spec["train"])
     for model in sorted({s["model"] for s in specs}):
         _check_model(model)
     out = Path(args.out or f"runs/{sweep['name']}")
@@ -218,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ranks", nargs="+", type=int)
     bench.add_argument("--seeds", nargs="+", type=int)
     bench.add_argument("--max-steps", type=int)
+    bench.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp16 needs CUDA (default fp32)")
+    bench.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    bench.add_argument(
+        "--processes",
+        type=int,
+        help="processes per run: torchrun on a CPU, accelerate launch on GPUs (default 1)",
+    )
+    bench.add_argument(
+        "--distributed", choices=["ddp", "fsdp"], help="strategy with --processes > 1 (default ddp)"
+    )
     bench.add_argument(
         "--data",
         help="data folder holding sst2/ and conll2003/ (default: $PEFTLAB_DATA or ../shared/data), "

@@ -204,7 +204,7 @@ def train(
     desc: str = "train",
     progress: bool = True,
     step_hook: Callable[[int], None] | None = None,
-    optimizer: str = "adamw",
+    optimizer: str | Callable[[list[nn.Parameter]], torch.optim.Optimizer] = "adamw",
     precision: str = "fp32",
     grad_accum: int = 1,
     distributed: str | None = None,
@@ -220,7 +220,8 @@ def train(
             is kept and restored at the end (``restore_best``).
         step_hook: called with the step index right after ``on_train_step`` (e.g. HF PEFT's
             AdaLoRA ``update_and_allocate`` when benchmarking the peer).
-        optimizer: one of :data:`peftlab.memory.OPTIMIZERS` ("adamw8bit" etc. need bitsandbytes).
+        optimizer: one of :data:`peftlab.memory.OPTIMIZERS` ("adamw8bit" etc. need bitsandbytes), or a
+            callable ``params -> torch.optim.Optimizer`` (its own lr; the schedule multiplies it).
         precision: fp32 | bf16 | fp16 (fp16 needs CUDA; on a CPU use bf16).
         grad_accum: micro-batches per optimizer step.
         distributed: None (one process, or DDP when launched with several), ``"ddp"`` or ``"fsdp"`` (FSDP2).
@@ -237,9 +238,10 @@ def train(
     module = model  # the user's model (AdaLoRA's hooks and best-checkpoint copies use it)
 
     def new_optimizer():
-        return make_optimizer(
-            [p for p in module.parameters() if p.requires_grad], optimizer, lr=lr, weight_decay=weight_decay
-        )
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        if callable(optimizer):
+            return optimizer(trainable)
+        return make_optimizer(trainable, optimizer, lr=lr, weight_decay=weight_decay)
 
     model, opt = _prepare(acc, module, new_optimizer, distributed, precision)
     warmup = int(warmup_ratio * steps)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..io import atomic_write_json
 from . import procs
+from .multiprocess import check_train_config, worker_command
 from .sweep import run_id
 
 RESULTS = "results.jsonl"
@@ -89,7 +89,7 @@ def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
     }
     try:
         proc = procs.run(  # the worker is ended with this process (SIGTERM, Ctrl-C, kill -9)
-            [sys.executable, "-m", "peftlab.bench.worker", str(spec_path), str(result_path)],
+            worker_command(spec, spec_path, result_path),  # torchrun / accelerate launch for processes > 1
             timeout=timeout,
             env=env,
             stdout=subprocess.PIPE,
@@ -117,6 +117,8 @@ def run_sweep(
     work.mkdir(parents=True, exist_ok=True)
     done = {r["run_id"] for r in read_results(out) if r.get("status") == "ok"}
     todo = [s for s in specs if s["run_id"] not in done]
+    for spec in todo:  # bad precision / processes / batch split: a clear error before anything starts
+        check_train_config(spec["train"])
     if progress and len(todo) < len(specs):
         print(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already finished in {out / RESULTS}")
     bar = tqdm(todo, desc="sweep", disable=not progress, dynamic_ncols=True)

@@ -52,6 +52,10 @@ TRAIN_KEYS = {
     "group_by_length",
     "optimizer",
     "gradient_checkpointing",
+    "precision",  # fp32 | bf16 | fp16 (CUDA)
+    "grad_accum",  # micro-batches per optimizer step (batch_size stays the global batch)
+    "processes",  # > 1: torchrun (CPU) or accelerate launch (GPUs), see peftlab.bench.multiprocess
+    "distributed",  # ddp | fsdp
 }
 LIST_VALUED = {"target_modules", "modules_to_save", "layers", "skip_modules"}
 TRAIN_DEFAULTS = {"batch_size": 32, "lr": 1e-3, "max_length": 64, "max_steps": 300}

@@ -85,12 +85,15 @@ def run(spec: dict) -> dict:
     from peftlab.train import cycle, train
 
     from ..errors import ConfigError
+    from .multiprocess import process_context
     from .providers import get_provider
     from .tasks import data_dir, get_task
 
     start = time.perf_counter()
     cfg = spec["train"]
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = process_context(cfg, device)  # one process, or this rank of a torchrun / accelerate launch run
+    device = ranks.device if ranks.world > 1 else device
     torch.manual_seed(spec["seed"])
     task = get_task(spec["task"])
     folder = data_dir(spec.get("data"))
@@ -111,16 +114,23 @@ def run(spec: dict) -> dict:
     if checkpointing != "none":
         peftlab.enable_gradient_checkpointing(model, selective=checkpointing == "selective")
     trainable, total = peftlab.count_parameters(model)
+    try:  # peftlab.estimate's predicted peak, shown beside the measured one in the report
+        from peftlab.estimate_cli import bench_estimate_mb
+
+        estimate_mb = bench_estimate_mb(spec, model, task.kind, device, steps)
+    except Exception:  # the estimate never fails a run (an architecture it does not know, say)
+        estimate_mb = None
 
     max_len, eval_bs = cfg["max_length"], cfg.get("eval_batch_size", 64)
 
     def evaluate_dev() -> float:
-        return task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)[task.metric]
+        return ranks.evaluate(task, model, tokenizer, dev_rows, eval_bs, max_len)[task.metric]
 
     grouped = cfg.get("group_by_length", True)
     batches = cycle(
         lambda epoch: task.batches(tokenizer, train_rows, bs, max_len, spec["seed"] * 1000 + epoch, grouped)
     )
+    batches = ranks.split(batches)  # this process's micro-batches of each global batch
     if device != "cpu":
         batches = ({k: v.to(device) for k, v in b.items()} for b in batches)
     loss_fn = (lambda m, b: m(**b).loss) if spec["method"].startswith("hf-") else None
@@ -139,11 +149,13 @@ def run(spec: dict) -> dict:
         desc=f"{spec['method']} {spec['task']}",
         progress=cfg.get("progress", True),
         optimizer=cfg.get("optimizer", "adamw"),
+        **ranks.train_kwargs(),
         **kwargs,
     )
-    dev = task.evaluate(model, tokenizer, dev_rows, eval_bs, max_len)
+    dev = ranks.evaluate(task, model, tokenizer, dev_rows, eval_bs, max_len)
     test_examples: dict = {}  # per-example columns for the report's paired bootstrap (stats.py)
-    test = task.evaluate(model, tokenizer, test_rows, eval_bs, max_len, examples=test_examples)
+    test = ranks.evaluate(task, model, tokenizer, test_rows, eval_bs, max_len, examples=test_examples)
+    peaks = ranks.gather_floats(peak_memory_mb(device))
     median_step = statistics.median(result.step_times)
     return {
         "status": "ok",
@@ -159,7 +171,10 @@ def run(spec: dict) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100 * trainable / total,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": max(peaks),
+        "peak_memory_mb_per_process": peaks,
+        "estimate_mb": estimate_mb,
+        "processes": ranks.world,
         # throughput over the steps after the first (which pays one-time allocation and warm-up costs)
         "tokens_per_s": result.tokens
         * (len(result.step_times) - 1)
