@@ -44,3 +44,62 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, scaling: float, mask=None):
         lora_dx = lora_dx * mask
     dx = g @ _f(weight) + lora_dx
     return dx, scaling * gb.t() @ xd, scaling * g.t() @ xa, g.sum(0)
+
+
+# ---- multi-adapter LoRA (peftlab.kernels.sgmv): SGMV over segments, BGMV per row ---------------------------
+#
+# Tables: A_tab (n, R, K) and B_tab (n, R, N) (B_tab[a] = B_aᵀ), zero-padded to the largest rank R;
+# ranks (n,) or None (all R); scales (n,) or None (all 1). Segment g covers sorted positions
+# [seg_start[g], seg_start[g] + seg_len[g]), holding tokens perm[i], with adapter seg_adapter[g] (-1: none).
+
+
+def _rank_mask(table, ranks):
+    if ranks is None:
+        return _f(table)
+    keep = torch.arange(table.shape[1], device=table.device)[None, :] < ranks.to(table.device).long()[:, None]
+    return _f(table) * keep[:, :, None]
+
+
+def sgmv_shrink(x, a_table, seg_start, seg_len, seg_adapter, perm=None, ranks=None):
+    """t (M, R), sorted order: t[i] = x[perm[i]] A_aᵀ (columns ≥ r_a zero); positions outside run segments 0."""
+    a = _rank_mask(a_table, ranks)
+    t = torch.zeros(x.shape[0], a.shape[1], dtype=a.dtype, device=x.device)
+    for start, length, adapter in zip(seg_start.tolist(), seg_len.tolist(), seg_adapter.tolist()):
+        if adapter < 0 or length == 0:
+            continue
+        pos = torch.arange(start, start + length, device=x.device)
+        rows = perm[pos].long() if perm is not None else pos
+        t[pos] = _f(x)[rows] @ a[adapter].t()
+    return t
+
+
+def sgmv_expand(y, t, b_table, seg_start, seg_len, seg_adapter, perm=None, ranks=None, scales=None):
+    """y' (fp32/fp64 copy of y): y'[perm[i]] += s_a · t[i, :r_a] B_aᵀ for every i in a run segment."""
+    b = _rank_mask(b_table, ranks)
+    out = _f(y).clone()
+    for start, length, adapter in zip(seg_start.tolist(), seg_len.tolist(), seg_adapter.tolist()):
+        if adapter < 0 or length == 0:
+            continue
+        pos = torch.arange(start, start + length, device=y.device)
+        rows = perm[pos].long() if perm is not None else pos
+        scale = 1.0 if scales is None else float(scales[adapter])
+        out[rows] += scale * (_f(t)[pos] @ b[adapter])
+    return out
+
+
+def bgmv_shrink(x, a_table, idx, ranks=None):
+    """t (M, R): t[m] = x[m] A_{idx[m]}ᵀ; rows with idx -1 are 0."""
+    a = _rank_mask(a_table, ranks)
+    idx = idx.long()
+    t = torch.einsum("mk,mrk->mr", _f(x), a[idx.clamp(min=0)])
+    return t * (idx >= 0)[:, None]
+
+
+def bgmv_expand(y, t, b_table, idx, ranks=None, scales=None):
+    """y' = y + s_a · t[m] B_{idx[m]}ᵀ per row (rows with idx -1 unchanged), fp32/fp64."""
+    b = _rank_mask(b_table, ranks)
+    idx = idx.long()
+    delta = torch.einsum("mr,mrn->mn", _f(t), b[idx.clamp(min=0)])
+    if scales is not None:
+        delta = delta * _f(scales.to(y.device))[idx.clamp(min=0)][:, None]
+    return _f(y) + delta * (idx >= 0)[:, None]
