@@ -1,0 +1,134 @@
+"""Recipe study (issue 18), phase 1 -> phase 2: pick each method's recipe on the dev split, write recipes.yaml.
+
+    python benchmarks/recipes.py choose [SEARCH_DIR] [OUT_YAML]
+
+reads the search sweep's records (default benchmarks/results/recipes/search/results.jsonl), takes for every
+method label the run with the highest dev metric (the best dev checkpoint's, on 2,000 dev sentences; the
+test split is never looked at), and writes the phase-2 sweep (default benchmarks/sweeps/recipes.yaml):
+the chosen recipes at 2 epochs with 3 seeds, plus HF PEFT's LoRA under LoRA's chosen recipe, and LoRA q,v
+r=8 (AdaLoRA's final budget) when LoRA's choice is another placement or rank. The whole study:
+
+    peftlab bench --sweep benchmarks/sweeps/recipes-search.yaml --out benchmarks/results/recipes/search
+    python benchmarks/recipes.py choose
+    peftlab bench --sweep benchmarks/sweeps/recipes.yaml --out benchmarks/results/recipes
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH = REPO / "benchmarks" / "results" / "recipes" / "search"
+OUT = REPO / "benchmarks" / "sweeps" / "recipes.yaml"
+# phase 1 label -> phase 2 label (LoRA's two placements compete for one "lora" row)
+FAMILY = {"lora-qv": "lora", "lora-all": "lora"}
+EXPECTED_PER_FAMILY = {"full": 3, "lora": 12, "adalora": 3, "houlsby": 3, "pfeiffer": 3, "prefix": 3}
+FINAL_TRAIN = {
+    "epochs": 2,
+    "max_steps": None,
+    "train_limit": 20000,
+    "batch_size": 32,
+    "max_length": 64,
+    "eval_every": 250,
+    "dev_limit": 2000,
+    "eval_batch_size": 256,
+    "warmup_ratio": 0.06,
+}
+HEADER = """\
+# Recipe study, phase 2 (issue 18): the recipe each method won on the dev split in phase 1
+# (recipes-search.yaml, benchmarks/results/recipes/search/report.md), at 2 epochs with 3 seeds, on the test set.
+# Written by `python benchmarks/recipes.py choose` ({note}); do not edit by hand.
+# MiniLM-L6, SST-2: 2 epochs of a seeded 20,000-sentence subset of the train split (1,250 steps of 32; each seed
+# draws its own subset), dev = 2,000 sentences every 250 steps (best checkpoint kept), test = all 872.
+# Run (resumes):  OMP_NUM_THREADS=1 nohup nice -n 10 peftlab bench --sweep benchmarks/sweeps/recipes.yaml \\
+#                     --out benchmarks/results/recipes &
+"""
+
+
+def choose(records: list[dict], partial: bool = False) -> dict[str, dict]:
+    """{family: best record by dev metric} over the successful search runs."""
+    by_family: dict[str, list[dict]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            by_family.setdefault(FAMILY.get(r["label"], r["label"]), []).append(r)
+    missing = {f: n - len(by_family.get(f, [])) for f, n in EXPECTED_PER_FAMILY.items()}
+    missing = {f: n for f, n in missing.items() if n > 0}
+    if missing and not partial:
+        raise SystemExit(
+            f"the search is not finished (runs missing per method: {missing}); rerun it or pass --partial"
+        )
+    return {f: max(runs, key=lambda r: r["dev"][r["metric"]]) for f, runs in by_family.items()}
+
+
+def _entry(method: str, label: str, params: dict, lr: float) -> dict:
+    entry = {"method": method, "label": label}
+    if params:
+        entry["params"] = params
+    entry["train"] = {"lr": lr}
+    return entry
+
+
+def final_sweep(best: dict[str, dict]) -> dict:
+    methods = []
+    for family in ("full", "lora", "adalora", "houlsby", "pfeiffer", "prefix"):
+        if family not in best:
+            continue
+        r = best[family]
+        method = "lora" if family == "lora" else r["method"]
+        methods.append(_entry(method, family, dict(r["params"]), r["train"]["lr"]))
+        if family == "lora":
+            params = dict(r["params"])
+            params["target_modules"] = params.get("target_modules") or ["query", "value"]
+            methods.append(_entry("hf-lora", "hf-lora", params, r["train"]["lr"]))
+            if params["target_modules"] != ["query", "value"] or params.get("r") != 8:
+                qv8 = [
+                    x for x in _search_records() if x.get("label") == "lora-qv" and x["params"].get("r") == 8
+                ]
+                qv8 = [x for x in qv8 if x.get("status") == "ok"]
+                if qv8:
+                    top = max(qv8, key=lambda x: x["dev"][x["metric"]])
+                    methods.append(_entry("lora", "lora-qv-r8", dict(top["params"]), top["train"]["lr"]))
+    return {
+        "name": "recipes",
+        "models": ["minilm-l6"],
+        "tasks": ["sst2"],
+        "seeds": [0, 1, 2],
+        "train": FINAL_TRAIN,
+        "methods": methods,
+    }
+
+
+_RECORDS: list[dict] = []
+
+
+def _search_records() -> list[dict]:
+    return _RECORDS
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "choose":
+        print(__doc__)
+        return 2
+    partial = "--partial" in argv
+    args = [a for a in argv[1:] if not a.startswith("--")]
+    search = Path(args[0]) if args else SEARCH
+    out = Path(args[1]) if len(args) > 1 else OUT
+    path = search / "results.jsonl"
+    _RECORDS[:] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    best = choose(_RECORDS, partial)
+    sweep = final_sweep(best)
+    note = "from " + ", ".join(f"{f}: dev {100 * r['dev'][r['metric']]:.2f}" for f, r in best.items())
+    body = yaml.safe_dump(sweep, sort_keys=False, default_flow_style=None, width=200)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(HEADER.format(note=note) + body)
+    tmp.replace(out)
+    print(f"wrote {out}:\n{body}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
