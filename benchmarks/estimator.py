@@ -169,9 +169,11 @@ def write_outputs(records: list[dict], out: Path, meta: dict) -> None:
         f"`{meta['command']}` (peftlab {meta['commit']}, torch {records[0].get('torch', '?') if records else '?'}). "
         f"Each row: its own process, {STEPS} AdamW steps (fp32, model.train(), random tokens; SmolLM2 with our "
         "fused loss), "
-        + ("growth of torch.cuda.max_memory_allocated over the after-load allocation"
-           if meta["device"].startswith("cuda") else
-           "peak RSS growth over the after-load baseline (malloc_trim, then /proc/self/clear_refs resets the peak)")
+        + (
+            "growth of torch.cuda.max_memory_allocated over the after-load allocation"
+            if meta["device"].startswith("cuda")
+            else "peak RSS growth over the after-load baseline (malloc_trim, then /proc/self/clear_refs resets the peak)"
+        )
         + " vs `peftlab.estimate(...).training_peak` (total peak minus the weights the baseline holds).",
         "",
     ]
@@ -245,9 +247,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/estimator")
     parser.add_argument("--only", nargs="*", help="model names to run")
     parser.add_argument("--mmap-threshold", type=int, help="MALLOC_MMAP_THRESHOLD_ for the workers")
-    parser.add_argument("--device", default="cpu", help="cpu (peak RSS growth) or cuda (max_memory_allocated growth)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (peak RSS growth) or cuda (max_memory_allocated growth)"
+    )
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
-    parser.add_argument("--rescore", help="recompute the predictions of a saved estimator.json with today's code")
+    parser.add_argument(
+        "--rescore", help="recompute the predictions of a saved estimator.json with today's code"
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -259,7 +265,9 @@ def main() -> None:
         for r in data["records"]:
             if "measured_growth" in r:
                 rescore(r)
-        write_outputs(data["records"], Path(args.out), {**data["meta"], "notes": data["meta"].get("notes", [])})
+        write_outputs(
+            data["records"], Path(args.out), {**data["meta"], "notes": data["meta"].get("notes", [])}
+        )
         return
     from tqdm import tqdm
 
@@ -268,7 +276,9 @@ def main() -> None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     records = []
     out = Path(args.out)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     meta = {
         "device": f"{args.device} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/estimator.py" + (f" --mmap-threshold {args.mmap_threshold}"
@@ -284,7 +294,9 @@ def main() -> None:
             record = dict(zip(("model", "method", "batch", "seq", "checkpointing"), cfg))
             record["failure"] = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
         records.append(record)
-        tqdm.write(f"{cfg}: " + (f"{100 * record['error']:+.1f}%" if "error" in record else record["failure"]))
+        tqdm.write(
+            f"{cfg}: " + (f"{100 * record['error']:+.1f}%" if "error" in record else record["failure"])
+        )
         write_outputs(records, out, meta)
 
 

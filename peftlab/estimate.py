@@ -93,9 +93,15 @@ class Estimate:
             ("adapter weights", self.adapter_weights),
             ("gradients", self.gradients),
             (f"optimizer states ({self.optimizer}){paged}", self.optimizer_states),
-            (f"activations: {len(blocks)} blocks × {max(blocks, default=0) / mib:,.1f} MiB + rest", self.activations),
+            (
+                f"activations: {len(blocks)} blocks × {max(blocks, default=0) / mib:,.1f} MiB + rest",
+                self.activations,
+            ),
             ("logits + loss, fused CE" + (" (used)" if self.loss == "fused" else ""), self.logits_loss_fused),
-            ("logits + loss, unfused" + (" (used)" if self.loss == "unfused" else ""), self.logits_loss_unfused),
+            (
+                "logits + loss, unfused" + (" (used)" if self.loss == "unfused" else ""),
+                self.logits_loss_unfused,
+            ),
         ]
         rows += [(f"peak at {name}", v) for name, v in self.phases.items()]
         rows.append(("TOTAL PEAK", self.total_peak))
@@ -199,7 +205,9 @@ def estimate(
         raise ConfigError(f"quant must be None, nf4, fp4 or int8, got {quant!r}")
     ckpt = {False: "none", True: "full", None: "none"}.get(gradient_checkpointing, gradient_checkpointing)
     if ckpt not in CHECKPOINTING:
-        raise ConfigError(f"gradient_checkpointing must be False, True, or one of {CHECKPOINTING}, got {ckpt!r}")
+        raise ConfigError(
+            f"gradient_checkpointing must be False, True, or one of {CHECKPOINTING}, got {ckpt!r}"
+        )
     if loss not in LOSSES:
         raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
     if device not in ("cuda", "cpu"):
@@ -209,7 +217,9 @@ def estimate(
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     method = _method_of(config)
     if quant and method not in ("lora", "adalora"):
-        raise ConfigError(f"quant={quant!r} needs a LoRA/AdaLoRA config (QLoRA); {method} trains on a float base")
+        raise ConfigError(
+            f"quant={quant!r} needs a LoRA/AdaLoRA config (QLoRA); {method} trains on a float base"
+        )
     hf_config = load_config(model_or_path)
     if not train_mode:
         hf_config = type(hf_config).from_dict(
@@ -221,7 +231,9 @@ def estimate(
     key = (hf_config.to_json_string(), kind, method, repr(config), precision, quant, double_quant)
     counts = _COUNTS.get(key)
     if counts is None:
-        counts = count(hf_config, kind, method, None if method == "full" else config, precision, quant, double_quant)
+        counts = count(
+            hf_config, kind, method, None if method == "full" else config, precision, quant, double_quant
+        )
         _COUNTS.clear()  # keep the last one only: fit() calls estimate() with the same model many times
         _COUNTS[key] = counts
     b, s, n_layers = batch_size, seq_len, counts.n_layers

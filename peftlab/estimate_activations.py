@@ -134,7 +134,9 @@ class Graph:
         self.gemm += m * size * e + m * d * e
         self.rg[out] = True
 
-    def attention(self, q, k, v, out, b, s, S, heads, kv, hd, math: bool, p: float, mask: bool = False) -> None:
+    def attention(
+        self, q, k, v, out, b, s, S, heads, kv, hd, math: bool, p: float, mask: bool = False
+    ) -> None:
         """SDPA; with an explicit mask (prefix) transformers repeats the KV heads and the kernel keeps the mask."""
         e = self.e
         if mask:
@@ -176,7 +178,9 @@ def _geometry(cfg):
     return heads, kv, hd
 
 
-def block_cost(counts, layer: int, x_rg: bool, b: int, s: int, e: int, device: str, act: str = "relu") -> BlockCost:
+def block_cost(
+    counts, layer: int, x_rg: bool, b: int, s: int, e: int, device: str, act: str = "relu"
+) -> BlockCost:
     """Saved bytes of block ``layer`` for a (b, s) batch (module docstring); ``x_rg``: its input requires grad."""
     cfg, lin, sites = counts.config, counts.blocks[layer], counts.adapter_sites[layer]
     h, inter = cfg.hidden_size, cfg.intermediate_size
@@ -192,7 +196,9 @@ def block_cost(counts, layer: int, x_rg: bool, b: int, s: int, e: int, device: s
             g.linear("n1", name, lin[role], m)
         if prefix:
             g.rg["k"] = g.rg["v"] = True
-        g.attention("q", "k", "v", "ao", b, s, S, heads, kv, hd, device == "cpu" and p_attn > 0, p_attn, prefix)
+        g.attention(
+            "q", "k", "v", "ao", b, s, S, heads, kv, hd, device == "cpu" and p_attn > 0, p_attn, prefix
+        )
         g.linear("ao", "o", lin["self_attn.o_proj"], m)
         if "attn" in sites:
             g.adapter("o", "o", m, h, sites["attn"], act)
@@ -205,7 +211,7 @@ def block_cost(counts, layer: int, x_rg: bool, b: int, s: int, e: int, device: s
         g.linear("prod", "down", lin["mlp.down_proj"], m)
         if "ffn" in sites:
             g.adapter("down", "down", m, h, sites["ffn"], act)
-        transient = (2 * m * h + 3 * m * inter) * e
+        transient = (2 * m * h + 2 * m * inter) * e  # dY, dX and two (M, I) gradients of the gated MLP
     else:  # bert: post-norm, GELU MLP, dropout
         p_h = getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0
         p_a = getattr(cfg, "attention_probs_dropout_prob", 0.0) or 0.0
@@ -229,7 +235,8 @@ def block_cost(counts, layer: int, x_rg: bool, b: int, s: int, e: int, device: s
         g.dropout("o", "od", m * h, p_h)
         g.add("od", "h1", "r2")
         g.layernorm("r2", "out", m, h, counts.norms_train)
-        transient = (3 * m * h + 2 * m * inter) * e + (3 * b * heads * s * S * e if math else 0)
+        # dY, dX and the larger of the MLP's two (M, I) gradients and the math attention's two (B, heads, T, S) ones
+        transient = (2 * m * h + max(2 * m * inter, 2 * b * heads * s * S if math else 0)) * e
     return BlockCost(saved=g.total(), gemm_outputs=g.gemm, input=m * h * e, transient=transient)
 
 
@@ -244,23 +251,29 @@ def embedding_cost(counts, b: int, s: int, e: int, device: str) -> tuple[int, bo
         return g.total(), g.rg["out"]
     heads = cfg.num_attention_heads
     per = b if counts.prefix_tokens else 1  # prefix tuning passes (B, T) position ids: per-row cos, sin
-    rotary = 2 * per * s * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * e  # cos, sin (q·cos, ...)
+    rotary = (
+        2 * per * s * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * e
+    )  # cos, sin (q·cos, ...)
     return g.total() + rotary, g.rg["emb"]
 
 
 def head_cost(counts, x_rg: bool, b: int, s: int, e: int, device: str) -> int:
     """Saved bytes after the last block up to the logits (the loss itself: :func:`peftlab.estimate`)."""
-    cfg, m, h = counts.config, b * s, counts.config.hidden_size
+    m, h = b * s, counts.config.hidden_size
     g = Graph(e, device)
     g.rg["x"] = x_rg
     if counts.family == "llama":
         g.rms("x", "nf", m, h, counts.norms_train)
         if counts.head_trains:
-            g.save("nf", m * h * e)  # the head's dW needs its input (unfused loss; the fused one keeps dW itself)
+            g.save(
+                "nf", m * h * e
+            )  # the head's dW needs its input (unfused loss; the fused one keeps dW itself)
         return g.total()
     pooler = counts.other.get("bert.pooler.dense")
     if pooler is not None and pooler.kind != "frozen":
-        g.save("x", m * h * e)  # the pooler's input is a slice of the last hidden state: its whole storage stays
+        g.save(
+            "x", m * h * e
+        )  # the pooler's input is a slice of the last hidden state: its whole storage stays
     pooled_rg = x_rg or (pooler is not None and pooler.kind != "frozen")
     # tanh output and dropout mask (if the pooled state requires grad), the classifier's input (if it trains)
     g.save("pooled", ((2 if pooled_rg else 0) + (1 if counts.head_trains else 0)) * b * h * e)

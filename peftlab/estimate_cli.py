@@ -15,12 +15,16 @@ METHODS = ("full", "lora", "qlora", "adalora", "houlsby", "pfeiffer", "parallel"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("estimate", help="predict training memory (and FLOPs) from a config alone; --fit searches")
+    p = sub.add_parser(
+        "estimate", help="predict training memory (and FLOPs) from a config alone; --fit searches"
+    )
     p.add_argument("--model", required=True, help="folder, JSON config, short name or built-in hub id")
     p.add_argument("--kind", choices=["causal-lm", "seq-cls", "token-cls"], help="default: by architecture")
     p.add_argument("--method", default="lora", choices=METHODS)
     p.add_argument("--r", type=int, default=8, help="LoRA rank (AdaLoRA: init_r)")
-    p.add_argument("--target", default=None, help="target modules: all-linear, a regex, or comma-separated names")
+    p.add_argument(
+        "--target", default=None, help="target modules: all-linear, a regex, or comma-separated names"
+    )
     p.add_argument("--reduction-factor", type=int, default=16, help="bottleneck adapters: m = d / factor")
     p.add_argument("--prefix-tokens", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
@@ -33,7 +37,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--loss", default="fused", choices=["fused", "unfused"])
-    p.add_argument("--fit", metavar="SIZE", help="memory budget (24GB, 24GiB, 800MB): print the largest that fits")
+    p.add_argument(
+        "--fit", metavar="SIZE", help="memory budget (24GB, 24GiB, 800MB): print the largest that fits"
+    )
     p.add_argument("--fit-what", default="batch", choices=["batch", "seq"], help="what --fit varies")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
     p.set_defaults(func=run)
@@ -87,3 +93,61 @@ def run(args) -> int:
     est = estimate(**kwargs)
     print(json.dumps(est.to_dict(), indent=1) if args.json else est.table())
     return 0
+
+
+_BENCH = {
+    "lora": ("lora", {}, None),
+    "adalora": ("adalora", {}, None),
+    "houlsby": ("adapter", {"style": "houlsby"}, None),
+    "pfeiffer": ("adapter", {"style": "pfeiffer"}, None),
+    "parallel": ("adapter", {"style": "parallel"}, None),
+    "prefix": ("prefix", {}, None),
+    "qlora": ("lora", {}, "nf4"),
+    "lora-int8": ("lora", {}, "int8"),
+}
+
+
+def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> float | None:
+    """The estimated total peak (MiB) of a benchmark run (``peftlab.bench.worker``); None for HF PEFT peers.
+
+    Uses the run's batch size and max_length (grouped batches are usually shorter: an upper bound) and counts
+    tensors only: the measured CPU peak RSS also holds the Python/torch runtime and the data.
+    """
+    from .config import config_class
+    from .estimate import estimate
+
+    cfg = spec["train"]
+    method = spec["method"]
+    if method != "full" and method not in _BENCH:
+        return None
+    config = None
+    quant = None
+    if method in _BENCH:
+        name, fixed, quant = _BENCH[method]
+        params = {
+            k: v for k, v in (spec.get("params") or {}).items() if k not in ("quant_type", "double_quant")
+        }
+        if quant == "nf4":
+            quant = (spec.get("params") or {}).get("quant_type", "nf4")
+        kwargs = {**fixed, **params}
+        if name == "adalora":
+            kwargs.setdefault("total_steps", steps)
+        cls = config_class(name)
+        heads = [h for h in ("classifier", "score") if hasattr(model, h)]
+        if kind in ("seq-cls", "token-cls") and "modules_to_save" in cls.__dataclass_fields__:
+            kwargs.setdefault("modules_to_save", heads or None)
+        config = cls(**kwargs)
+    est = estimate(
+        model.config,
+        config,
+        cfg["batch_size"],
+        cfg["max_length"],
+        precision=cfg.get("precision", "fp32"),
+        quant=quant,
+        optimizer=cfg.get("optimizer", "adamw"),
+        gradient_checkpointing=cfg.get("gradient_checkpointing", "none"),
+        grad_accum=cfg.get("grad_accum", 1),
+        kind=kind,
+        device="cuda" if device.startswith("cuda") else "cpu",
+    )
+    return est.total_peak / 2**20

@@ -151,7 +151,9 @@ class Counts:
     trainable_bytes: int = 0
     trainable_numels: list[int] = field(default_factory=list)  # one entry per trainable tensor
     blocks: list[dict[str, Linear]] = field(default_factory=list)  # per layer: {role: Linear}
-    adapter_sites: list[dict[str, int]] = field(default_factory=list)  # per layer: {"attn"/"ffn": bottleneck m}
+    adapter_sites: list[dict[str, int]] = field(
+        default_factory=list
+    )  # per layer: {"attn"/"ffn": bottleneck m}
     embeddings_train: bool = False
     norms_train: bool = False
     head_trains: bool = False
@@ -243,7 +245,9 @@ def count(config, kind: str, method: str, peft_config, precision: str, quant: st
         out.head_trains = method == "full"
     out.head_params = head.weight.numel() if head is not None and kind == "causal-lm" else 0
 
-    a_bytes = 4 if (quant or e < 4) else e  # adapters train in fp32 on half/quantized bases (lora.adapter_dtype)
+    a_bytes = (
+        4 if (quant or e < 4) else e
+    )  # adapters train in fp32 on half/quantized bases (lora.adapter_dtype)
     extra: list[int] = []
     for lin in targets.values():
         extra += [lin.r * lin.d_in, lin.d_out * lin.r] + ([lin.r] if method == "adalora" else [])
@@ -266,7 +270,8 @@ def _adapter_params(model: nn.Module, cfg, out: Counts) -> list[int]:
     from .methods.adapter_arch import sites_for
 
     sites = sites_for(
-        out.config.model_type, {k: getattr(cfg, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in", "norms")}
+        out.config.model_type,
+        {k: getattr(cfg, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in", "norms")},
     )
     numels: list[int] = []
     for site in ["ffn"] if cfg.style == "pfeiffer" else ["attn", "ffn"]:

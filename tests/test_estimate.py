@@ -61,7 +61,9 @@ def test_optimizer_and_quantized_sizes():
     a = estimate(TINY_LLAMA, cfg, 1, 8, precision="fp32", device="cpu")
     b = estimate(TINY_LLAMA, cfg, 1, 8, precision="fp32", device="cpu", optimizer="paged_adamw8bit")
     assert b.optimizer_paged and b.optimizer_states == 8 * a.trainable_params  # all tensors < 4096: 32-bit
-    big = estimate("smollm2-135m", peftlab.LoraConfig(r=64, target_modules="all-linear"), 1, 8, optimizer="adamw8bit")
+    big = estimate(
+        "smollm2-135m", peftlab.LoraConfig(r=64, target_modules="all-linear"), 1, 8, optimizer="adamw8bit"
+    )
     n = big.trainable_params  # every LoRA tensor has >= 4096 elements at r=64: 2 bytes + absmax per 256
     assert big.optimizer_states == 2 * n + 2 * 4 * n // 256
     assert quantized_bytes(64, 64, "int8") == 64 * 64 + 64 * 4
@@ -85,7 +87,7 @@ def test_lora_rule_matches_saved_tensors():
     ):
         saved = {}
 
-        def pack(t):
+        def pack(t, saved=saved):
             if t.untyped_storage().data_ptr() not in params:
                 saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
@@ -184,6 +186,7 @@ def test_selective_checkpoint_rule_matches_cached_outputs():
     block = model.model.layers[1]
     x = torch.randn(2, 8, 32, requires_grad=True)
     pos = model.model.rotary_emb(x, torch.arange(8)[None].expand(2, -1))
+
     def run_block(h):
         out = block(h, position_embeddings=pos)
         return out[0] if isinstance(out, tuple) else out
@@ -222,7 +225,11 @@ def test_checkpointing_and_fit_order():
     budget = parse_size("4GiB")
     batch, est = fit(budget, "batch", model_or_path="smollm2-135m", config=cfg, seq_len=256)
     assert est.total_peak <= budget < estimate("smollm2-135m", cfg, batch + 1, 256).total_peak
-    assert parse_size("24GB") == 24 * 10**9 and parse_size("24GiB") == 24 * 2**30 and parse_size("1.5G") == 3 * 2**29
+    assert (
+        parse_size("24GB") == 24 * 10**9
+        and parse_size("24GiB") == 24 * 2**30
+        and parse_size("1.5G") == 3 * 2**29
+    )
 
 
 def test_cli_table_and_fit(tmp_path, capsys):
@@ -234,8 +241,27 @@ def test_cli_table_and_fit(tmp_path, capsys):
                  "--batch", "2", "--seq", "16"]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "frozen weights (nf4)" in text and "TOTAL PEAK" in text
-    assert main(["estimate", "--model", "smollm2-135m", "--method", "lora", "--seq", "512", "--fit", "2GB"]) == 0
+    assert (
+        main(["estimate", "--model", "smollm2-135m", "--method", "lora", "--seq", "512", "--fit", "2GB"]) == 0
+    )
     text = capsys.readouterr().out
     assert "largest batch that fits in 2GB" in text
     assert main(["estimate", "--model", "nonexistent-model", "--method", "lora"]) == 2
     assert "built-in names" in capsys.readouterr().err
+
+
+def test_bench_harness_estimate():
+    """The harness's estimate column: a number for peftlab methods, None for HF PEFT peers."""
+    from peftlab.estimate_cli import bench_estimate_mb
+    from peftlab.models import auto_class
+
+    model = auto_class("seq-cls").from_config(_config(TINY_BERT))
+    spec = {
+        "method": "houlsby",
+        "params": {"reduction_factor": 4},
+        "train": {"batch_size": 4, "max_length": 16},
+    }
+    value = bench_estimate_mb(spec, model, "seq-cls", "cpu", 10)
+    cfg = peftlab.AdapterConfig(style="houlsby", reduction_factor=4, modules_to_save=["classifier"])
+    assert value == estimate(model.config, cfg, 4, 16, precision="fp32", device="cpu").total_peak / 2**20
+    assert bench_estimate_mb({**spec, "method": "hf-lora"}, model, "seq-cls", "cpu", 10) is None
