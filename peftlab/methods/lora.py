@@ -31,6 +31,7 @@ from ..inject import base_layer_of
 from ..layers import AdapterLayer, Slot, is_conv1d, layer_dims, weight_shape
 from ..registry import Method, register_method
 from ..targeting import resolve_targets
+from .lora_init import from_peft_init, residual_export, residual_import
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -50,6 +51,10 @@ class LoraConfig(PeftConfig):
         rank_pattern / alpha_pattern: per-module overrides, ``{name_or_regex: value}``; a key
             matches a module path when ``re.match(rf"(.*\.)?({key})$", path)`` does.
         use_kernel: "auto" (Triton on CUDA when importable, torch otherwise), "triton" or "torch".
+        use_dora: weight-decomposed LoRA (DoRA, :mod:`peftlab.methods.dora`): a trained magnitude per
+            output unit times the row-normalised W + s·B A.
+        init: "default" (Kaiming A, zero B), "gaussian", "pissa", "pissa_niter_N", "olora", "loftq" or
+            "loftq_iter_N" (:mod:`peftlab.methods.lora_init`).
     """
 
     method = "lora"
@@ -62,6 +67,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_kernel: str = "auto"
+    use_dora: bool = False
+    init: str = "default"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +87,10 @@ class LoraConfig(PeftConfig):
             check_int("LoRA", f"rank_pattern[{key!r}]", value, low=1)
         for key, value in self.alpha_pattern.items():
             check_number("LoRA", f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
+        check_bool("LoRA", "use_dora", self.use_dora)
+        from .lora_init import check_config
+
+        check_config(self)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """Rank and alpha for the module at ``path`` after the per-module patterns."""
@@ -196,21 +207,24 @@ def lora_layer(
 def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     """Give every target a :class:`LoraSlot`; set bias trainability per ``config.bias``."""
     from ..targeting import is_linear
+    from .lora_init import apply_init
 
     targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
     check_patterns(config, targets)
-    shapes = {}
+    shapes, init_state = {}, {}
     for path in targets:
         base = base_layer_of(model.get_submodule(path))
         shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
         scaling = config.scaling(r, alpha)
+        tensors = LoraSlot.make_tensors(base, r)
+        cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
         txn.add_slot(
             path,
-            lambda layer, r=r, alpha=alpha, scaling=scaling: LoraSlot(
+            lambda layer, r=r, alpha=alpha, scaling=scaling, cls=cls: cls(
                 layer, config.adapter_name, r, alpha, scaling, config.dropout, config.use_kernel
             ),
-            LoraSlot.make_tensors(base, r),
+            tensors,
         )
     extra: list[str] = []
     if config.bias == "all":
@@ -242,6 +256,8 @@ PEFT_PREFIX = "base_model.model."
 
 def to_peft_key(key: str) -> str:
     """``x.lora_A`` -> ``base_model.model.x.lora_A.weight``; other keys just get the prefix."""
+    if key.endswith(".lora_magnitude"):  # DoRA
+        key = key + "_vector"
     if key.endswith((".lora_A", ".lora_B")):
         key = key + ".weight"
     return PEFT_PREFIX + key
@@ -251,11 +267,15 @@ def from_peft_key(key: str) -> str:
     key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     if key.endswith((".lora_A.weight", ".lora_B.weight")):
         key = key[: -len(".weight")]
+    if key.endswith(".lora_magnitude_vector"):  # DoRA
+        key = key[: -len("_vector")]
     return key
 
 
 def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
-    return {
+    from .lora_init import residual_peft_config, to_peft_init
+
+    return residual_peft_config(config, {
         "peft_type": "LORA",
         "task_type": state.info.get("task_type"),
         "r": config.r,
@@ -268,16 +288,17 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
         "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": config.modules_to_save,
         "fan_in_fan_out": state.info.get("fan_in_fan_out", False),
-        "init_lora_weights": True,
+        "init_lora_weights": to_peft_init(config)[0],
+        "use_dora": config.use_dora,
         "inference_mode": True,
         "base_model_name_or_path": state.base_model_name,
-    }
+    })
 
 
 def from_peft_config(data: dict[str, Any]) -> LoraConfig:
     unsupported = {
         k: data[k]
-        for k in ("use_dora", "layers_to_transform", "megatron_config")
+        for k in ("layers_to_transform", "megatron_config")
         if data.get(k) not in (None, False, [], {})
     }
     if unsupported:
@@ -295,6 +316,8 @@ def from_peft_config(data: dict[str, Any]) -> LoraConfig:
         rank_pattern=data.get("rank_pattern") or {},
         alpha_pattern=data.get("alpha_pattern") or {},
         modules_to_save=data.get("modules_to_save"),
+        use_dora=bool(data.get("use_dora", False)),
+        init=from_peft_init(data),
     )
 
 
@@ -307,5 +330,7 @@ register_method(
         from_peft_config=from_peft_config,
         to_peft_key=to_peft_key,
         from_peft_key=from_peft_key,
+        prepare_export=residual_export,
+        prepare_import=residual_import,
     )
 )
