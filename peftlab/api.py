@@ -180,6 +180,9 @@ def _remove(model: nn.Module, adapter_name: str) -> None:
         setattr(model, STATE_ATTR, states)
         return
     delattr(model, STATE_ATTR)
+    from .mixed_batch import uninstall
+
+    uninstall(model)  # the mixed-batch routing hooks go with the last adapter
     if hasattr(model, ACTIVE_ATTR):
         delattr(model, ACTIVE_ATTR)
     orig = getattr(model, ORIG_GRAD_ATTR, None)

@@ -1,0 +1,647 @@
+r"""Mixed-batch multi-adapter inference: every row of a batch runs its own adapter, in one pass.
+
+::
+
+    out = model(**batch, adapter_names=["fr", "de", "__base__", "fr"])       # one name per row
+    ids = model.generate(**batch, adapter_names=["fr", "de", "__base__", "fr"], max_new_tokens=20)
+
+Row m routed to adapter a(m) computes exactly what it would compute alone with only a(m) active
+(``"__base__"``: no adapter). Per adapted linear layer, with one dense base GEMM for the whole batch::
+
+    h_m = W x_m + b + s_a · (x_m A_aᵀ) B_aᵀ          LoRA (AdaLoRA: A_a ← Q_a ⊙ λ_a, B_a = P_a)
+
+**Routing.** A forward pre-hook on the model pops ``adapter_names`` and sets one :class:`Router` on
+every :class:`~peftlab.layers.AdapterLayer` (``layer.router``); the router sorts the rows by adapter
+once per forward (segments of rows with the same adapter), and every layer shares it. A forward
+hook clears it again. ``generate`` gets a per-instance wrapper that takes ``adapter_names`` (one per
+input row) and routes every forward of the generation; rows that ``generate`` repeats (beams,
+``num_return_sequences``) repeat their adapter (``repeat_interleave``), which also holds after beam
+reordering, because beam k of input i always sits at row i·beams + k.
+
+**LoRA part.** Each layer stacks its LoRA/AdaLoRA slots into two tables padded to the largest rank
+R, ``A_tab (n, R, d_in)`` and ``B_tab (n, R, d_out)`` (``B_tab[a] = s_a B_aᵀ``, zero past r_a, a zero
+row last for "no adapter here"), rebuilt only when an adapter changes (a fingerprint of the adapter
+tensors' version counters and storage is checked once per call or per ``generate``), so all
+adapters together are one shrink ``t = x A_aᵀ`` and one expand ``y += t B_tab[a]``:
+
+* CUDA: the Triton SGMV pair (:mod:`peftlab.kernels.sgmv`, one launch for every segment) for prefill,
+  BGMV (A, B gathered per row) for decode with one token per row;
+* CPU (and CUDA without Triton): no loop over adapters either. Either the segments are padded into
+  a ``(n_used, L_max·T, d_in)`` block for two ``bmm`` s and ``index_add_`` back, or every row gathers
+  its own tables for two ``bmm`` s, whichever moves fewer numbers
+  (n_used·(L_max·T + 1) against B·(T + 2), counted in units of r·(d_in + d_out)).
+
+**Other adapters.** Bottleneck adapters and ``modules_to_save`` head copies run per segment on their
+rows. Prefix tuning: the prefixes of the rows' adapters are stacked into one per-row table padded
+to the longest prefix, with a per-row mask over the padded prefix columns and per-row position
+shifts (:class:`PrefixRows`, read by :mod:`peftlab.methods.prefix_attention`).
+
+Inference only: a mixed batch in training mode is refused (the tables are detached copies, so no
+gradient would reach the adapters), as is a model with a merged adapter (its update is in the base
+weights every row shares). Slot weights from :func:`peftlab.set_active_adapters` do not apply: a row
+runs its adapter with weight 1, as it would alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import types
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, MergeError, WrapError
+
+BASE = "__base__"
+STATE_ATTR = "_peftlab_mixed"
+TABLES_ATTR = "_peftlab_mixed_tables"
+_uids = itertools.count()
+
+
+# ---- the router: one sort per forward, shared by every layer ----------------------------------------
+
+
+class Router:
+    """Which adapter each row of the current batch runs, grouped into segments.
+
+    Attributes:
+        names: one adapter name per row (``"__base__"``: none); batch: the number of rows.
+        adapters: the distinct adapters used, in first-appearance order (index j = segment j).
+        row_adapter: (batch,) long, index into ``adapters`` per row, -1 for base rows (CPU).
+        order: the rows sorted by adapter (stable; base rows excluded); counts, starts: (n_used,).
+        version: the adapter version the router was made for (layers rebuild stale tables).
+    """
+
+    def __init__(self, names: Sequence[str], version: int) -> None:
+        self.uid = next(_uids)
+        self.names = tuple(names)
+        self.batch = len(self.names)
+        self.version = version
+        self.adapters = list(dict.fromkeys(n for n in self.names if n != BASE))
+        index = {n: j for j, n in enumerate(self.adapters)}
+        ids = [index.get(n, -1) for n in self.names]
+        self.row_adapter = torch.tensor(ids, dtype=torch.long)
+        self.counts = [ids.count(j) for j in range(len(self.adapters))]
+        self.starts = list(itertools.accumulate([0] + self.counts[:-1]))
+        self.order = [m for j in range(len(self.adapters)) for m in range(self.batch) if ids[m] == j]
+        self.max_count = max(self.counts, default=0)
+        self._cache: dict[tuple, Any] = {}
+
+    def cached(self, key: tuple, make):
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+    def rows_of(self, j: int, device) -> torch.Tensor:
+        """(count_j,) long: the rows that run adapter j."""
+        def make():
+            s = self.starts[j]
+            return torch.tensor(self.order[s : s + self.counts[j]], dtype=torch.long, device=device)
+
+        return self.cached(("rows", j, str(device)), make)
+
+    def row_index(self, device) -> torch.Tensor:
+        return self.cached(("row_adapter", str(device)), lambda: self.row_adapter.to(device))
+
+    def segments(self, tokens: int, device):
+        """Token-level SGMV metadata for rows of ``tokens`` tokens: (perm, seg_start, seg_len, max_len).
+
+        Sorted position i holds token perm[i] of the flattened (batch·tokens) input; segment j
+        covers [seg_start[j], seg_start[j] + seg_len[j]).
+        """
+        def make():
+            order = torch.tensor(self.order, dtype=torch.long)
+            perm = (order[:, None] * tokens + torch.arange(tokens)[None, :]).reshape(-1)
+            start = torch.tensor(self.starts, dtype=torch.long) * tokens
+            length = torch.tensor(self.counts, dtype=torch.long) * tokens
+            to = lambda t: t.to(device=device, dtype=torch.int32)  # noqa: E731
+            return to(perm), to(start), to(length), self.max_count * tokens
+
+        return self.cached(("segments", tokens, str(device)), make)
+
+    def padded(self, device):
+        """Rows padded per segment to max_count: (pad_rows (n_used·L,), keep (n_valid,), rows (n_valid,)).
+
+        Block j, slot k of the padded layout holds row ``order[starts[j] + k]`` (row 0 where the
+        segment is shorter: computed, then dropped via ``keep``).
+        """
+        def make():
+            n, L = len(self.adapters), self.max_count
+            pad = torch.zeros(n * L, dtype=torch.long)
+            keep, rows = [], []
+            for j in range(n):
+                for k in range(self.counts[j]):
+                    row = self.order[self.starts[j] + k]
+                    pad[j * L + k] = row
+                    keep.append(j * L + k)
+                    rows.append(row)
+            as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+            return pad.to(device), as_long(keep), as_long(rows)
+
+        return self.cached(("padded", str(device)), make)
+
+    def use_segments(self, tokens: int) -> bool:
+        """Padded segments (True) or per-row gathered tables (False), whichever moves fewer numbers."""
+        n = len(self.adapters)
+        return n * (self.max_count * tokens + 1) <= self.batch * (tokens + 2)
+
+
+# ---- per-layer stacked tables ----------------------------------------------------------------------
+
+
+def lora_factors(slot) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A (r, d_in), B (d_out, r), s) of a LoRA-like slot (LoRA, AdaLoRA with A ← Q ⊙ λ); None otherwise."""
+    from .methods.adalora import AdaLoraSlot
+    from .methods.lora import LoraSlot
+
+    if type(slot) is LoraSlot:
+        return slot.lora_A, slot.lora_B, slot.scaling
+    if type(slot) is AdaLoraSlot:
+        return slot.lora_A * slot.lora_E, slot.lora_B, slot.scaling
+    return None
+
+
+class LayerTables:
+    """One layer's LoRA-like slots stacked (see the module docstring); a zero adapter sits last.
+
+    Attributes:
+        names: slot names in table order; a: (n + 1, R, d_in); b: (n + 1, R, d_out) = s·Bᵀ;
+        ranks: (n + 1,) int32 (0 for the zero row); key: (version, device, dtype) it was built for.
+    """
+
+    def __init__(self, layer, key: tuple, device, dtype) -> None:
+        self.key = key
+        entries = [(name, lora_factors(slot)) for name, slot in layer.slots.items()]
+        entries = [(name, f) for name, f in entries if f is not None]
+        self.names = [name for name, _ in entries]
+        self.index = {name: i for i, name in enumerate(self.names)}
+        r_max = max((f[0].shape[0] for _, f in entries), default=1)
+        d_in, d_out = entries[0][1][0].shape[1], entries[0][1][1].shape[0]
+        n = len(entries)
+        with torch.no_grad():
+            self.a = torch.zeros(n + 1, r_max, d_in, device=device, dtype=dtype)
+            self.b = torch.zeros(n + 1, r_max, d_out, device=device, dtype=dtype)
+            for i, (_, (a, b, s)) in enumerate(entries):
+                r = a.shape[0]
+                self.a[i, :r] = a.detach().to(device, dtype)
+                self.b[i, :r] = (b.detach().float().t() * s).to(device, dtype)
+        self.ranks = torch.tensor([f[0].shape[0] for _, f in entries] + [0], dtype=torch.int32, device=device)
+        self.per_router: dict[int, Any] = {}
+
+    def for_router(self, router: Router):
+        """(local index per used adapter (n_used,), per row (batch,)) into this table; n = the zero row."""
+        hit = self.per_router.get(router.uid)
+        if hit is None:
+            zero = len(self.names)
+            local = torch.tensor([self.index.get(n, zero) for n in router.adapters] + [zero], dtype=torch.long)
+            per_row = local[router.row_adapter]  # -1 (base) picks the trailing zero entry
+            device = self.a.device
+            hit = (local[:-1].to(device), per_row.to(device))
+            if len(self.per_router) > 4:
+                self.per_router.clear()
+            self.per_router[router.uid] = hit
+        return hit
+
+    def used(self, router: Router):
+        """(A, B) of the router's adapters only, (n_used, R, d): the padded-segment path's operands."""
+        key = ("used", router.uid)
+        hit = self.per_router.get(key)
+        if hit is None:
+            local, _ = self.for_router(router)
+            hit = self.per_router[key] = (self.a.index_select(0, local), self.b.index_select(0, local))
+        return hit
+
+
+def _tables(layer, router: Router, x: torch.Tensor) -> LayerTables:
+    a0 = next(f[0] for f in (lora_factors(s) for s in layer.slots.values()) if f is not None)
+    dtype = x.dtype if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) else a0.dtype
+    key = (router.version, str(x.device), dtype)
+    tables = layer.__dict__.get(TABLES_ATTR)
+    if tables is None or tables.key != key:
+        tables = LayerTables(layer, key, x.device, dtype)
+        layer.__dict__[TABLES_ATTR] = tables
+    return tables
+
+
+# ---- the layer forward -----------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _use_triton(layer, x: torch.Tensor) -> bool:
+    if not x.is_cuda or any(getattr(s, "use_kernel", "auto") == "torch" for s in layer.slots.values()):
+        return False
+    from .kernels import triton_available
+
+    return triton_available()
+
+
+def _lora_torch(tables: LayerTables, router: Router, x3: torch.Tensor, out3: torch.Tensor) -> None:
+    """out3 (B, T, d_out) += the LoRA terms of x3 (B, T, d_in), fp32 (or the tables' dtype)."""
+    B, T, d_in = x3.shape
+    xin = x3 if x3.dtype == tables.a.dtype else x3.to(tables.a.dtype)
+    if router.use_segments(T):
+        a_used, b_used = tables.used(router)
+        pad, keep, rows = router.padded(x3.device)
+        n, L = len(router.adapters), router.max_count
+        xp = xin.index_select(0, pad).view(n, L * T, d_in)
+        delta = torch.bmm(torch.bmm(xp, a_used.transpose(1, 2)), b_used)  # (n, L·T, d_out)
+        delta = delta.view(n * L, T, -1).index_select(0, keep)
+        out3.index_add_(0, rows, delta.to(out3.dtype))
+    else:
+        _, per_row = tables.for_router(router)
+        a_rows, b_rows = tables.a.index_select(0, per_row), tables.b.index_select(0, per_row)
+        out3.add_(torch.bmm(torch.bmm(xin, a_rows.transpose(1, 2)), b_rows).to(out3.dtype))
+
+
+def _lora_triton(tables: LayerTables, router: Router, x2: torch.Tensor, y2: torch.Tensor, tokens: int) -> None:
+    from .kernels import sgmv
+
+    local, per_row = tables.for_router(router)
+    if tokens == 1:  # decode: one token per row, every row gathers its adapter (BGMV)
+        idx = torch.where(per_row == len(tables.names), -1, per_row)
+        t = sgmv.bgmv_shrink(x2, tables.a, idx, tables.ranks)
+        sgmv.bgmv_expand(y2, t, tables.b, idx, tables.ranks)
+        return
+    perm, start, length, max_len = router.segments(tokens, x2.device)
+    seg_adapter = torch.where(local == len(tables.names), -1, local)
+    t = sgmv.sgmv_shrink(x2, tables.a, start, length, seg_adapter, max_len, perm, tables.ranks)
+    sgmv.sgmv_expand(y2, t, tables.b, start, length, seg_adapter, max_len, perm, tables.ranks)
+
+
+def _add_lora(layer, router: Router, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    tables = _tables(layer, router, x)
+    B = x.shape[0]
+    d_in, d_out = x.shape[-1], result.shape[-1]
+    tokens = x.numel() // (B * d_in) if B else 0
+    # add in fp32 when the output is half: one rounding, as the single-adapter path does
+    out = result if result.dtype == tables.a.dtype or x.is_cuda else result.to(tables.a.dtype)
+    if _use_triton(layer, x) and out.is_contiguous():
+        try:
+            _lora_triton(tables, router, x.reshape(B * tokens, d_in).contiguous(), out.view(B * tokens, d_out), tokens)
+            return out
+        except Exception as exc:  # noqa: BLE001 - a Triton failure falls back to torch, once loudly
+            if "triton" not in _warned:
+                _warned.add("triton")
+                warnings.warn(f"mixed-batch Triton kernels failed ({type(exc).__name__}: {exc}); using torch", stacklevel=3)
+    x3 = x.reshape(B, tokens, d_in)
+    out3 = out.view(B, tokens, d_out) if out.is_contiguous() else out.reshape(B, tokens, d_out)
+    _lora_torch(tables, router, x3, out3)
+    if out3.data_ptr() != out.data_ptr():
+        out = out3.reshape(out.shape)
+    return out.to(result.dtype) if out.dtype != result.dtype else out
+
+
+def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Forward of an :class:`~peftlab.layers.AdapterLayer` under a mixed batch (``layer.router`` set).
+
+    x: (batch, ..., d_in), row m of which runs ``router.names[m]``. One base call for the whole
+    batch; LoRA-like slots through the stacked tables; other slots per segment of rows.
+    """
+    router: Router = layer.router
+    if x.shape[0] != router.batch:
+        raise RuntimeError(
+            f"mixed batch: a layer got {x.shape[0]} rows but adapter_names routes {router.batch}; "
+            f"layers must see the batch dimension first"
+        )
+    merged = {n for n, _ in layer.merged_stack}
+    present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
+               if n in layer.slots and n not in layer.disabled and n not in merged]
+    result = layer.base_layer(x, *args, **kwargs)
+    others = [(j, s) for j, s in present if lora_factors(s) is None]
+    if len(others) < len(present):
+        result = _add_lora(layer, router, x, result)
+    for j, slot in others:  # bottleneck adapters, head copies, unknown variants: per segment
+        rows = router.rows_of(j, x.device)
+        captured = getattr(slot, "captured", None)
+        if captured is not None:  # parallel bottleneck: the sublayer input its pre-hook captured
+            slot.captured = captured.index_select(0, rows)
+        xs = x.index_select(0, rows)
+        if slot.replaces_base:
+            part = slot.contribute(xs, None, 1.0, *args, **kwargs)
+        else:
+            part = slot.contribute(xs, result.index_select(0, rows), 1.0)
+        result = result.index_copy(0, rows, part.to(result.dtype))
+    for slot in layer.slots.values():
+        if getattr(slot, "captured", None) is not None:
+            slot.captured = None
+    return result
+
+
+# ---- prefix tuning: one prefix (or none) per row ------------------------------------------------------
+
+
+class PrefixRows:
+    """Per-row prefixes for the attention wrapper of :mod:`peftlab.methods.prefix_attention`.
+
+    Attributes:
+        kv: (n_layers, 2, batch, kv_heads, n_max, head_dim) or None (no row has a prefix);
+        mask: (batch, n_max) bool, True on the prefix columns a row attends (its first n_a);
+        shift: (batch,) long, the prefix length n_a of each row (its real tokens start at n_a).
+    """
+
+    def __init__(self, kv, mask, shift) -> None:
+        self.kv, self.mask, self.shift = kv, mask, shift
+
+    def extend(self, module, query, key, value, attention_mask):
+        """([P_K ; K], [P_V ; V], [prefix columns | mask]) for one attention layer, per row."""
+        if self.kv is None:
+            return key, value, attention_mask
+        batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+        layer = getattr(module, "_peftlab_prefix_layer", None)
+        layer = module.layer_idx if layer is None else layer
+        pk = self.kv[layer, 0].to(key.dtype)
+        pv = self.kv[layer, 1].to(value.dtype)
+        if pk.shape[0] != batch:
+            raise RuntimeError(f"mixed batch: prefix rows for {pk.shape[0]} rows, attention got {batch}")
+        n = pk.shape[2]
+        if attention_mask is None:
+            if getattr(module, "is_causal", False) and q_len > 1:
+                i = torch.arange(q_len, device=query.device).view(-1, 1) + (k_len - q_len)
+                attention_mask = (torch.arange(k_len, device=query.device).view(1, -1) <= i).view(1, 1, q_len, k_len)
+            else:
+                attention_mask = torch.ones(1, 1, q_len, k_len, dtype=torch.bool, device=query.device)
+        attention_mask = attention_mask[..., :k_len]
+        heads = attention_mask.shape[1]
+        cols = self.mask.view(batch, 1, 1, n).expand(batch, heads, attention_mask.shape[2], n)
+        if attention_mask.dtype != torch.bool:
+            cols = torch.zeros(cols.shape, dtype=attention_mask.dtype, device=cols.device).masked_fill(
+                ~cols, torch.finfo(attention_mask.dtype).min
+            )
+        full = attention_mask.expand(batch, heads, attention_mask.shape[2], k_len)
+        attention_mask = torch.cat([cols, full], dim=-1)
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), attention_mask
+
+
+def _prefix_rows(model: nn.Module, router: Router, device) -> PrefixRows:
+    from .inject import adapters
+    from .methods.prefix import HOLDER_ATTR
+    from .methods.prefix import TABLES_ATTR as PREFIX_TABLES
+
+    holder = getattr(model, HOLDER_ATTR)
+    states = adapters(model)
+    prefixed = [n for n in router.adapters if states[n].config.method == "prefix" and n not in holder.disabled]
+    shift = torch.zeros(router.batch, dtype=torch.long)
+    if not prefixed:
+        return PrefixRows(None, None, shift.to(device))
+    cached = [n for n in prefixed if states[n].info.get("mode", "interface") != "interface"]
+    if cached:
+        raise ConfigError(
+            f"prefix adapter(s) {cached} reach {type(model).__name__} through the decoder's KV cache (encoder-decoder "
+            f"models), which a mixed batch cannot fill per row; run them in their own batch with set_active_adapters"
+        )
+    tables = getattr(model, PREFIX_TABLES)
+    with torch.no_grad():
+        kvs = []
+        for name in prefixed:
+            enc = tables[name]
+            n_layers, kv_heads, head_dim = states[name].info["geometry"]
+            table = holder.folded[name] if name in holder.folded else enc()
+            kvs.append(table.view(enc.n, n_layers, 2, kv_heads, head_dim))
+        n_max = max(kv.shape[0] for kv in kvs)
+        stack = torch.zeros(len(kvs) + 1, n_max, *kvs[0].shape[1:], dtype=kvs[0].dtype, device=kvs[0].device)
+        for i, kv in enumerate(kvs):
+            stack[i, : kv.shape[0]] = kv
+    lengths = torch.tensor([kv.shape[0] for kv in kvs] + [0])
+    which = torch.tensor([prefixed.index(n) if n in prefixed else len(prefixed) for n in router.names])
+    shift = lengths[which]
+    kv = stack[which.to(stack.device)].permute(2, 3, 0, 4, 1, 5).contiguous()  # (L, 2, batch, kvh, n_max, hd)
+    mask = torch.arange(n_max)[None, :] < shift[:, None]
+    return PrefixRows(kv.to(device), mask.to(device), shift.to(device))
+
+
+def _shift_positions(args, kwargs: dict, shift: torch.Tensor) -> dict:
+    """Real tokens of row m take positions shift[m], shift[m] + 1, ... (its prefix occupies the first)."""
+    if kwargs.get("position_ids") is not None:
+        return {**kwargs, "position_ids": kwargs["position_ids"] + shift.view(-1, 1)}
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ref = ids if ids is not None else kwargs.get("inputs_embeds")
+    if ref is None:
+        return kwargs
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    positions = torch.arange(past, past + ref.shape[1], device=ref.device).view(1, -1) + shift.view(-1, 1)
+    return {**kwargs, "position_ids": positions}
+
+
+# ---- model-level state, validation, hooks ---------------------------------------------------------------
+
+
+class MixedState:
+    """What the routing hooks keep on a model (``model._peftlab_mixed``).
+
+    Attributes:
+        version: bumped whenever the adapters' structure or tensors change (tables follow it);
+        fingerprint: what ``version`` was computed from; layers: the model's AdapterLayers;
+        pending: the names of the running ``generate`` (None outside it); router: the last router;
+        routed: whether the layers hold a router now.
+    """
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.fingerprint: Any = None
+        self.structure: Any = None
+        self.layers: list = []
+        self.pending: tuple[str, ...] | None = None
+        self.router: Router | None = None
+        self.routed = False
+
+
+def _state(model: nn.Module) -> MixedState:
+    return model.__dict__[STATE_ATTR]
+
+
+def refresh(model: nn.Module) -> int:
+    """Re-check the adapters (structure, tensor versions, storage); bump the version if they changed."""
+    from .inject import adapter_layers, adapters
+
+    state = _state(model)
+    states = adapters(model)
+    if state.structure is not states:
+        state.layers = [layer for _, layer in adapter_layers(model)]
+        state.structure = states
+    tensors = []
+    for layer in state.layers:
+        for name, module in layer._modules.items():
+            if name != "base_layer":
+                tensors.extend(module.parameters())
+    from .methods.prefix import TABLES_ATTR as PREFIX_TABLES
+
+    prefix = getattr(model, PREFIX_TABLES, None)
+    if prefix is not None:
+        tensors.extend(prefix.parameters())
+    folded = getattr(model, "_peftlab_prefix_holder", None)
+    extra = tuple((n, t.data_ptr(), t._version) for n, t in getattr(folded, "folded", {}).items())
+    fingerprint = (id(states), tuple(states), tuple((t.data_ptr(), t._version) for t in tensors), extra)
+    if fingerprint != state.fingerprint:
+        state.fingerprint = fingerprint
+        state.version += 1
+        state.router = None
+    return state.version
+
+
+def check_names(model: nn.Module, names: Any, batch: int | None = None) -> tuple[str, ...]:
+    """Validate ``adapter_names`` for a mixed batch; returns them as a tuple.
+
+    Raises:
+        WrapError: the model is in training mode (mixed batches are inference only).
+        ConfigError: not one string per row, or an unknown name (the message lists the loaded ones).
+        MergeError: an adapter is merged into the base weights (every row would get it).
+    """
+    from .inject import adapter_layers, adapters
+
+    loaded = list(adapters(model))
+    valid = f"loaded adapters: {', '.join(loaded)}; '{BASE}' runs a row without adapter"
+    if model.training:
+        raise WrapError(
+            "adapter_names (a mixed batch) is for inference only: call model.eval() first. In training mode "
+            "no gradient would reach the adapters (the mixed path reads detached stacked copies of them) and "
+            "dropout would differ per row; train each adapter with set_active_adapters instead"
+        )
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"adapter_names must be a list with one adapter name per row, got {names!r} ({valid})")
+    if batch is not None and len(names) != batch:
+        raise ConfigError(
+            f"adapter_names has {len(names)} names for a batch of {batch} rows; give one name per row ({valid})"
+        )
+    unknown = sorted({n for n in names if n != BASE and n not in loaded})
+    if unknown:
+        raise ConfigError(f"unknown adapter name(s) {unknown} in adapter_names ({valid})")
+    merged = sorted({n for _, layer in adapter_layers(model) for n, _ in layer.merged_stack})
+    if merged:
+        raise MergeError(
+            f"adapter(s) {merged} are merged into the base weights, which every row of a mixed batch shares; "
+            f"call peftlab.unmerge(model) (or unmerge(model, name)) before using adapter_names"
+        )
+    return tuple(names)
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if value is not None:
+            return value.shape[0]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0]
+    return None
+
+
+def _route(model: nn.Module, state: MixedState, router: Router) -> None:
+    for layer in state.layers:
+        if layer.router is not router:
+            layer.router = router
+    state.routed = True
+
+
+def _clear(model: nn.Module, state: MixedState) -> None:
+    for layer in state.layers:
+        layer.router = None
+    from .methods.prefix import HOLDER_ATTR
+
+    holder = getattr(model, HOLDER_ATTR, None)
+    if holder is not None:
+        holder.rows = None
+    state.routed = False
+
+
+def _pre_hook(model: nn.Module, args, kwargs):
+    state = model.__dict__.get(STATE_ATTR)
+    names = None
+    if "adapter_names" in kwargs:
+        kwargs = dict(kwargs)
+        names = kwargs.pop("adapter_names")
+    if state is None:
+        if names is not None:
+            raise WrapError("adapter_names needs a model wrapped by peftlab (peftlab.wrap or load_adapter)")
+        return args, kwargs
+    batch = _batch_size(args, kwargs)
+    if names is None and state.pending is not None:  # inside generate(adapter_names=...)
+        names = state.pending
+        if batch is None or batch % len(names):
+            raise ConfigError(
+                f"generate: the model got a batch of {batch} rows, not a multiple of the {len(names)} adapter_names"
+            )
+        names = tuple(n for n in names for _ in range(batch // len(names)))  # beams repeat their row's adapter
+    elif names is not None:
+        names = check_names(model, names, batch)
+        refresh(model)
+    if names is None:
+        if state.routed:
+            _clear(model, state)
+        return args, kwargs
+    router = state.router
+    if router is None or router.names != names or router.version != state.version:
+        router = state.router = Router(names, state.version)
+    _route(model, state, router)
+    from .methods.prefix import HOLDER_ATTR
+
+    holder = getattr(model, HOLDER_ATTR, None)
+    if holder is not None:
+        ref = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        device = ref.device if isinstance(ref, torch.Tensor) else next(model.parameters()).device
+        rows = router.cached(("prefix", str(device)), lambda: _prefix_rows(model, router, device))
+        holder.rows = rows
+        if rows.kv is not None and "position_ids" in inspect.signature(type(model).forward).parameters:
+            kwargs = _shift_positions(args, kwargs, rows.shift)
+    return args, kwargs
+
+
+def _post_hook(model: nn.Module, args, kwargs, output):
+    state = model.__dict__.get(STATE_ATTR)
+    if state is not None and state.routed and state.pending is None:
+        _clear(model, state)
+    return output
+
+
+def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    """``transformers`` ``generate`` plus ``adapter_names`` (one per input row; see :mod:`peftlab.mixed_batch`)."""
+    original = type(self).generate
+    if adapter_names is None:
+        return original(self, *args, **kwargs)
+    state = _state(self)
+    batch = _batch_size(args, kwargs)
+    names = check_names(self, adapter_names, batch)
+    refresh(self)
+    state.pending = names
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        state.pending = None
+        _clear(self, state)
+
+
+_HOOK_FNS = (_pre_hook, _post_hook)
+
+
+def install(model: nn.Module) -> None:
+    """Let ``model(..., adapter_names=...)`` and ``model.generate(..., adapter_names=...)`` route rows (idempotent)."""
+    if STATE_ATTR in model.__dict__:
+        return
+    model.__dict__[STATE_ATTR] = MixedState()
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True, prepend=True)
+    model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    if callable(getattr(type(model), "generate", None)):
+        model.__dict__["generate"] = types.MethodType(generate, model)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove what :func:`install` added (when the last adapter goes)."""
+    if STATE_ATTR not in model.__dict__:
+        return
+    _clear(model, _state(model))
+    for layer in _state(model).layers:
+        layer.__dict__.pop(TABLES_ATTR, None)
+    for store in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = getattr(model, store)
+        for hid in [h for h, fn in hooks.items() if fn in _HOOK_FNS]:
+            del hooks[hid]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                getattr(model, extra, {}).pop(hid, None)
+    del model.__dict__[STATE_ATTR]
+    if isinstance(model.__dict__.get("generate"), types.MethodType):
+        del model.__dict__["generate"]
