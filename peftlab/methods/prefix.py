@@ -163,7 +163,7 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]
     name = config.adapter_name
 
     def pre_hook(mod, args, kwargs):
-        if holder.running() != name:
+        if getattr(holder, "rows", None) is not None or holder.running() != name:  # rows: a mixed batch routes
             return args, kwargs
         enc = getattr(mod, TABLES_ATTR)[name]
         table = holder.folded[name] if name in holder.folded else enc()

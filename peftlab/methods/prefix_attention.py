@@ -80,7 +80,12 @@ def _make_attention(impl_name: str):
         else:
             fn = ALL_ATTENTION_FUNCTIONS[original]
         holder: PrefixHolder | None = getattr(module, "_peftlab_prefix", None)
-        if holder is not None and holder.enabled and holder.kv is not None:
+        rows = getattr(holder, "rows", None)  # a mixed batch: one prefix (or none) per row, see peftlab.mixed_batch
+        if rows is not None:
+            key, value, attention_mask = rows.extend(module, query, key, value, attention_mask)
+            if rows.kv is not None:
+                kwargs.pop("is_causal", None)
+        elif holder is not None and holder.enabled and holder.kv is not None:
             layer = module.layer_idx
             batch = query.shape[0]
             pk = holder.kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype)
