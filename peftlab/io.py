@@ -30,6 +30,7 @@ from torch import nn
 from ._version import __version__
 from .api import is_merged, merge, unmerge, wrap
 from .config import PeftConfig
+from .distributed import gather_state_dict, is_main_process, is_sharded, save_merged_sharded
 from .errors import AdapterFileError, MergeError
 from .inject import adapter_layers, adapters, get_state, wrapped_layers
 from .layers import SLOT_ROLES, weight_shape
@@ -305,7 +306,9 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str | None = 
 
 def _save_one(model: nn.Module, path: Path, name: str) -> None:
     state = get_state(model, name)
-    tensors = adapter_state_dict(model, name)
+    tensors = gather_state_dict(adapter_state_dict(model, name))  # full tensors of sharded (FSDP2) models
+    if not is_main_process():  # every rank gathers; rank 0 writes
+        return
     with folder_lock(path):
         clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         digest = hashlib.sha256()
@@ -484,6 +487,9 @@ def save_merged(model: nn.Module, path: str | Path, **save_kwargs: Any) -> Path:
     """
     from .api import active_adapters
     from .quant_layers import is_bnb_linear
+
+    if is_sharded(model):  # every rank gathers; rank 0 rebuilds unsharded, merges and writes
+        return save_merged_sharded(model, path, save_merged, **save_kwargs)
     from .registry import get_method
 
     if any(is_bnb_linear(m) for m in model.modules()):

@@ -227,11 +227,6 @@ def test_more_processes_than_cores_is_a_clear_error():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="LoRA's autograd functions (peftlab/methods/lora_ops.py) are not autocast-aware: backward multiplies "
-    "fp32 gradients by bf16 saved activations (RuntimeError: expected m1 and m2 to have the same dtype)",
-)
 def test_bf16_autocast_trains_minilm_lora_within_one_point_of_fp32(minilm_dir, sst2_dir):
     """100 steps of LoRA on SST-2 under CPU bf16 autocast end within 1 accuracy point of fp32 (872 sentences,
     evaluated in fp32). bf16 runs first, so a failure costs seconds."""

@@ -21,6 +21,7 @@ and xa and regenerates the mask, where ``nn.Dropout`` would keep a dropped copy 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -91,10 +92,33 @@ def _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need_x: bool, need_A: bool,
     return grad_lora_x, grad_A, grad_B
 
 
+def _exact_dtypes(fn):
+    """Run an autograd function's forward/backward with autocast off: every dtype in it is explicit.
+
+    Under autocast the caller casts x and W to the autocast dtype first (:func:`_autocast_dtype`), so the
+    base GEMM still runs in bf16/fp16 while the thin LoRA products stay in the adapter's dtype (fp32), and
+    backward sees exactly the dtypes forward saved (no fp32 gradient meeting a bf16 activation).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(ctx, tensor, *args):
+        with torch.autocast(tensor.device.type, enabled=False):
+            return fn(ctx, tensor, *args)
+
+    return wrapper
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for x's device when autocast is on there, else None."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """Autograd function for y = x Wᵀ + b + s·(D(x) Aᵀ) Bᵀ with W frozen. Shapes as module docstring."""
 
     @staticmethod
+    @_exact_dtypes
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -113,6 +137,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
+    @_exact_dtypes
     def backward(ctx, grad_y):
         x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
@@ -140,6 +165,7 @@ class LoraBranchFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @_exact_dtypes
     def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -150,6 +176,7 @@ class LoraBranchFunction(torch.autograd.Function):
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
+    @_exact_dtypes
     def backward(ctx, grad_out):
         x2, lora_A, lora_B, xa = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_B.dtype)
@@ -185,7 +212,7 @@ def _use_triton(layer, x: torch.Tensor) -> bool:
 
 
 def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """Forward of an active :class:`~peftlab.methods.lora.LoraLinear`."""
+    """base(x) + LoRA of a :class:`~peftlab.methods.lora.LoraSlot` that runs alone on its layer (the fast path)."""
     base = layer.base_layer
     weight = _plain_weight(base)
     p = layer.dropout_p if layer.training else 0.0
@@ -197,6 +224,10 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         if y is not None:
             return y
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # the mask is regenerated from it
+    autocast = _autocast_dtype(x) if weight is not None else None
+    if autocast is not None and weight.dtype != autocast:  # as nn.Linear under autocast: GEMM in the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x, weight = x.to(autocast), weight.to(autocast)
     if weight is not None and weight.dtype == x.dtype:
         return LoraLinearFunction.apply(
             x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed
@@ -205,6 +236,16 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     result = base(x)
     lora = LoraBranchFunction.apply(x, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
     return (result + lora).to(result.dtype)
+
+
+def lora_delta(slot, x: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The LoRA branch alone, ``scaling · (D(x) Aᵀ) Bᵀ`` (lean: saves x and xa, regenerates the mask).
+
+    Used when a slot is not the only one running (several active adapters, weighted combination).
+    """
+    p = slot.dropout_p if slot.training else 0.0
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    return LoraBranchFunction.apply(x, slot.lora_A, slot.lora_B, scaling, p, seed)
 
 
 # ---- memory accounting rules: peftlab.estimate counts with these; tests/test_estimate.py checks them ----------
