@@ -242,8 +242,24 @@ def _tile(meta: dict) -> int:
 
 
 def source_hashes(launches=None) -> dict[str, str]:
-    """Per kernel, Triton's hash of its source (and of the jit functions it calls)."""
-    return {launch.jit.__name__: launch.jit.cache_key for launch in (launches or discover())}
+    """Per kernel module, a hash of the source of its ``@triton.jit`` functions (independent of the
+    Triton version, so a committed table is compared against the kernels' code only)."""
+    import hashlib
+    import inspect
+
+    import triton
+
+    modules = {inspect.getmodule(launch.jit.fn).__name__ for launch in (launches or discover())}
+    hashes = {}
+    for name in sorted(modules):
+        module = importlib.import_module(name)
+        sources = []
+        for attr, obj in sorted(vars(module).items()):
+            fn = obj.fn if isinstance(obj, triton.runtime.autotuner.Autotuner) else obj
+            if isinstance(fn, triton.runtime.jit.JITFunction):
+                sources.append(f"{attr}\n{fn.src}")
+        hashes[name] = hashlib.sha256("\n".join(sources).encode()).hexdigest()
+    return hashes
 
 
 def run(subset: str = "full", progress: bool = True) -> dict:

@@ -37,7 +37,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the fused GEMM; BLOCK_K = 128 bytes of a row (64 half
 #: or 32 fp32 elements), so a stage holds the same bytes in every dtype.
-TILES = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]
+TILES = [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4)]
+# (128, 64, 4, 4) left out: its dX backward spills 16 bytes on sm_80 (benchmarks/results/kernels/aot_resources.md)
 #: Ranks the fused kernel's epilogue adds per step (it loops over R in chunks of this many).
 FUSED_BLOCK_R = 16
 #: Opt-in shared memory per block (bytes) by compute capability; targets the AOT test checks.
@@ -68,8 +69,9 @@ def prune_configs(configs, named_args, max_shared: int | None = None, **kwargs):
         device = named_args["X"].device
         props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
         max_shared = props["max_shared_mem"]
-    # the dropout mask's Philox rounds, beside the accumulator, spill past 64 accumulator values a thread
-    acc_limit = 64 if kwargs.get("MASK_EPILOGUE") else 128
+    # the dropout mask's Philox rounds beside the accumulator spill past 32 accumulator values a thread
+    # (every larger tile does on sm_90: aot_resources.md), so the dropout backward keeps the small tiles
+    acc_limit = 32 if kwargs.get("MASK_EPILOGUE") else 128
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_K"] * elem == 128
@@ -204,6 +206,12 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _thin_warps(block_r: int, dropout: bool) -> int:
+    """The thin kernel's warps: 8 for the 128-rank tile with dropout (4 spill 16 bytes in fp16 on sm_90),
+    else 4 (8 spill 8 bytes without dropout in fp32 on sm_90); aot_resources.md has every case."""
+    return 8 if block_r >= 128 and dropout else 4
+
+
 def m_bucket(m: int) -> int:
     """The autotune key for the token count: M rounded up to a power of two (≥ 16).
 
@@ -221,7 +229,7 @@ def thin(x: torch.Tensor, wt: torch.Tensor, p: float = 0.0, seed: int = 0) -> to
     wt = wt.to(x.dtype) if x.dtype != torch.float32 else wt.float()
     _thin_kernel[(triton.cdiv(M, 32),)](x, wt, out, M, K, R, x.stride(0), x.stride(1), wt.stride(0), wt.stride(1),
                                          out.stride(0), out.stride(1), p, seed, HAS_DROPOUT=p > 0,
-                                         BLOCK_M=32, BLOCK_K=32, BLOCK_R=_block_r(R))
+                                         BLOCK_M=32, BLOCK_K=32, BLOCK_R=_block_r(R), num_warps=_thin_warps(_block_r(R), p > 0))
     return out
 
 
@@ -350,7 +358,9 @@ def _aot_prune(configs, dtype: str, max_shared: int, **constants):
 def _aot_launches():
     from .aot import Launch
 
-    rank_tiles = [({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": br}, 4, 3) for br in (16, 32, 64, 128)]
+    def rank_tiles(dropout=False):
+        return [({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": br}, _thin_warps(br, dropout), 3) for br in (16, 32, 64, 128)]
+
     floats = {"scaling": "fp32", "p": "fp32"}
     fused_types = {"X": "*{dtype}", "Wt": "*{dtype}", "BIAS": "*{dtype}", "T": "*fp32", "U": "*fp32",
                    "OUT": "*{dtype}", **floats}
@@ -372,14 +382,14 @@ def _aot_launches():
         launches += [
             # xa = D(x) Aᵀ: thin(x, lora_A.t()); gb = dY B: thin(g, lora_B)
             Launch(f"lora.thin/forward{tag}", _thin_kernel, thin_types,
-                   {"HAS_DROPOUT": dropout, "sxk": 1, "swk": 1, "sor": 1}, rank_tiles, tensor_cores="mma"),
+                   {"HAS_DROPOUT": dropout, "sxk": 1, "swk": 1, "sor": 1}, rank_tiles(dropout), tensor_cores="mma"),
             # dA = s·gbᵀ D(x)
             Launch(f"lora.da{tag}", _da_kernel, da_types, {"HAS_DROPOUT": dropout, "sgr": 1, "sxk": 1, "sok": 1},
-                   rank_tiles, tensor_cores="mma"),
+                   rank_tiles(), tensor_cores="mma"),
         ]
     launches += [
         Launch("lora.thin/backward", _thin_kernel, thin_types, {"HAS_DROPOUT": False, "sxk": 1, "swr": 1, "sor": 1},
-               rank_tiles, tensor_cores="mma"),
+               rank_tiles(), tensor_cores="mma"),
         Launch("lora.mask", _mask_kernel, {"OUT": "*fp32", "p": "fp32"}, {},
                [({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 3)], dtypes=("fp32",)),
     ]

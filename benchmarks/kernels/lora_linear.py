@@ -3,9 +3,11 @@
 Providers: (a) the frozen base linear, (b) HF PEFT's ``peft.tuners.lora.Linear``, (c) peftlab's fused
 Triton kernel (CUDA only), (d) peftlab's torch path. Shapes are those of 135M to 8B models.
 
-    python benchmarks/kernels/lora_linear.py [--out benchmarks/results/kernels] [--dtype bf16] [--quick]
+    python benchmarks/kernels/lora_linear.py [--out benchmarks/results/kernels] [--dtype bf16] [--dry-run]
 
-On a CPU only (a), (b) and (d) run, in fp32. The CSV records the device and date of the run.
+On a CPU only (a), (b) and (d) run, in fp32. The CSV records the device and date of the run; the .md
+beside it gives, per shape, fused / frozen base (target ≤ 1.05) and HF PEFT / fused (target ≥ 1.25).
+``--dry-run`` times one toy shape on the CPU, the fused kernel in Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import csv
 import datetime
 import functools
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,28 +33,53 @@ SHAPES = [  # (tokens, d_in, d_out, r): SmolLM2-135M, Llama-3.2-1B, Llama-3-8B (
     (8192, 4096, 14336, 16),
 ]
 CPU_SHAPES = [(512, 576, 576, 16), (512, 576, 1536, 16), (1024, 1024, 1024, 16)]
+DRY_SHAPES = [(64, 32, 48, 16)]
 
 
-def providers(d_in, d_out, r, dtype, device):
+class _Fused(nn.Module):
+    """The fused kernel called directly (the dry run's stand-in for ``use_kernel="triton"`` on a CPU,
+    where the layer refuses it; the kernel itself runs in Triton's interpreter)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        from peftlab.kernels import lora_linear
+
+        params = dict(self.layer.named_parameters())
+        a = next(v for k, v in params.items() if "lora_A" in k)
+        b = next(v for k, v in params.items() if "lora_B" in k)
+        weight = next(v for k, v in params.items() if k.endswith("weight") and "lora" not in k)
+        return lora_linear(x, weight, None, a, b, 2.0)
+
+
+def _peftlab(d_in, d_out, r, dtype, device, use_kernel):
+    import peftlab
+
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype))
+    peftlab.wrap(holder, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules=["0"], use_kernel=use_kernel))
+    return holder.to(device)
+
+
+def providers(d_in, d_out, r, dtype, device, interpret=False):
     import peft
-
-    from peftlab.methods.lora import LoraLinear
 
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
-    ours = LoraLinear(base, "d", r, 2 * r, 2.0, use_kernel="torch").to(device)
     holder = nn.Module()
     holder.lin = nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype)
     hf = peft.get_peft_model(
         holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"])
     ).base_model.model.lin
-    out = {"base": base, "hf-peft": hf, "peftlab-torch": ours}
-    if device == "cuda":
-        from peftlab.kernels import triton_available
+    out = {"base": base, "hf-peft": hf, "peftlab-torch": _peftlab(d_in, d_out, r, dtype, device, "torch")}
+    from peftlab.kernels import triton_available
 
-        if triton_available():
-            fused = LoraLinear(base, "d", r, 2 * r, 2.0, use_kernel="triton").to(device)
-            out["peftlab-triton"] = fused
+    if device == "cuda" and triton_available():
+        out["peftlab-triton"] = _peftlab(d_in, d_out, r, dtype, device, "triton")
+    elif interpret and triton_available():
+        out["peftlab-triton"] = _Fused(_peftlab(d_in, d_out, r, dtype, device, "torch"))
     return out
 
 
@@ -72,10 +100,10 @@ def _step(layer, x, grad):
     layer(x).backward(grad)
 
 
-def bench(shape, dtype, device, repeats):
+def bench(shape, dtype, device, repeats, interpret=False):
     tokens, d_in, d_out, r = shape
     rows = []
-    for name, layer in providers(d_in, d_out, r, dtype, device).items():
+    for name, layer in providers(d_in, d_out, r, dtype, device, interpret).items():
         x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
         for _ in range(3):  # warm-up (and Triton autotuning)
@@ -98,37 +126,66 @@ def bench(shape, dtype, device, repeats):
     return rows
 
 
+def ratios_markdown(rows, title: str) -> str:
+    """Per shape: fused / frozen base (target ≤ 1.05) and HF PEFT / fused (target ≥ 1.25), fwd+bwd."""
+    lines = [f"# {title}", "", "| tokens | d_in | d_out | r | base ms | peftlab-triton ms | peftlab-torch ms | "
+             "HF PEFT ms | triton / base (≤ 1.05) | HF PEFT / triton (≥ 1.25) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    shapes = list(dict.fromkeys((r["tokens"], r["d_in"], r["d_out"], r["r"]) for r in rows))
+    for shape in shapes:
+        got = {r["provider"]: r["total_ms"] for r in rows if (r["tokens"], r["d_in"], r["d_out"], r["r"]) == shape}
+        tri = got.get("peftlab-triton")
+
+        def fmt(v):
+            return f"{v:.3f}" if v is not None else "–"
+
+        lines.append(
+            f"| {' | '.join(map(str, shape))} | {fmt(got.get('base'))} | {fmt(tri)} | {fmt(got.get('peftlab-torch'))} | "
+            f"{fmt(got.get('hf-peft'))} | {fmt(tri / got['base'] if tri and got.get('base') else None)} | "
+            f"{fmt(got['hf-peft'] / tri if tri and got.get('hf-peft') else None)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/kernels")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="one toy shape on the CPU, the fused kernel in Triton's interpreter (TRITON_INTERPRET=1)",
+    )  # fmt: skip
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
     dtype = (
         {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         if device == "cuda"
         else torch.float32
     )
-    shapes = SHAPES if device == "cuda" else CPU_SHAPES
+    shapes = DRY_SHAPES if args.dry_run else SHAPES if device == "cuda" else CPU_SHAPES
+    repeats = 2 if args.dry_run else args.repeats if device == "cuda" else 5
     device_name = (
         torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     )
     stamp = datetime.date.today().isoformat()
+    interpret = args.dry_run and os.environ.get("TRITON_INTERPRET") == "1"
     rows = []
     for shape in shapes:
-        for row in bench(shape, dtype, device, args.repeats if device == "cuda" else 5):
+        for row in bench(shape, dtype, device, repeats, interpret):
             row.update(device=device_name, date=stamp)
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if device == "cuda" else "cpu"
+    tag = "dry-run" if args.dry_run else "cuda" if device == "cuda" else "cpu"
     with open(out / f"lora_linear_{tag}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, out / f"lora_linear_{tag}.png", f"LoRA linear fwd+bwd, {device_name}, {stamp}")
+    title = f"LoRA linear fwd+bwd, {device_name}, {str(dtype).removeprefix('torch.')}, {stamp}"
+    (out / f"lora_linear_{tag}.md").write_text(ratios_markdown(rows, title))
+    plot(rows, out / f"lora_linear_{tag}.png", title)
+    print(ratios_markdown(rows, title))
     print(f"wrote {out / f'lora_linear_{tag}.csv'}")
 
 

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# One call on a GPU box (no internet needed), under 8 minutes on one H100:
+#   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
+#   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
+#   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated
+#   4. benchmarks/multi_adapter.py, when that file exists
+# Everything goes to benchmarks/results/gpu/<date>_<device>/ (or --out DIR), with the device name and
+# date in every file and a summary.md written at the end. A failing step is logged and the script
+# goes on; the exit status is the number of failed steps.
+#
+#   bash benchmarks/gpu.sh [--out DIR]        # on the GPU box
+#   bash benchmarks/gpu.sh --dry-run [--out DIR]   # CPU, toy sizes, kernels in Triton's interpreter (CI)
+#
+# Python: $PEFTLAB_PY, else $PEFTLAB_VENV/bin/python, else ./.venv/bin/python, else python3; it needs
+# torch, triton, transformers, peft (bitsandbytes optional) and peftlab importable (pip install -e .).
+# Models: SmolLM2-135M through peftlab.resolve_model_path("smollm2-135m"), i.e. the safetensors copy in
+# $PEFTLAB_CACHE/smollm2-135m (default ~/.cache/peftlab): carry that folder to the box and set PEFTLAB_CACHE.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+DRY=0
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT="$2"; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -n "${PEFTLAB_PY:-}" ]; then PY="$PEFTLAB_PY"
+elif [ -n "${PEFTLAB_VENV:-}" ] && [ -x "$PEFTLAB_VENV/bin/python" ]; then PY="$PEFTLAB_VENV/bin/python"
+elif [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"
+else PY="$(command -v python3)"; fi
+BIN="$(dirname "$PY")"
+PYTEST="$BIN/pytest"
+[ -x "$PYTEST" ] || PYTEST="$PY -m pytest"  # last resort; the entry point keeps the repo root off sys.path
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1
+export TRITON_DEFAULT_FP_FUSION=1
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
+else
+  unset TRITON_INTERPRET
+fi
+
+DATE="$(date -u +%Y-%m-%d)"
+STAMP="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+DEVICE="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo unknown)"
+SLUG="$(echo "$DEVICE" | tr -c 'A-Za-z0-9.-' '-' | tr -s '-' | sed 's/-$//')"
+if [ -z "$OUT" ]; then
+  OUT="$ROOT/benchmarks/results/gpu/${DATE}_${SLUG}$([ "$DRY" = 1 ] && echo _dry-run)"
+fi
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.md"
+STEPS_FILE="$OUT/.steps"
+: > "$STEPS_FILE"
+FAILED=0
+T0=$(date +%s)
+
+if [ "$DRY" = 0 ] && [ "$DEVICE" = "cpu" ]; then
+  echo "gpu.sh: no CUDA device visible to $PY; use --dry-run on a CPU" >&2
+fi
+
+# step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status and seconds, never abort
+step() {
+  local name="$1" limit="$2"; shift 2
+  local log="$OUT/$name.log" start rc cmd="$*"
+  start=$(date +%s)
+  echo "== $name: ${cmd:0:200}" | tee "$log"
+  timeout --kill-after=20 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  local secs=$(( $(date +%s) - start ))
+  local status="ok"
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT after ${limit}s"; elif [ $rc -ne 0 ]; then status="FAILED (exit $rc)"; fi
+  [ "$status" = ok ] || FAILED=$((FAILED + 1))
+  echo "| $name | $status | $secs | \`$name.log\` |" >> "$STEPS_FILE"
+  echo "== $name: $status in ${secs}s (log: $log)"
+  [ "$status" = ok ] || tail -n 25 "$log"
+}
+
+# 0. environment
+step environment 120 "$PY" -c '
+import platform, torch, sys
+print("python", sys.version.split()[0], platform.platform())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+for mod in ("triton", "transformers", "peft", "bitsandbytes", "peftlab"):
+    try:
+        m = __import__(mod); print(mod, getattr(m, "__version__", "?"))
+    except Exception as exc: print(mod, "NOT importable:", exc)
+import peftlab
+print("smollm2-135m ->", peftlab.resolve_model_path("smollm2-135m") if len(sys.argv) < 2 else "skipped (dry run)")
+' $([ "$DRY" = 1 ] && echo dry)
+command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# 1. kernel tests (bf16 runs on CUDA; the dry run takes a fast subset in the interpreter)
+if [ "$DRY" = 1 ]; then
+  step kernel-tests 300 $PYTEST -q -p no:cacheprovider -x \
+    "tests/kernels/test_lora_kernels.py::test_launcher_checks" \
+    "tests/kernels/test_fallback.py::test_autotune_key_buckets_tokens" \
+    --junitxml="$OUT/kernel-tests.xml"
+else
+  step kernel-tests 240 $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
+fi
+
+# 2. kernel benchmark: base / HF PEFT / peftlab triton / peftlab torch, fwd+bwd
+if [ "$DRY" = 1 ]; then
+  step kernel-bench 300 "$PY" benchmarks/kernels/lora_linear.py --dry-run --out "$OUT/kernels"
+else
+  step kernel-bench 150 "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
+fi
+
+# 3. training-step efficiency on CUDA (max_memory_allocated), interleaved rounds
+if [ "$DRY" = 1 ]; then
+  step efficiency 300 "$PY" benchmarks/efficiency.py --model llama-tiny --device cpu --rounds 1 --steps 1 \
+    --configs floor-r0 hf-peft-lora peftlab-lora --out "$OUT/efficiency"
+else
+  step efficiency 210 "$PY" benchmarks/efficiency.py --model smollm2-135m --device cuda --dtype bf16 \
+    --rounds 3 --steps 10 --configs floor-r0 floor-torch hf-peft-lora peftlab-lora peftlab-lora-sac \
+    --timeout 60 --out "$OUT/efficiency"
+fi
+
+# 4. multi-adapter benchmark (added by another issue): run when present
+if [ -f benchmarks/multi_adapter.py ]; then
+  step multi-adapter 90 "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" $([ "$DRY" = 1 ] && echo --dry-run)
+else
+  echo "| multi-adapter | skipped: benchmarks/multi_adapter.py not present | 0 | – |" >> "$STEPS_FILE"
+fi
+
+TOTAL=$(( $(date +%s) - T0 ))
+{
+  echo "# GPU run: $DEVICE, $STAMP$([ "$DRY" = 1 ] && echo ' (DRY RUN: CPU, toy sizes, Triton interpreter; no GPU numbers)')"
+  echo
+  echo "\`bash benchmarks/gpu.sh$([ "$DRY" = 1 ] && echo ' --dry-run')\` at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), python \`$PY\`, ${TOTAL}s in all, $FAILED step(s) failed."
+  echo
+  echo "| step | status | seconds | log |"
+  echo "|---|---|---|---|"
+  cat "$STEPS_FILE"
+  for md in "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/multi_adapter/*.md; do
+    [ -f "$md" ] || continue
+    echo
+    echo "## ${md#$OUT/}"
+    echo
+    sed 's/^# /### /' "$md"
+  done
+} > "$SUMMARY"
+rm -f "$STEPS_FILE"
+echo "wrote $SUMMARY ($FAILED failed step(s), ${TOTAL}s)"
+exit "$FAILED"
