@@ -100,7 +100,7 @@ _LIBC = None
 #: glibc ``M_MMAP_THRESHOLD`` (mallopt parameter number).
 _M_MMAP_THRESHOLD = -3
 #: Allocations from this size up get their own mmap on CPU QLoRA runs (env ``PEFTLAB_MMAP_THRESHOLD``, 0: off).
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 1 << 20
 
 
 def limit_heap_retention(threshold: int | None = None) -> bool:
@@ -110,8 +110,9 @@ def limit_heap_retention(threshold: int | None = None) -> bool:
     backward) through temporaries of many sizes (bitsandbytes: int32 codes, fp32 values, the scaled
     copy: 3 × 46 MB for one 5632×2048 weight). glibc's dynamic mmap threshold climbs to 32 MB after the
     first large frees, so these land in its heap, and the heap keeps what they fragment: on the
-    672M-parameter Llama (2×128 tokens, r=16) that held ~0.8 GB of freed memory (1470 MB anonymous after
-    the first backward vs 686 MB with a fixed threshold; peak 2366 vs 1765 MB by the second step). A fixed
+    672M-parameter Llama (2×128 tokens, r=16) that held ~0.8-1 GB of freed memory (anonymous RSS after
+    three steps 1734 MB, 711 MB with a fixed 1 MB threshold; process peak 2423 vs 1813 MB; a 4 MB threshold
+    left the peak at 2340 MB: the half-MB uint8 and 2 MB activation temporaries fragment too). A fixed
     threshold also turns the dynamic adjustment off. Large blocks then go back to the OS when freed (at
     the cost of zeroing fresh pages on their next use). Returns False where mallopt is not available.
     """
