@@ -66,7 +66,7 @@ def test_tiny_sweep_runs_records_failures_and_resumes(tmp_path, sst2_dir):
     assert by_label["full"]["status"] == "ok" and by_label["lora"]["status"] == "ok"
     assert (
         by_label["broken"]["status"] == "failed"
-        and "rank r must be a positive integer" in by_label["broken"]["error"]
+        and "rank r must be an integer ≥ 1" in by_label["broken"]["error"]
     )
     lora = by_label["lora"]
     assert 0 < lora["trainable_pct"] < 1 and lora["peak_memory_mb"] > 100 and lora["tokens_per_s"] > 0
