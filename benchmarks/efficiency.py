@@ -226,6 +226,37 @@ def _peftlab_qlora(model_name, setup, opts):
     return model
 
 
+@register_config("peftlab-dora", default=False)
+def _peftlab_dora(model_name, setup, opts):
+    """DoRA (issue 16): LoRA's fused path + thin-product column norm (peftlab.methods.dora)."""
+    import peftlab
+
+    model = load_base(model_name, setup, opts)
+    torch.manual_seed(1)
+    peftlab.wrap(
+        model,
+        peftlab.LoraConfig(r=RANK, alpha=2 * RANK, dropout=opts["lora_dropout"], target_modules=setup["targets"],
+                           modules_to_save=heads(setup), use_dora=True),
+    )  # fmt: skip
+    match_lora_init(model)
+    return model
+
+
+@register_config("hf-peft-dora", default=False)
+def _hf_peft_dora(model_name, setup, opts):
+    import peft
+
+    model = load_base(model_name, setup, opts)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=opts["lora_dropout"], target_modules=setup["targets"],
+                        task_type="SEQ_CLS" if heads(setup) else "CAUSAL_LM", use_dora=True),
+    )  # fmt: skip
+    match_lora_init(model)
+    return model
+
+
 def match_lora_init(model: torch.nn.Module) -> None:
     """Give every LoRA A the same values in peftlab and HF PEFT (seeded by its module path); B stays 0.
 

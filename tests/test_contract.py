@@ -21,6 +21,9 @@ FAMILIES = ["bert", "llama", "gpt2"]
 def _config(method: str, family: str, name: str, r: int = 4):
     if method == "lora":
         return peftlab.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", adapter_name=name)
+    if method in ("dora", "pissa"):  # LoRA variants (issue 16)
+        variant = {"use_dora": True} if method == "dora" else {"init": "pissa"}
+        return peftlab.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", adapter_name=name, **variant)
     if method == "adalora":
         return peftlab.AdaLoraConfig(init_r=r, target_r=2, total_steps=10, target_modules="all-linear", adapter_name=name)
     if method in ("houlsby", "pfeiffer", "parallel"):
@@ -30,8 +33,8 @@ def _config(method: str, family: str, name: str, r: int = 4):
     raise ValueError(method)
 
 
-METHODS = ["lora", "adalora", "houlsby", "pfeiffer", "parallel", "prefix"]
-MERGEABLE = {"lora", "adalora"}
+METHODS = ["lora", "dora", "pissa", "adalora", "houlsby", "pfeiffer", "parallel", "prefix"]
+MERGEABLE = {"lora", "dora", "pissa", "adalora"}
 # Cells the library refuses today, with the error it must give (architecture breadth is tracked separately).
 REFUSED = {("prefix", "gpt2"): TargetError}
 CASES = [(m, f) for m in METHODS for f in FAMILIES]

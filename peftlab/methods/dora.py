@@ -141,8 +141,9 @@ def lora_row_norm(
     else:
         cross = (weight @ a.t().to(weight.dtype)).float()
     gram = a @ a.t()  # (r, r)
-    n2 = wn + (2.0 * scaling) * (b * cross).sum(1) + (scaling * scaling) * ((b @ gram) * b).sum(1)
-    return n2.clamp_min(0).sqrt()
+    # n² = ‖W‖² + rowsum(B ⊙ (2s·W Aᵀ + s²·B G))
+    inner = torch.addmm(cross, b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    return (wn + (b * inner).sum(1)).clamp_min_(0).sqrt_()
 
 
 class DoraSlot(LoraSlot):
@@ -224,16 +225,20 @@ class DoraSlot(LoraSlot):
     def delta_weight(self) -> torch.Tensor:
         """W' − W for the current base W, (d_out, d_in) fp32."""
         weight = dense_base_weight(self.base_layer).float()
-        return self.merged(weight, 1.0) - weight
+        return self._merge(weight, 1.0)[0] - weight
+
+    def _merge(self, weight_matrix: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w64 = weight_matrix.double()
+        lora = (self.lora_B.double() @ self.lora_A.double()).to(w64.device) * self.scaling
+        direction = w64 + lora
+        norm = torch.linalg.vector_norm(direction, dim=1)
+        factor = (self.magnitude.detach().double().to(w64.device) / norm).unsqueeze(1)
+        return (w64 + weight * (factor * direction - w64)).to(weight_matrix.dtype), norm
 
     def merged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
-        """W + w·(m ⊙ (W + s·B A)/n − W), n = ‖W + s·B A‖_row (fp32, (d_out, d_in))."""
-        lora = (self.lora_B.float() @ self.lora_A.float()).to(weight_matrix.device) * self.scaling
-        direction = weight_matrix + lora
-        norm = torch.linalg.vector_norm(direction, dim=1)
-        self._merge_norm = norm
-        factor = (self.magnitude.detach().float().to(weight_matrix.device) / norm).unsqueeze(1)
-        return weight_matrix + weight * (factor * direction - weight_matrix)
+        """W + w·(m ⊙ (W + s·B A)/n − W), n = ‖W + s·B A‖_row ((d_out, d_in); computed in fp64)."""
+        out, self._merge_norm = self._merge(weight_matrix, weight)
+        return out
 
     def unmerged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
         """Inverse of :meth:`merged` with the n of that merge: W = (W' − w·c⊙sBA)/(1 − w + w·c), c = m/n."""
@@ -242,11 +247,12 @@ class DoraSlot(LoraSlot):
                 f"DoRA adapter {self.name!r}: unmerging needs the weight norm of its merge, which this slot does not "
                 f"have (was it merged by another process?); reload the base model instead"
             )
-        lora = (self.lora_B.float() @ self.lora_A.float()).to(weight_matrix.device) * self.scaling
-        c = (self.magnitude.detach().float().to(weight_matrix.device) / self._merge_norm).unsqueeze(1)
-        restored = (weight_matrix - weight * c * lora) / (1.0 - weight + weight * c)
+        w64 = weight_matrix.double()
+        lora = (self.lora_B.double() @ self.lora_A.double()).to(w64.device) * self.scaling
+        c = (self.magnitude.detach().double().to(w64.device) / self._merge_norm.to(w64.device)).unsqueeze(1)
+        restored = (w64 - weight * c * lora) / (1.0 - weight + weight * c)
         self._merge_norm = None
-        return restored
+        return restored.to(weight_matrix.dtype)
 
     def describe(self) -> str:
         return super().describe() + ", dora"

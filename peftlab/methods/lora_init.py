@@ -143,15 +143,33 @@ def residual_slot_class():
 # ---- the initialisations -----------------------------------------------------------------------------
 
 
+class _small_cpu_linalg:
+    """Run a CPU factorisation of a small matrix on one thread (the OpenMP pool costs more than it gains there:
+    an SVD of a 64×32 matrix takes ~0.3 s on two busy threads, 0.2 ms on one)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.active = matrix.device.type == "cpu" and matrix.numel() < (1 << 22)
+
+    def __enter__(self):
+        if self.active:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.threads)
+
+
 @torch.no_grad()
 def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of PiSSA for W (d_out, d_in) fp32: A = diag(√(S_r/s)) U_rᵀ (r, d_in), B = V_r diag(√(S_r/s)) (d_out, r)."""
-    if niter is None:
-        v, s, uh = torch.linalg.svd(weight, full_matrices=False)
-        vr, sr, uhr = v[:, :r], s[:r] / scaling, uh[:r]
-    else:
-        vr, sr, ur = torch.svd_lowrank(weight, r, niter=niter)
-        sr, uhr = sr / scaling, ur.t()
+    with _small_cpu_linalg(weight):
+        if niter is None:
+            v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+            vr, sr, uhr = v[:, :r], s[:r] / scaling, uh[:r]
+        else:
+            vr, sr, ur = torch.svd_lowrank(weight, r, niter=niter)
+            sr, uhr = sr / scaling, ur.t()
     root = torch.sqrt(sr)
     return root.unsqueeze(1) * uhr, vr * root.unsqueeze(0)
 
@@ -159,14 +177,16 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | Non
 @torch.no_grad()
 def olora_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of OLoRA for W (d_out, d_in) fp32: W = Q R, A = R[:r] (r, d_in), B = Q[:, :r] (d_out, r)."""
-    q, rr = torch.linalg.qr(weight)
+    with _small_cpu_linalg(weight):
+        q, rr = torch.linalg.qr(weight)
     return rr[:r].contiguous(), q[:, :r].contiguous()
 
 
 @torch.no_grad()
 def low_rank(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with s·B A the best rank-r approximation of ``residual`` (SVD, split √S on both sides)."""
-    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    with _small_cpu_linalg(residual):
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
     root = torch.sqrt(s[:r] / scaling)
     return root.unsqueeze(1) * vh[:r], u[:, :r] * root.unsqueeze(0)
 
