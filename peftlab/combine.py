@@ -187,6 +187,14 @@ def _validate(model, names, weights, how, new_name, density) -> None:
             raise ConfigError(
                 f"adapters {first!r} and {n!r} adapt different modules (e.g. {diff[:3]}); combine needs the same targets"
             )
+    if how in ("cat", "linear"):  # LoRA variants (issue 16): their update is not s·B A
+        variants = sorted({type(s).__name__ for n in names for s in slots_of(model, n).values()
+                           if type(s).__name__ in ("DoraSlot", "ResidualLoraSlot")})  # fmt: skip
+        if variants:
+            raise ConfigError(
+                f"how={how!r} stacks the LoRA factors, which is not the update of {', '.join(variants)} adapters "
+                f"(DoRA's magnitude, PiSSA/OLoRA's frozen initial factors); use how='svd' (built from each exact ΔW)"
+            )
     if how == "linear":
         ranks = {n: sorted({slot_rank(s) for s in slots_of(model, n).values()}) for n in names}
         if len({tuple(r) for r in ranks.values()}) > 1:

@@ -352,3 +352,22 @@ def test_init_config_errors():
         peftlab.LoraConfig(use_dora=True, init="pissa")
     cfg = peftlab.LoraConfig(use_dora=True, init="loftq_iter_3")
     assert peftlab.PeftConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_combine_variants_through_their_exact_update():
+    """combine(how='svd') uses each variant's exact ΔW; stacking factors (cat/linear) is refused for them."""
+    ids = _ids()
+    model = tiny_model("llama")
+    peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], use_dora=True, adapter_name="d"))
+    peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], init="olora", adapter_name="o"))
+    perturb(model, 0.3)
+    for how in ("cat", "linear"):
+        with pytest.raises(ConfigError, match="svd"):
+            peftlab.combine(model, ["d", "o"], [1.0, 1.0], how=how, new_name="x")
+    outs = {}
+    for name in ("d", "o"):
+        peftlab.set_active_adapters(model, name)
+        outs[name] = _logits(model, ids)
+    peftlab.combine(model, ["d"], [1.0], how="svd", rank=32, new_name="dsvd")  # q_proj is 32×32: exact
+    peftlab.set_active_adapters(model, "dsvd")
+    torch.testing.assert_close(_logits(model, ids), outs["d"], rtol=1e-4, atol=1e-5)
