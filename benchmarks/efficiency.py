@@ -57,8 +57,20 @@ LLAMA_TINY = {
 SETUPS = {
     "smollm2-135m": {"kind": "causal-lm", "batch": 8, "length": 128, "targets": "all-linear"},
     "minilm-l6": {"kind": "seq-cls", "batch": 32, "length": 64, "targets": "all-linear"},
-    "llama-672m": {"kind": "causal-lm", "batch": 2, "length": 128, "targets": "all-linear", "synthetic": LLAMA_672M},
-    "llama-tiny": {"kind": "causal-lm", "batch": 2, "length": 16, "targets": "all-linear", "synthetic": LLAMA_TINY},
+    "llama-672m": {
+        "kind": "causal-lm",
+        "batch": 2,
+        "length": 128,
+        "targets": "all-linear",
+        "synthetic": LLAMA_672M,
+    },
+    "llama-tiny": {
+        "kind": "causal-lm",
+        "batch": 2,
+        "length": 16,
+        "targets": "all-linear",
+        "synthetic": LLAMA_TINY,
+    },
 }
 DEFAULT_MODELS = ["smollm2-135m", "minilm-l6", "llama-672m"]
 RANK = 16
@@ -376,8 +388,11 @@ def applicable(model_name: str, config: str) -> bool:
     return kinds is None or SETUPS[model_name]["kind"] in kinds
 
 
-def run_rounds(args) -> tuple[list[dict], list[dict]]:
-    """All (model, config) processes, interleaved over ``args.rounds`` rounds; (rows, rounds info)."""
+def run_rounds(args, on_round=None) -> tuple[list[dict], list[dict]]:
+    """All (model, config) processes, interleaved over ``args.rounds`` rounds; (rows, rounds info).
+
+    ``on_round(rows, rounds)`` runs after every round (the tables are rewritten, so a run cut short keeps
+    its finished rounds)."""
     from tqdm import tqdm
 
     jobs = [(m, c) for m in args.model for c in args.configs if applicable(m, c)]
@@ -406,6 +421,8 @@ def run_rounds(args) -> tuple[list[dict], list[dict]]:
             bar.update()
         info["load_avg_end"] = os.getloadavg()
         rounds.append(info)
+        if on_round is not None:
+            on_round(rows, rounds)
     bar.close()
     return rows, rounds
 
@@ -444,12 +461,16 @@ def summarize(rows: list[dict], models: list[str], configs: list[str], memory_ke
             }  # fmt: skip
             for ref in ("hf-peft-lora", "floor-r0", "peftlab-lora"):
                 pairs = [(r[config], r[ref]) for r in by_round.values() if config in r and ref in r]
-                summary[f"time_vs_{ref}"] = spread([a["median_step_s"] / b["median_step_s"] for a, b in pairs])
+                summary[f"time_vs_{ref}"] = spread(
+                    [a["median_step_s"] / b["median_step_s"] for a, b in pairs]
+                )
                 mem = [(a.get(memory_key), b.get(memory_key)) for a, b in pairs]
                 summary[f"memory_vs_{ref}"] = spread([a / b for a, b in mem if a and b])
                 if pairs and ref == "hf-peft-lora" and config.startswith("peftlab-lora"):
                     a, b = pairs[-1]
-                    summary["loss_rel_diff_vs_hf"] = abs(a["last_loss"] - b["last_loss"]) / abs(b["last_loss"])
+                    summary["loss_rel_diff_vs_hf"] = abs(a["last_loss"] - b["last_loss"]) / abs(
+                        b["last_loss"]
+                    )
             out.append(summary)
     return out
 
@@ -493,7 +514,9 @@ def markdown(meta: dict, summary: list[dict], rounds: list[dict], memory_label: 
     lines += ["", "Machine load (1-minute load average) per round:", "", "| round | started | load at start | load at end |",
               "|---|---|---|---|"]  # fmt: skip
     for r in rounds:
-        lines.append(f"| {r['round']} | {r['started']} | {r['load_avg_start'][0]:.2f} | {r['load_avg_end'][0]:.2f} |")
+        lines.append(
+            f"| {r['round']} | {r['started']} | {r['load_avg_start'][0]:.2f} | {r['load_avg_end'][0]:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -509,7 +532,10 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
     labels = [f"{s['model']}\n{s['config']}" for s in rows]
     med = [s["time_vs_floor-r0"][0] for s in rows]
-    err = [[m - s["time_vs_floor-r0"][1] for m, s in zip(med, rows)], [s["time_vs_floor-r0"][2] - m for m, s in zip(med, rows)]]
+    err = [
+        [m - s["time_vs_floor-r0"][1] for m, s in zip(med, rows)],
+        [s["time_vs_floor-r0"][2] - m for m, s in zip(med, rows)],
+    ]
     ax.bar(range(len(rows)), med, yerr=err, capsize=3)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)))
@@ -532,7 +558,9 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=DEFAULT_MODELS, choices=list(SETUPS))
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--configs", nargs="*", default=None, help=f"rows (default: all registered): {list(CONFIGS)}")
+    parser.add_argument(
+        "--configs", nargs="*", default=None, help=f"rows (default: all registered): {list(CONFIGS)}"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="dtype of the base model")
     parser.add_argument("--out", default="benchmarks/results/efficiency")
@@ -541,7 +569,12 @@ def main() -> None:
                         help="dropout on the LoRA input (both libraries); > 0 makes the losses differ (different masks)")  # fmt: skip
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    opts = {"steps": args.steps, "lora_dropout": args.lora_dropout, "device": args.device, "dtype": DTYPES[args.dtype]}
+    opts = {
+        "steps": args.steps,
+        "lora_dropout": args.lora_dropout,
+        "device": args.device,
+        "dtype": DTYPES[args.dtype],
+    }
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], opts)))
         return
@@ -550,10 +583,10 @@ def main() -> None:
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; registered: {', '.join(CONFIGS)}")
-    rows, rounds = run_rounds(args)
     cuda = args.device.startswith("cuda")
-    memory_key, memory_label = ("peak_gpu_mb", "peak GPU MiB (max allocated)") if cuda else ("peak_rss_mb", "peak RSS MB")
-    summary = summarize(rows, args.model, args.configs, memory_key)
+    memory_key, memory_label = (
+        ("peak_gpu_mb", "peak GPU MiB (max allocated)") if cuda else ("peak_rss_mb", "peak RSS MB")
+    )
     meta = {
         "device": device_name(args.device),
         "date": datetime.date.today().isoformat(),
@@ -565,15 +598,29 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(meta, summary, rounds, memory_label)
-    for name, content in (
-        ("efficiency.json", json.dumps({**meta, "summary": summary, "rounds": rounds, "rows": rows}, indent=1)),
-        ("efficiency.md", text),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, out / name)
-    plot(summary, out / "efficiency.png", f"step time vs peftlab's rank-0 floor, {meta['device']}, {meta['date']}")
+
+    def write(rows, rounds):
+        summary = summarize(rows, args.model, args.configs, memory_key)
+        text = markdown({**meta, "rounds": len(rounds)}, summary, rounds, memory_label)
+        for name, content in (
+            (
+                "efficiency.json",
+                json.dumps({**meta, "summary": summary, "rounds": rounds, "rows": rows}, indent=1),
+            ),
+            ("efficiency.md", text),
+        ):
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(content)
+            os.replace(tmp, out / name)
+        return summary, text
+
+    rows, rounds = run_rounds(args, on_round=write)
+    summary, text = write(rows, rounds)
+    plot(
+        summary,
+        out / "efficiency.png",
+        f"step time vs peftlab's rank-0 floor, {meta['device']}, {meta['date']}",
+    )
     print(text)
 
 

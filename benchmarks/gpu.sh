@@ -65,6 +65,9 @@ if [ "$DRY" = 0 ] && [ "$DEVICE" = "cpu" ]; then
   echo "gpu.sh: no CUDA device visible to $PY; use --dry-run on a CPU" >&2
 fi
 
+# cap SECONDS: the step's time limit on the GPU; a dry run (slow shared CPUs) gets 600 s per step
+cap() { if [ "$DRY" = 1 ]; then echo 600; else echo "$1"; fi; }
+
 # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status and seconds, never abort
 step() {
   local name="$1" limit="$2"; shift 2
@@ -82,8 +85,15 @@ step() {
   [ "$status" = ok ] || tail -n 25 "$log"
 }
 
-# 0. environment
-step environment 120 "$PY" -c '
+# peftlab must be importable with its kernels (an editable install maps kernels/ to peftlab.kernels)
+if ! "$PY" -c "import peftlab.kernels" >/dev/null 2>&1; then
+  echo "peftlab not importable from $PY: pip install --no-deps --no-build-isolation -e $ROOT (offline)"
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" > "$OUT/pip-install.log" 2>&1 \
+    || echo "  failed (see $OUT/pip-install.log); the steps below will say why"
+fi
+
+# 0. environment (time caps on the GPU: 30 + 120 + 100 + 180 + 60 s = 8 min at most)
+step environment "$(cap 30)" "$PY" -c '
 import platform, torch, sys
 print("python", sys.version.split()[0], platform.platform())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
@@ -98,34 +108,34 @@ command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 # 1. kernel tests (bf16 runs on CUDA; the dry run takes a fast subset in the interpreter)
 if [ "$DRY" = 1 ]; then
-  step kernel-tests 300 $PYTEST -q -p no:cacheprovider -x \
+  step kernel-tests "$(cap 300)" $PYTEST -q -p no:cacheprovider -x \
     "tests/kernels/test_lora_kernels.py::test_launcher_checks" \
     "tests/kernels/test_fallback.py::test_autotune_key_buckets_tokens" \
     --junitxml="$OUT/kernel-tests.xml"
 else
-  step kernel-tests 240 $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
+  step kernel-tests "$(cap 120)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
 fi
 
 # 2. kernel benchmark: base / HF PEFT / peftlab triton / peftlab torch, fwd+bwd
 if [ "$DRY" = 1 ]; then
-  step kernel-bench 300 "$PY" benchmarks/kernels/lora_linear.py --dry-run --out "$OUT/kernels"
+  step kernel-bench "$(cap 300)" "$PY" benchmarks/kernels/lora_linear.py --dry-run --out "$OUT/kernels"
 else
-  step kernel-bench 150 "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
+  step kernel-bench "$(cap 100)" "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
 fi
 
 # 3. training-step efficiency on CUDA (max_memory_allocated), interleaved rounds
 if [ "$DRY" = 1 ]; then
-  step efficiency 300 "$PY" benchmarks/efficiency.py --model llama-tiny --device cpu --rounds 1 --steps 1 \
+  step efficiency "$(cap 300)" "$PY" benchmarks/efficiency.py --model llama-tiny --device cpu --rounds 1 --steps 1 \
     --configs floor-r0 hf-peft-lora peftlab-lora --out "$OUT/efficiency"
 else
-  step efficiency 210 "$PY" benchmarks/efficiency.py --model smollm2-135m --device cuda --dtype bf16 \
-    --rounds 3 --steps 10 --configs floor-r0 floor-torch hf-peft-lora peftlab-lora peftlab-lora-sac \
-    --timeout 60 --out "$OUT/efficiency"
+  step efficiency "$(cap 180)" "$PY" benchmarks/efficiency.py --model smollm2-135m --device cuda --dtype bf16 \
+    --rounds 3 --steps 10 --configs floor-r0 floor-torch hf-peft-lora peftlab-lora \
+    --timeout 45 --out "$OUT/efficiency"
 fi
 
 # 4. multi-adapter benchmark (added by another issue): run when present
 if [ -f benchmarks/multi_adapter.py ]; then
-  step multi-adapter 90 "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" $([ "$DRY" = 1 ] && echo --dry-run)
+  step multi-adapter "$(cap 60)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" $([ "$DRY" = 1 ] && echo --dry-run)
 else
   echo "| multi-adapter | skipped: benchmarks/multi_adapter.py not present | 0 | – |" >> "$STEPS_FILE"
 fi

@@ -44,14 +44,20 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        ok = "yes" if r["ok"] else "**no**: " + "; ".join(r["problems"]) + (f" ({r['error']})" if r["error"] else "")
+        ok = (
+            "yes"
+            if r["ok"]
+            else "**no**: " + "; ".join(r["problems"]) + (f" ({r['error']})" if r["error"] else "")
+        )
         lines.append(
             f"| {r['launch']} | {r['dtype']} | sm_{r['cc']} | {r['config']} | {r['registers']} | {r['stack']} | "
             f"{r['local']} | {r['shared']} | {r['tensor_core']} | {ok} |"
         )
-    lines += ["", "Kernel source hashes (Triton `cache_key`): " + ", ".join(
-        f"`{k}` {v[:12]}" for k, v in sorted(data["hashes"].items())
-    )]
+    lines += [
+        "",
+        "Kernel source hashes (Triton `cache_key`): "
+        + ", ".join(f"`{k}` {v[:12]}" for k, v in sorted(data["hashes"].items())),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -68,14 +74,19 @@ def main() -> int:
         data = run_subprocess(args.subset, Path(tmp) / "aot.json")
     data["date"] = datetime.date.today().isoformat()
     data["subset"] = args.subset
-    for name, text in (("aot_resources.json", json.dumps(data, indent=1)), ("aot_resources.md", markdown(data))):
+    for name, text in (
+        ("aot_resources.json", json.dumps(data, indent=1)),
+        ("aot_resources.md", markdown(data)),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)  # atomic
     bad = [r for r in data["results"] if not r["ok"]]
     print(f"{len(data['results'])} compiles, {len(bad)} breaking a rule; wrote {out / 'aot_resources.md'}")
     for r in bad:
-        print(f"  {r['launch']} {r['dtype']} sm_{r['cc']} {r['config']}: {'; '.join(r['problems'])} {r['error']}")
+        print(
+            f"  {r['launch']} {r['dtype']} sm_{r['cc']} {r['config']}: {'; '.join(r['problems'])} {r['error']}"
+        )
     return 1 if bad else 0
 
 

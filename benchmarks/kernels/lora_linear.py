@@ -132,7 +132,11 @@ def ratios_markdown(rows, title: str) -> str:
              "HF PEFT ms | triton / base (≤ 1.05) | HF PEFT / triton (≥ 1.25) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     shapes = list(dict.fromkeys((r["tokens"], r["d_in"], r["d_out"], r["r"]) for r in rows))
     for shape in shapes:
-        got = {r["provider"]: r["total_ms"] for r in rows if (r["tokens"], r["d_in"], r["d_out"], r["r"]) == shape}
+        got = {
+            r["provider"]: r["total_ms"]
+            for r in rows
+            if (r["tokens"], r["d_in"], r["d_out"], r["r"]) == shape
+        }
         tri = got.get("peftlab-triton")
 
         def fmt(v):
