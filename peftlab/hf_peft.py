@@ -39,6 +39,66 @@ _TASK_TYPES = {
 }
 
 
+#: Tasks whose head HF PEFT always trains and saves (its PeftModelFor... adds ``classifier``/``score``/``qa_outputs``).
+HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def _plain_head_state(module: nn.Module) -> dict:
+    """A head module's own tensors as a plain module would name them (peftlab wrappers spliced out)."""
+    from .layers import SLOT_ROLES
+
+    out = {}
+    for key, value in module.state_dict().items():
+        parts = key.split(".")
+        if any(p in SLOT_ROLES for p in parts):
+            continue
+        out[key.replace("base_layer.", "")] = value.detach()
+    return out
+
+
+def _with_heads(model: nn.Module, tensors: dict, state, listed) -> tuple[dict, list[str] | None]:
+    """Add every classification-head module (the top-level modules outside the backbone:
+    ``classifier``, ``score``, ``pre_classifier``, ``pooler``, ``classification_head``...) to an export.
+
+    HF PEFT wraps the modules named in ``modules_to_save`` (plus ``classifier``/``score``) and loads their
+    weights from the file; a freshly loaded base has a newly initialised head, so the export carries
+    each head module's current weights (the adapter's trained copy, or the base's) and names exactly
+    those modules, and ``PeftModel.from_pretrained`` then reproduces our logits.
+    """
+    from .targeting import structure
+
+    saved = list(listed or [])
+    out = dict(tensors)
+    for head in structure(model).head:
+        module = model.get_submodule(head)
+        if isinstance(module, AdapterLayer):
+            if head in state.modules_to_save:  # the trained copy is in the tensors already
+                if head not in saved:
+                    saved.append(head)
+                continue
+            module = module.base_layer
+        if any(k.startswith(head + ".") for k in out):
+            continue
+        out.update({f"{head}.{k}": v for k, v in _plain_head_state(module).items()})
+        saved.append(head)
+    return out, saved or None
+
+
+def _heads_in_file(model: nn.Module, raw: dict, ours: dict) -> list[str]:
+    """The ``modules_to_save`` to recreate on import: the listed names and the model's head modules that
+    the file holds tensors for (HF PEFT lists ``classifier`` and ``score`` whether or not the model has them)."""
+    from .targeting import name_matches, structure
+
+    names = list(dict.fromkeys([*(raw.get("modules_to_save") or []), *structure(model).head]))
+    paths = [p for p, _ in model.named_modules() if p]
+    keep = []
+    for name in names:
+        hits = [p for p in paths if name_matches(p, name)]
+        if hits and any(k.startswith(h + ".") for h in hits for k in ours):
+            keep.append(name)
+    return keep
+
+
 def task_type(model: nn.Module) -> str | None:
     """HF PEFT ``task_type`` for a transformers model class (None for bare backbones)."""
     name = type(model).__name__
@@ -84,17 +144,8 @@ def _export_one(model: nn.Module, path: Path, adapter_name: str) -> None:
     config = method.to_peft_config(state.config, state)
     if config.get("task_type") is None:
         config["task_type"] = task_type(model)
-    if config["task_type"] in ("SEQ_CLS", "TOKEN_CLS"):
-        # peft always treats the classification head of these tasks as modules_to_save and expects it in
-        # the file; write the head we have (trained or not) so peft reproduces our outputs exactly.
-        saved = list(config.get("modules_to_save") or [])
-        for head in ("classifier", "score"):
-            module = getattr(model, head, None)
-            if isinstance(module, nn.Module) and head not in state.modules_to_save:
-                base = module.base_layer if isinstance(module, AdapterLayer) else module
-                tensors.update({f"{head}.{k}": v.detach() for k, v in base.state_dict().items()})
-                saved.append(head)
-        config["modules_to_save"] = saved or None
+    if config["task_type"] in HEAD_TASKS:
+        tensors, config["modules_to_save"] = _with_heads(model, tensors, state, config.get("modules_to_save"))
     with folder_lock(path):
         atomic_save_safetensors(
             path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"}
@@ -160,13 +211,10 @@ def _import_one(model: nn.Module, path: Path, adapter_name: str, trainable: bool
     if check_finite:
         check_tensors_finite(tensors, str(path / PEFT_WEIGHTS_NAME))
     config = method.from_peft_config(raw).replace(adapter_name=adapter_name)
-    if raw.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and not config.modules_to_save:
-        # HF PEFT trains (and saves) the classification head of SEQ_CLS / TOKEN_CLS models.
-        heads = [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
-        head_keys = [k for k in tensors if any(f"model.{h}." in k for h in heads)]
-        if head_keys:
-            config = config.replace(modules_to_save=heads)
     ours = {method.from_peft_key(k): v for k, v in tensors.items()}
+    heads = _heads_in_file(model, raw, ours)
+    if heads or config.modules_to_save:
+        config = config.replace(modules_to_save=heads or None)
 
     def transform(tensors):
         if method.prepare_import is None:

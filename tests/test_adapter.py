@@ -86,9 +86,10 @@ def test_merge_is_refused_with_reason(tiny):
 
 
 def test_unknown_architecture_error_says_how_to_name_modules(tiny):
-    model = tiny("t5")
-    with pytest.raises(peftlab.TargetError, match=r"don't know architecture 't5'.*attn_out=.*ffn_out="):
-        peftlab.wrap(model, peftlab.AdapterConfig())
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(peftlab.TargetError, match=r"found no transformer blocks.*attn_out=.*ffn_out="):
+        peftlab.wrap(plain, peftlab.AdapterConfig())
+    model = tiny("t5")  # structure finds T5's blocks; explicit regexes still override them
     peftlab.wrap(
         model,
         peftlab.AdapterConfig(

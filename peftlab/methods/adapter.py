@@ -17,7 +17,6 @@ Where adapters go per architecture: :mod:`peftlab.methods.adapter_arch`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ from ..errors import ConfigError, TargetError
 from ..inject import base_layer_of
 from ..layers import Slot, layer_dims, weight_shape
 from ..registry import Method, register_method
-from .adapter_arch import sites_for
+from .adapter_arch import find_norms, find_sites
 
 STYLES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
@@ -164,65 +163,47 @@ class BottleneckSlot(Slot):
         return f"{kind}, bottleneck={self.tensor('adapter_down').out_features}"
 
 
-def _matches(model: nn.Module, pattern: str, layers: list[int] | None) -> dict[int, str]:
-    from ..targeting import base_view
-
-    found = {}
-    for path, _ in base_view(model):
-        m = re.fullmatch(pattern, path)
-        if m:
-            try:
-                index = int(m.group(1))
-            except (IndexError, TypeError, ValueError):
-                raise ConfigError(
-                    f"site regex {pattern!r} must have a first group that captures the layer index, e.g. "
-                    f"r'.*layers\\.(\\d+)\\.mlp\\.down_proj'"
-                ) from None
-            if layers is None or index in layers:
-                found[index] = path
-    return found
-
-
 def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, Any]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    sites = sites_for(
-        model_type, {k: getattr(config, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in", "norms")}
-    )
+    """A :class:`BottleneckSlot` on each residual point that :func:`~.adapter_arch.find_sites` finds."""
+    overrides = {k: getattr(config, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in")}
     kinds = ["ffn"] if config.style == "pfeiffer" else ["attn", "ffn"]
     parallel = config.style == "parallel"
-    targets, shapes = [], {}
+    sites = [s for s in find_sites(model, overrides) if s.kind in kinds]
+    chosen = [s for s in sites if config.layers is None or s.index in config.layers]
     for kind in kinds:
-        outs = _matches(model, getattr(sites, f"{kind}_out"), config.layers)
-        if not outs:
+        if not any(s.kind == kind for s in chosen):
+            have = sorted({s.index for s in sites if s.kind == kind})
             raise TargetError(
-                f"no {kind} output module matched {getattr(sites, f'{kind}_out')!r} in {type(model).__name__}"
-                + (f" for layers {config.layers}" if config.layers is not None else "")
+                f"no {kind} sublayer to adapt in {type(model).__name__}"
+                + (f" for layers {config.layers}; its blocks are numbered {have}" if config.layers is not None else "")
             )
-        ins = _matches(model, getattr(sites, f"{kind}_in"), config.layers) if parallel else {}
-        for layer, path in sorted(outs.items()):
-            base = base_layer_of(model.get_submodule(path))
-            _, d = layer_dims(base)
-            if parallel and layer not in ins:
-                raise TargetError(f"parallel adapter: no sublayer-input module for layer {layer} ({kind}_in)")
-            slot = txn.add_slot(
-                path,
-                lambda wrapper: BottleneckSlot(
-                    wrapper, config.adapter_name, config.activation, config.dropout, parallel, config.scale
-                ),
-                BottleneckSlot.make_tensors(base, config.bottleneck(layer, d)),
+    targets, shapes = [], {}
+    for site in chosen:
+        base = base_layer_of(model.get_submodule(site.out))
+        _, d = layer_dims(base)
+        if parallel and not site.inp:
+            raise TargetError(
+                f"parallel adapter: no sublayer-input module for {site.kind} of block {site.index} ({site.out}); "
+                f"name it with {site.kind}_in"
             )
-            if parallel:
-                txn.hook(model.get_submodule(ins[layer]).register_forward_pre_hook(_capture(slot), with_kwargs=True))
-            targets.append(path)
-            shapes[path] = weight_shape(base)
+        slot = txn.add_slot(
+            site.out,
+            lambda wrapper: BottleneckSlot(
+                wrapper, config.adapter_name, config.activation, config.dropout, parallel, config.scale
+            ),
+            BottleneckSlot.make_tensors(base, config.bottleneck(site.index, d)),
+        )
+        if parallel:
+            txn.hook(model.get_submodule(site.inp).register_forward_pre_hook(_capture(slot), with_kwargs=True))
+        targets.append(site.out)
+        shapes[site.out] = weight_shape(base)
     extra: list[str] = []
     if config.train_layernorm:
-        if not sites.norms:
-            raise ConfigError("train_layernorm=True needs the `norms` regex for this architecture")
-        for path, module in model.named_modules():
-            m = re.fullmatch(sites.norms, path)
-            if m and (config.layers is None or int(m.group(1)) in config.layers):
-                extra.extend(f"{path}.{n}" for n, _ in module.named_parameters())
+        norms = find_norms(model, config.norms, config.layers)
+        if not norms:
+            raise ConfigError("train_layernorm=True: no norm modules found in the blocks; name them with the `norms` regex")
+        for path in norms:
+            extra.extend(f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters())
     return {"targets": targets, "shapes": shapes, "extra_keys": extra}
 
 

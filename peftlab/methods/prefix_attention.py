@@ -9,8 +9,15 @@ the original one::
     mask' = [attend-all (n_prefix columns) | mask]
 
 Keys and values are prepended at the key/value-head level (before grouped-query repetition),
-so GQA models take a prefix of ``num_key_value_heads`` heads. The KV cache of ``generate`` holds
-only real tokens; the prefix is prepended at every call, so cached and uncached decoding agree.
+so GQA models take a prefix of ``num_key_value_heads`` heads. Models with a fused query-key-value
+projection (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, Phi-3 ``qkv_proj``) split it before this
+interface, so they need nothing special. The KV cache of ``generate`` holds only real tokens; the
+prefix is prepended at every call, so cached and uncached decoding agree.
+
+Each layer's prefix is computed inside its own attention call (``holder.layer_kv(i)``, for a
+reparameterised prefix the MLP restricted to that layer's output rows), so every layer's graph
+is independent: activation checkpointing (re-entrant or not) recomputes a layer without walking
+through another layer's graph.
 """
 
 from __future__ import annotations
@@ -25,15 +32,15 @@ _REGISTERED = False
 class PrefixHolder:
     """Plain object (not a Module) shared by the attention modules of one model.
 
-    ``kv``: (n_layers, 2, kv_heads, n_prefix, head_dim) for the current forward, or None; set by
-    the forward pre-hook of the running prefix adapter. ``active``: the names of the active
+    ``layer_kv``: ``i -> (K, V)``, each (kv_heads, n_prefix, head_dim), for the current forward, or
+    None; set by the forward pre-hook of the running prefix adapter. ``active``: the names of the active
     prefix adapters (at most one may run); ``disabled``: names switched off; ``folded``:
     ``{name: merged (MLP-free) table}``.
     """
 
     def __init__(self, n_prefix: int) -> None:
         self.n_prefix = n_prefix
-        self.kv: torch.Tensor | None = None
+        self.layer_kv = None
         self.folded: dict[str, torch.Tensor] = {}
         self.active: list[str] = []
         self.disabled: set[str] = set()
@@ -70,26 +77,33 @@ def _prefix_mask(attention_mask, module, q_len: int, k_len: int, n_prefix: int, 
     return torch.cat([ones, attention_mask], dim=-1)
 
 
+def _eager_for(module: nn.Module):
+    """The eager attention function of the module's own modeling file (softcapping, scaling...), else Llama's."""
+    import sys
+
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
 def _make_attention(impl_name: str):
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         original = ORIGINAL[impl_name]
-        if original == "eager":
-            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
-        else:
-            fn = ALL_ATTENTION_FUNCTIONS[original]
+        fn = _eager_for(module) if original == "eager" else ALL_ATTENTION_FUNCTIONS[original]
         holder: PrefixHolder | None = getattr(module, "_peftlab_prefix", None)
         rows = getattr(holder, "rows", None)  # a mixed batch: one prefix (or none) per row, see peftlab.mixed_batch
         if rows is not None:
             key, value, attention_mask = rows.extend(module, query, key, value, attention_mask)
             if rows.kv is not None:
                 kwargs.pop("is_causal", None)
-        elif holder is not None and holder.enabled and holder.kv is not None:
-            layer = module.layer_idx
+        elif holder is not None and holder.enabled and holder.layer_kv is not None:
             batch = query.shape[0]
-            pk = holder.kv[layer, 0].unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype)
-            pv = holder.kv[layer, 1].unsqueeze(0).expand(batch, -1, -1, -1).to(value.dtype)
+            pk, pv = holder.layer_kv(module._peftlab_prefix_layer)
+            pk = pk.unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype)
+            pv = pv.unsqueeze(0).expand(batch, -1, -1, -1).to(value.dtype)
             attention_mask = _prefix_mask(
                 attention_mask, module, query.shape[2], key.shape[2], holder.n_prefix, query
             )
