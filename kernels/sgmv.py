@@ -154,12 +154,14 @@ def _bgmv_shrink_kernel(X, A, T, IDX, RANKS, K, R, sxm, sxk, san, sar, sak, stm,
     row = tl.program_id(0)
     rb = tl.program_id(1)
     adapter = tl.load(IDX + row)
-    if adapter < 0:
+    rr = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    t_ptrs = T + row.to(tl.int64) * stm + rr * str_
+    if adapter < 0:  # no adapter: the row of t is zero (t is not zero-filled beforehand)
+        tl.store(t_ptrs, tl.zeros((BLOCK_R,), dtype=tl.float32), mask=rr < R)
         return
     rank = R
     if HAS_RANKS:
         rank = tl.load(RANKS + adapter)
-    rr = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < rank
     rk = tl.arange(0, BLOCK_K)
     x_ptrs = X + row.to(tl.int64) * sxm + rk * sxk
@@ -172,7 +174,7 @@ def _bgmv_shrink_kernel(X, A, T, IDX, RANKS, K, R, sxm, sxk, san, sar, sak, stm,
         acc += tl.sum(a * x[None, :], axis=1)
         x_ptrs += BLOCK_K * sxk
         a_ptrs += BLOCK_K * sak
-    tl.store(T + row.to(tl.int64) * stm + rr * str_, acc, mask=r_ok)
+    tl.store(t_ptrs, acc, mask=rr < R)  # zero past the adapter's rank
 
 
 @triton.jit
@@ -287,11 +289,11 @@ def sgmv_expand(y: torch.Tensor, t: torch.Tensor, b_table: torch.Tensor, seg_sta
 
 def bgmv_shrink(x: torch.Tensor, a_table: torch.Tensor, idx: torch.Tensor,
                 ranks: torch.Tensor | None = None) -> torch.Tensor:
-    """t (M, R) fp32: ``t[m, :r_a] = x[m] A_{idx[m]}ᵀ``; rows with idx -1 stay 0. x: (M, K); idx: (M,)."""
+    """t (M, R) fp32: ``t[m, :r_a] = x[m] A_{idx[m]}ᵀ``, zero elsewhere and on rows with idx -1. x: (M, K); idx: (M,)."""
     _check_tables(x, a_table, "bgmv_shrink", x.shape[1])
     M, K = x.shape
     R = a_table.shape[1]
-    t = torch.zeros(M, R, device=x.device, dtype=torch.float32)
+    t = torch.empty(M, R, device=x.device, dtype=torch.float32)  # every entry written by the kernel
     if M == 0:
         return t
     if idx.numel() != M:

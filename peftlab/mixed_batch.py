@@ -20,8 +20,8 @@ reordering, because beam k of input i always sits at row i·beams + k.
 
 **LoRA part.** Each layer stacks its LoRA/AdaLoRA slots into two tables padded to the largest rank
 R, ``A_tab (n, R, d_in)`` and ``B_tab (n, R, d_out)`` (``B_tab[a] = s_a B_aᵀ``, zero past r_a, a zero
-row last for "no adapter here"), rebuilt only when an adapter changes (a fingerprint of the adapter
-tensors' version counters and storage is checked once per call or per ``generate``), so all
+row last for "no adapter here"), rebuilt only when an adapter changes (the used adapters' tensor version
+counters and storage are checked once per call or per ``generate``, see :func:`refresh`), so all
 adapters together are one shrink ``t = x A_aᵀ`` and one expand ``y += t B_tab[a]``:
 
 * CUDA: the Triton SGMV pair (:mod:`peftlab.kernels.sgmv`, one launch for every segment) for prefill,
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import operator
 import types
 import warnings
 from collections.abc import Sequence
@@ -59,6 +60,7 @@ from .errors import ConfigError, MergeError, WrapError
 BASE = "__base__"
 STATE_ATTR = "_peftlab_mixed"
 TABLES_ATTR = "_peftlab_mixed_tables"
+PLAN_ATTR = "_peftlab_mixed_plan"
 _uids = itertools.count()
 
 
@@ -154,14 +156,30 @@ class Router:
 # ---- per-layer stacked tables ----------------------------------------------------------------------
 
 
+_LORA_TYPES: tuple = ()
+
+
+def _lora_types() -> tuple:
+    global _LORA_TYPES
+    if not _LORA_TYPES:
+        from .methods.adalora import AdaLoraSlot
+        from .methods.lora import LoraSlot
+
+        _LORA_TYPES = (LoraSlot, AdaLoraSlot)
+    return _LORA_TYPES
+
+
+def is_lora_like(slot) -> bool:
+    """Whether the slot's contribution is s·(x Aᵀ) Bᵀ (LoRA, AdaLoRA), i.e. it goes into the stacked tables."""
+    return type(slot) in _lora_types()
+
+
 def lora_factors(slot) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """(A (r, d_in), B (d_out, r), s) of a LoRA-like slot (LoRA, AdaLoRA with A ← Q ⊙ λ); None otherwise."""
-    from .methods.adalora import AdaLoraSlot
-    from .methods.lora import LoraSlot
-
-    if type(slot) is LoraSlot:
+    lora, adalora = _lora_types()
+    if type(slot) is lora:
         return slot.lora_A, slot.lora_B, slot.scaling
-    if type(slot) is AdaLoraSlot:
+    if type(slot) is adalora:
         return slot.lora_A * slot.lora_E, slot.lora_B, slot.scaling
     return None
 
@@ -176,8 +194,7 @@ class LayerTables:
 
     def __init__(self, layer, key: tuple, device, dtype) -> None:
         self.key = key
-        entries = [(name, lora_factors(slot)) for name, slot in layer.slots.items()]
-        entries = [(name, f) for name, f in entries if f is not None]
+        entries = [(name, lora_factors(slot)) for name, slot in layer.slots.items() if is_lora_like(slot)]
         self.names = [name for name, _ in entries]
         self.index = {name: i for i, name in enumerate(self.names)}
         r_max = max((f[0].shape[0] for _, f in entries), default=1)
@@ -191,18 +208,23 @@ class LayerTables:
                 self.a[i, :r] = a.detach().to(device, dtype)
                 self.b[i, :r] = (b.detach().float().t() * s).to(device, dtype)
         self.ranks = torch.tensor([f[0].shape[0] for _, f in entries] + [0], dtype=torch.int32, device=device)
-        self.per_router: dict[int, Any] = {}
+        self.per_router: dict[Any, Any] = {}
+        self.skip = frozenset(layer.disabled)  # disabled adapters' rows get no LoRA term (the router's version
+        # changes with the disabled sets, and the tables with it)
 
     def for_router(self, router: Router):
-        """(local index per used adapter (n_used,), per row (batch,)) into this table; n = the zero row."""
+        """Indices into this table for the router's adapters: (per used adapter (n_used,), per row (batch,)),
+        the zero row n where a row has no adapter here, and the same two with -1 there (for the kernels)."""
         hit = self.per_router.get(router.uid)
         if hit is None:
             zero = len(self.names)
-            local = torch.tensor([self.index.get(n, zero) for n in router.adapters] + [zero], dtype=torch.long)
+            local = [zero if n in self.skip else self.index.get(n, zero) for n in router.adapters]
+            local = torch.tensor(local + [zero], dtype=torch.long)
             per_row = local[router.row_adapter]  # -1 (base) picks the trailing zero entry
             device = self.a.device
-            hit = (local[:-1].to(device), per_row.to(device))
-            if len(self.per_router) > 4:
+            minus = lambda t: torch.where(t == zero, -1, t).to(device)  # noqa: E731
+            hit = (local[:-1].to(device), per_row.to(device), minus(local[:-1]), minus(per_row))
+            if len(self.per_router) > 8:
                 self.per_router.clear()
             self.per_router[router.uid] = hit
         return hit
@@ -212,18 +234,19 @@ class LayerTables:
         key = ("used", router.uid)
         hit = self.per_router.get(key)
         if hit is None:
-            local, _ = self.for_router(router)
+            local = self.for_router(router)[0]
             hit = self.per_router[key] = (self.a.index_select(0, local), self.b.index_select(0, local))
         return hit
 
 
 def _tables(layer, router: Router, x: torch.Tensor) -> LayerTables:
-    a0 = next(f[0] for f in (lora_factors(s) for s in layer.slots.values()) if f is not None)
-    dtype = x.dtype if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) else a0.dtype
-    key = (router.version, str(x.device), dtype)
+    """The layer's stacked tables for this router's adapter version, device and compute dtype (cached)."""
+    half = x.dtype if (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)) else None
+    key = (router.version, x.device, half)
     tables = layer.__dict__.get(TABLES_ATTR)
     if tables is None or tables.key != key:
-        tables = LayerTables(layer, key, x.device, dtype)
+        a0 = next(slot for slot in layer.slots.values() if is_lora_like(slot)).lora_A
+        tables = LayerTables(layer, key, x.device, half or a0.dtype)
         layer.__dict__[TABLES_ATTR] = tables
     return tables
 
@@ -254,7 +277,7 @@ def _lora_torch(tables: LayerTables, router: Router, x3: torch.Tensor, out3: tor
         delta = delta.view(n * L, T, -1).index_select(0, keep)
         out3.index_add_(0, rows, delta.to(out3.dtype))
     else:
-        _, per_row = tables.for_router(router)
+        per_row = tables.for_router(router)[1]
         a_rows, b_rows = tables.a.index_select(0, per_row), tables.b.index_select(0, per_row)
         out3.add_(torch.bmm(torch.bmm(xin, a_rows.transpose(1, 2)), b_rows).to(out3.dtype))
 
@@ -262,26 +285,24 @@ def _lora_torch(tables: LayerTables, router: Router, x3: torch.Tensor, out3: tor
 def _lora_triton(tables: LayerTables, router: Router, x2: torch.Tensor, y2: torch.Tensor, tokens: int) -> None:
     from .kernels import sgmv
 
-    local, per_row = tables.for_router(router)
+    _, _, local, per_row = tables.for_router(router)
     if tokens == 1:  # decode: one token per row, every row gathers its adapter (BGMV)
-        idx = torch.where(per_row == len(tables.names), -1, per_row)
-        t = sgmv.bgmv_shrink(x2, tables.a, idx, tables.ranks)
-        sgmv.bgmv_expand(y2, t, tables.b, idx, tables.ranks)
+        t = sgmv.bgmv_shrink(x2, tables.a, per_row, tables.ranks)
+        sgmv.bgmv_expand(y2, t, tables.b, per_row, tables.ranks)
         return
     perm, start, length, max_len = router.segments(tokens, x2.device)
-    seg_adapter = torch.where(local == len(tables.names), -1, local)
-    t = sgmv.sgmv_shrink(x2, tables.a, start, length, seg_adapter, max_len, perm, tables.ranks)
-    sgmv.sgmv_expand(y2, t, tables.b, start, length, seg_adapter, max_len, perm, tables.ranks)
+    t = sgmv.sgmv_shrink(x2, tables.a, start, length, local, max_len, perm, tables.ranks)
+    sgmv.sgmv_expand(y2, t, tables.b, start, length, local, max_len, perm, tables.ranks)
 
 
-def _add_lora(layer, router: Router, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+def _add_lora(layer, router: Router, x: torch.Tensor, result: torch.Tensor, triton: bool) -> torch.Tensor:
     tables = _tables(layer, router, x)
     B = x.shape[0]
     d_in, d_out = x.shape[-1], result.shape[-1]
     tokens = x.numel() // (B * d_in) if B else 0
     # add in fp32 when the output is half: one rounding, as the single-adapter path does
     out = result if result.dtype == tables.a.dtype or x.is_cuda else result.to(tables.a.dtype)
-    if _use_triton(layer, x) and out.is_contiguous():
+    if triton and out.is_contiguous():
         try:
             _lora_triton(tables, router, x.reshape(B * tokens, d_in).contiguous(), out.view(B * tokens, d_out), tokens)
             return out
@@ -309,13 +330,18 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
             f"mixed batch: a layer got {x.shape[0]} rows but adapter_names routes {router.batch}; "
             f"layers must see the batch dimension first"
         )
-    merged = {n for n, _ in layer.merged_stack}
-    present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
-               if n in layer.slots and n not in layer.disabled and n not in merged]
+    plan = layer.__dict__.get(PLAN_ATTR)
+    if plan is None or plan[0] != router.uid:
+        merged = {n for n, _ in layer.merged_stack}
+        present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
+                   if n in layer.slots and n not in layer.disabled and n not in merged]
+        others = [(j, s) for j, s in present if not is_lora_like(s)]
+        lora = len(others) < len(present)
+        plan = layer.__dict__[PLAN_ATTR] = (router.uid, lora, others, lora and _use_triton(layer, x))
+    _, lora, others, triton = plan
     result = layer.base_layer(x, *args, **kwargs)
-    others = [(j, s) for j, s in present if lora_factors(s) is None]
-    if len(others) < len(present):
-        result = _add_lora(layer, router, x, result)
+    if lora:
+        result = _add_lora(layer, router, x, result, triton)
     for j, slot in others:  # bottleneck adapters, head copies, unknown variants: per segment
         rows = router.rows_of(j, x.device)
         captured = getattr(slot, "captured", None)
@@ -327,9 +353,10 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         else:
             part = slot.contribute(xs, result.index_select(0, rows), 1.0)
         result = result.index_copy(0, rows, part.to(result.dtype))
-    for slot in layer.slots.values():
-        if getattr(slot, "captured", None) is not None:
-            slot.captured = None
+    if others:
+        for slot in layer.slots.values():
+            if getattr(slot, "captured", None) is not None:
+                slot.captured = None
     return result
 
 
@@ -436,17 +463,20 @@ class MixedState:
     """What the routing hooks keep on a model (``model._peftlab_mixed``).
 
     Attributes:
-        version: bumped whenever the adapters' structure or tensors change (tables follow it);
-        fingerprint: what ``version`` was computed from; layers: the model's AdapterLayers;
+        version: bumped whenever the adapters' structure or tensors change (tables follow it, see
+        :func:`refresh`); structure: the registry it was computed for; layers: the model's AdapterLayers;
+        tensors: {adapter: its tensors}; seen: {adapter: (version sum, storage)} last checked;
         pending: the names of the running ``generate`` (None outside it); router: the last router;
         routed: whether the layers hold a router now.
     """
 
     def __init__(self) -> None:
         self.version = 0
-        self.fingerprint: Any = None
         self.structure: Any = None
         self.layers: list = []
+        self.tensors: dict = {}
+        self.seen: dict = {}
+        self.disabled: Any = None
         self.pending: tuple[str, ...] | None = None
         self.router: Router | None = None
         self.routed = False
@@ -456,33 +486,68 @@ def _state(model: nn.Module) -> MixedState:
     return model.__dict__[STATE_ATTR]
 
 
-def refresh(model: nn.Module) -> int:
-    """Re-check the adapters (structure, tensor versions, storage); bump the version if they changed."""
+def refresh(model: nn.Module, names: Sequence[str] | None = None) -> int:
+    """Re-check the adapters a batch uses; bump the version (so every layer rebuilds its tables) if any changed.
+
+    Checked: the registry (wrap / delete / load install a new one), the disabled sets, and, per adapter
+    in ``names`` (default: all), the sum of its tensors' version counters (every in-place write, e.g.
+    an optimizer step or ``copy_``, bumps one) and the storage of its first tensor (``.to()`` moves it).
+    An adapter not in the batch is checked when a batch uses it. Cost: one C-level pass over the used
+    adapters' tensors per call (once per ``generate``).
+    """
     from .inject import adapter_layers, adapters
 
     state = _state(model)
     states = adapters(model)
-    if state.structure is not states:
+    bump = False
+    if state.structure is not states:  # wrap / delete / load always install a new registry dict
         state.layers = [layer for _, layer in adapter_layers(model)]
         state.structure = states
-    tensors = []
-    for layer in state.layers:
-        for name, module in layer._modules.items():
-            if name != "base_layer":
-                tensors.extend(module.parameters())
-    from .methods.prefix import TABLES_ATTR as PREFIX_TABLES
-
-    prefix = getattr(model, PREFIX_TABLES, None)
-    if prefix is not None:
-        tensors.extend(prefix.parameters())
-    folded = getattr(model, "_peftlab_prefix_holder", None)
-    extra = tuple((n, t.data_ptr(), t._version) for n, t in getattr(folded, "folded", {}).items())
-    fingerprint = (id(states), tuple(states), tuple((t.data_ptr(), t._version) for t in tensors), extra)
-    if fingerprint != state.fingerprint:
-        state.fingerprint = fingerprint
+        state.tensors = _tensors_by_adapter(model, state.layers, states)
+        state.seen = {}
+        bump = True
+    holder = getattr(model, "_peftlab_prefix_holder", None)
+    disabled = (tuple(tuple(sorted(layer.disabled)) if layer.disabled else () for layer in state.layers),
+                tuple(sorted(getattr(holder, "disabled", ()))), tuple(getattr(holder, "folded", {})))
+    if disabled != state.disabled:
+        state.disabled = disabled
+        bump = True
+    version = operator.attrgetter("_version")
+    for name in dict.fromkeys(names if names is not None else states):
+        if name == BASE:
+            continue
+        tensors = state.tensors.get(name, [])
+        mark = (sum(map(version, tensors)), tensors[0].data_ptr() if tensors else 0)
+        if name in holder_folded(holder):
+            mark += (holder.folded[name].data_ptr(), holder.folded[name]._version)
+        if state.seen.get(name) != mark:
+            state.seen[name] = mark
+            bump = True
+    if bump:
         state.version += 1
         state.router = None
     return state.version
+
+
+def holder_folded(holder) -> dict:
+    return getattr(holder, "folded", None) or {}
+
+
+def _tensors_by_adapter(model: nn.Module, layers, states) -> dict[str, list[torch.Tensor]]:
+    """{adapter name: its tensors} from the layers' per-role dicts and the model's prefix tables."""
+    from .methods.prefix import TABLES_ATTR as PREFIX_TABLES
+
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in states}
+    stores = [store for layer in layers for role, store in layer._modules.items() if role != "base_layer"]
+    prefix = getattr(model, PREFIX_TABLES, None)
+    if prefix is not None:
+        stores.append(prefix)
+    for store in stores:
+        if isinstance(store, (nn.ParameterDict, nn.ModuleDict)):
+            for name, value in store.items():
+                if name in out:
+                    out[name].extend([value] if isinstance(value, torch.Tensor) else value.parameters())
+    return out
 
 
 def check_names(model: nn.Module, names: Any, batch: int | None = None) -> tuple[str, ...]:
@@ -512,7 +577,10 @@ def check_names(model: nn.Module, names: Any, batch: int | None = None) -> tuple
     unknown = sorted({n for n in names if n != BASE and n not in loaded})
     if unknown:
         raise ConfigError(f"unknown adapter name(s) {unknown} in adapter_names ({valid})")
-    merged = sorted({n for _, layer in adapter_layers(model) for n, _ in layer.merged_stack})
+    state = model.__dict__.get(STATE_ATTR)
+    layers = state.layers if state is not None and state.structure is adapters(model) else [
+        layer for _, layer in adapter_layers(model)]
+    merged = sorted({n for layer in layers for n, _ in layer.merged_stack})
     if merged:
         raise MergeError(
             f"adapter(s) {merged} are merged into the base weights, which every row of a mixed batch shares; "
@@ -569,7 +637,7 @@ def _pre_hook(model: nn.Module, args, kwargs):
         names = tuple(n for n in names for _ in range(batch // len(names)))  # beams repeat their row's adapter
     elif names is not None:
         names = check_names(model, names, batch)
-        refresh(model)
+        refresh(model, names)
     if names is None:
         if state.routed:
             _clear(model, state)
@@ -606,7 +674,7 @@ def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
     state = _state(self)
     batch = _batch_size(args, kwargs)
     names = check_names(self, adapter_names, batch)
-    refresh(self)
+    refresh(self, names)
     state.pending = names
     try:
         return original(self, *args, **kwargs)
@@ -636,6 +704,7 @@ def uninstall(model: nn.Module) -> None:
     _clear(model, _state(model))
     for layer in _state(model).layers:
         layer.__dict__.pop(TABLES_ATTR, None)
+        layer.__dict__.pop(PLAN_ATTR, None)
     for store in ("_forward_pre_hooks", "_forward_hooks"):
         hooks = getattr(model, store)
         for hid in [h for h, fn in hooks.items() if fn in _HOOK_FNS]:

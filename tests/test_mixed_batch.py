@@ -127,17 +127,18 @@ def test_beam_search_rows_repeat_their_adapter():
         torch.testing.assert_close(out.sequences_scores[2 * m : 2 * m + 2], ref.sequences_scores, **TOL)
 
 
-def test_bottleneck_adapters_and_head_copies_run_per_segment():
+def test_bottleneck_dora_and_head_copies_run_per_segment():
     model = tiny_model("bert")
     for name, style in (("h", "houlsby"), ("p", "parallel")):
         peftlab.wrap(model, peftlab.AdapterConfig(style=style, bottleneck_size=4, adapter_name=name,
                                                   modules_to_save=["classifier"]))
     peftlab.wrap(model, peftlab.LoraConfig(r=4, target_modules=["query", "value"], adapter_name="l",
                                            modules_to_save=["classifier"]))
+    peftlab.wrap(model, peftlab.LoraConfig(r=4, target_modules=["key", "value"], adapter_name="d", use_dora=True))
     perturb(model, 0.3)
     model.eval()
-    x = ids(5)
-    names = ["p", "l", BASE, "h", "p"]
+    x = ids(6)
+    names = ["p", "l", BASE, "h", "d", "p"]
     with torch.no_grad():
         mixed = model(input_ids=x, adapter_names=names).logits
     for m, name in enumerate(names):
@@ -241,6 +242,9 @@ def test_tables_follow_in_place_edits_and_deletes():
         mixed = model(input_ids=x, adapter_names=names).logits
     for m, name in enumerate(names):
         torch.testing.assert_close(mixed[m : m + 1], alone(model, name, input_ids=x[m : m + 1]).logits, **TOL)
+    with peftlab.disable_adapters(model, "b"), torch.no_grad():  # a disabled adapter's rows run the base
+        mixed = model(input_ids=x, adapter_names=names).logits
+    torch.testing.assert_close(mixed[1:2], alone(model, BASE, input_ids=x[1:2]).logits, **TOL)
     peftlab.delete_adapter(model, "a")
     with torch.no_grad():
         mixed = model(input_ids=x, adapter_names=["c", BASE, "b"]).logits
