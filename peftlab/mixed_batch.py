@@ -47,7 +47,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
-import types
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -683,6 +682,16 @@ def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         _clear(self, state)
 
 
+class BoundGenerate:
+    """``model.generate`` with ``adapter_names``: a per-instance callable (copies and pickles with its model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.__self__ = model
+
+    def __call__(self, *args, **kwargs):
+        return generate(self.__self__, *args, **kwargs)
+
+
 _HOOK_FNS = (_pre_hook, _post_hook)
 
 
@@ -694,7 +703,7 @@ def install(model: nn.Module) -> None:
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True, prepend=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
     if callable(getattr(type(model), "generate", None)):
-        model.__dict__["generate"] = types.MethodType(generate, model)
+        model.__dict__["generate"] = BoundGenerate(model)
 
 
 def uninstall(model: nn.Module) -> None:
@@ -712,5 +721,5 @@ def uninstall(model: nn.Module) -> None:
             for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
                 getattr(model, extra, {}).pop(hid, None)
     del model.__dict__[STATE_ATTR]
-    if isinstance(model.__dict__.get("generate"), types.MethodType):
+    if isinstance(model.__dict__.get("generate"), BoundGenerate):
         del model.__dict__["generate"]

@@ -254,6 +254,24 @@ def test_tables_follow_in_place_edits_and_deletes():
     assert "_peftlab_mixed" not in model.__dict__
 
 
+def test_copies_and_pickles_keep_adapter_names():
+    import copy
+    import io
+
+    model = tiny_model("llama")  # LoRA only (AdaLoRA's regulariser hook is a closure: such a model does not pickle)
+    for name in ("a", "b"):
+        peftlab.wrap(model, peftlab.LoraConfig(r=4, target_modules="all-linear", adapter_name=name))
+    perturb(model, 0.3)
+    x, names = ids(2, 5), ["b", "a"]
+    kw = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    want = model.generate(input_ids=x, adapter_names=names, **kw)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert torch.equal(other.generate(input_ids=x, adapter_names=names, **kw), want)
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
