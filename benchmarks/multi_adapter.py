@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128 on CUDA, 32 on CPU)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 32 on CUDA, 16 on CPU)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1 on CUDA, 3 on CPU)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median (default 3 on CUDA, 2 on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per measurement, median (default 2)")
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     ap.add_argument("--quick", action="store_true", help="batch 8, adapters 1 4, 16+4 tokens, one round")
     ap.add_argument("--dry-run", action="store_true", help="toy model and sizes: checks the plumbing in seconds")
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     args.prompt = args.prompt or (128 if cuda else 32)
     args.new_tokens = args.new_tokens or (32 if cuda else 16)
     args.rounds = args.rounds or (1 if cuda else 3)
-    args.repeats = args.repeats or (3 if cuda else 2)
+    args.repeats = args.repeats or 2
     if args.quick:
         args.batches, args.adapters, args.prompt, args.new_tokens, args.rounds, args.repeats = [8], [1, 4], 16, 4, 1, 1
     if args.dry_run:
