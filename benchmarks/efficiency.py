@@ -54,6 +54,13 @@ LLAMA_TINY = {
     "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
     "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128, "tie_word_embeddings": False,
 }  # fmt: skip
+#: SmolLM2-135M's shapes with random weights: the same step time and memory as the real model, for a
+#: machine where the packaged model cannot be carried (only the loss values differ).
+SMOLLM2_SHAPES = {
+    "hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+}  # fmt: skip
 SETUPS = {
     "smollm2-135m": {"kind": "causal-lm", "batch": 8, "length": 128, "targets": "all-linear"},
     "minilm-l6": {"kind": "seq-cls", "batch": 32, "length": 64, "targets": "all-linear"},
@@ -63,6 +70,13 @@ SETUPS = {
         "length": 128,
         "targets": "all-linear",
         "synthetic": LLAMA_672M,
+    },
+    "smollm2-135m-random": {
+        "kind": "causal-lm",
+        "batch": 8,
+        "length": 128,
+        "targets": "all-linear",
+        "synthetic": SMOLLM2_SHAPES,
     },
     "llama-tiny": {
         "kind": "causal-lm",

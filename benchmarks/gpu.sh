@@ -128,7 +128,11 @@ if [ "$DRY" = 1 ]; then
   step efficiency "$(cap 300)" "$PY" benchmarks/efficiency.py --model llama-tiny --device cpu --rounds 1 --steps 1 \
     --configs floor-r0 hf-peft-lora peftlab-lora --out "$OUT/efficiency"
 else
-  step efficiency "$(cap 180)" "$PY" benchmarks/efficiency.py --model smollm2-135m --device cuda --dtype bf16 \
+  # the packaged SmolLM2 if it resolves here, else its shapes with random weights (same time and memory)
+  EFF_MODEL=smollm2-135m
+  "$PY" -c 'import peftlab; peftlab.resolve_model_path("smollm2-135m")' >/dev/null 2>&1 || EFF_MODEL=smollm2-135m-random
+  echo "efficiency model: $EFF_MODEL" > "$OUT/efficiency-model.txt"
+  step efficiency "$(cap 180)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
     --rounds 3 --steps 10 --configs floor-r0 floor-torch hf-peft-lora peftlab-lora \
     --timeout 45 --out "$OUT/efficiency"
 fi
