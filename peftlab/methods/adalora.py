@@ -152,7 +152,12 @@ def adalora_layers(model: nn.Module, adapter_name: str) -> dict[str, AdaLoraSlot
 
 
 def adalora_orth_loss(model: nn.Module, adapter_name: str | None = None) -> torch.Tensor:
-    """mean over layers of ‖PᵀP - I‖²_F + ‖QQᵀ - I‖²_F (without γ)."""
+    """mean over layers of ‖PᵀP - I‖²_F + ‖QQᵀ - I‖²_F (without γ), the paper's Eq. (4).
+
+    HF PEFT (and the authors' code) use the unsquared Frobenius norm averaged per matrix instead, so the
+    same ``orth_reg_weight`` regularises more strongly here (≈12× the gradient at init for r=12); the
+    measured SST-2 accuracy did not resolve a difference (benchmarks/results/adalora/FINDINGS.md).
+    """
     name = get_state(model, adapter_name).config.adapter_name
     total, count = None, 0
     for layer in adalora_layers(model, name).values():
