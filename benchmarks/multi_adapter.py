@@ -244,6 +244,10 @@ def with_bounds(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _x(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a == a and b == b and b > 0 else "n/a"
+
+
 def ratios(rows: list[dict]) -> list[str]:
     get = {(r["provider"], r["batch"], r["adapters"]): r for r in rows}
     lines = []
@@ -256,15 +260,22 @@ def ratios(rows: list[dict]) -> list[str]:
             parts = [f"batch {batch}, {n} adapter(s) ({ours['distinct']} distinct): peftlab decode"]
             hf = get.get(("hf-peft", batch, n))
             if hf:
-                parts.append(f"{ours['decode_tps'] / hf['decode_tps']:.2f}x HF PEFT")
+                parts.append(f"{_x(ours['decode_tps'], hf['decode_tps'])} HF PEFT")
             if "decode_bound" in ours:
-                parts.append(f"{ours['decode_tps'] / ours['decode_bound']:.2f}x its memory-traffic bound")
+                parts.append(f"{_x(ours['decode_tps'], ours['decode_bound'])} its memory-traffic bound")
             loop = get.get(("loop", batch, n))
             if loop:
-                parts.append(f"{ours['decode_tps'] / loop['decode_tps']:.2f}x the per-adapter loop"
+                parts.append(f"{_x(ours['decode_tps'], loop['decode_tps'])} the per-adapter loop"
                              + (" (= the un-merged single-adapter path)" if n == 1 else ""))
             lines.append(", ".join(parts[:1]) + " " + ", ".join(parts[1:]))
     return lines
+
+
+def fmt(value: float) -> str:
+    """Tokens/s: thousands separators from 100 up, three significant digits below, n/a for nan."""
+    if value != value:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def table(rows: list[dict], args, device_name: str) -> str:
@@ -291,11 +302,11 @@ def table(rows: list[dict], args, device_name: str) -> str:
         n = "-" if r["provider"] in ("base", "merged") else f"{r['adapters']} ({r['distinct']})"
         if r["provider"] == "merged":
             n = "1 (merged)"
-        bound_p = f"{r['prefill_bound']:,.0f}" if "prefill_bound" in r else "-"
-        bound_d = f"{r['decode_bound']:,.0f}" if "decode_bound" in r else "-"
+        bound_p = fmt(r["prefill_bound"]) if "prefill_bound" in r else "-"
+        bound_d = fmt(r["decode_bound"]) if "decode_bound" in r else "-"
         share = f"{r['decode_tps'] / r['decode_bound']:.2f}" if "decode_bound" in r else "-"
-        out.append(f"| {r['batch']} | {n} | {r['provider']} | {r['prefill_tps']:,.0f} | {bound_p} | "
-                   f"{r['decode_tps']:,.0f} | {bound_d} | {share} |")
+        out.append(f"| {r['batch']} | {n} | {r['provider']} | {fmt(r['prefill_tps'])} | {bound_p} | "
+                   f"{fmt(r['decode_tps'])} | {bound_d} | {share} |")
     base = next((r for r in rows if r["provider"] == "base"), None)
     if base:
         out += ["", f"Base weights {base['base_bytes'] / 2**20:.1f} MiB, one adapter {base['adapter_bytes'] / 2**20:.2f} MiB "
