@@ -1,6 +1,6 @@
 """Run the method x architecture matrix (tests/test_arch_matrix.py) and write its table into README.md.
 
-Usage: ``.venv/bin/python scripts/arch_matrix.py`` (about a minute on 2 cores).
+Usage: ``.venv/bin/python scripts/arch_matrix.py`` (runs every cell: a few minutes on 2 cores).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str) -> None:
 PEFT_CANNOT = {
     "does not support past key values": (
         "HF PEFT loads this export but can't run it: its prefix tuning passes past_key_values, which transformers 5's "
-        "encoder classifiers don't take (checked: peftlab's import of peft's re-save gives our logits)"
+        "sequence classifiers don't take (checked: peftlab's import of peft's re-save gives our logits)"
     ),
 }
 
@@ -162,7 +162,7 @@ def test_architecture_row(label):
 def _short(reason: str) -> str:
     """The first sentence of an error message (or a note), for the notes under the table."""
     text = reason[1:].strip()
-    return re.split(r"(?<=[.;:])\s", text, maxsplit=1)[0].rstrip(".;:")
+    return re.split(r"(?<=[.;])\s", text, maxsplit=1)[0].rstrip(".;")
 
 
 def _peft_default(label: str) -> str:
