@@ -256,7 +256,7 @@ _warned: set[str] = set()
 
 
 def _use_triton(layer, x: torch.Tensor) -> bool:
-    if not x.is_cuda or any(getattr(s, "use_kernel", "auto") == "torch" for s in layer.slots.values()):
+    if "triton" in _warned or not x.is_cuda or any(getattr(s, "use_kernel", "auto") == "torch" for s in layer.slots.values()):
         return False
     from .kernels import triton_available
 
@@ -305,10 +305,11 @@ def _add_lora(layer, router: Router, x: torch.Tensor, result: torch.Tensor, trit
         try:
             _lora_triton(tables, router, x.reshape(B * tokens, d_in).contiguous(), out.view(B * tokens, d_out), tokens)
             return out
-        except Exception as exc:  # noqa: BLE001 - a Triton failure falls back to torch, once loudly
-            if "triton" not in _warned:
-                _warned.add("triton")
-                warnings.warn(f"mixed-batch Triton kernels failed ({type(exc).__name__}: {exc}); using torch", stacklevel=3)
+        except Exception as exc:  # noqa: BLE001 - a compile/launch failure falls back to torch, once loudly
+            _warned.add("triton")  # and the kernels stay off for the process
+            warnings.warn(f"mixed-batch Triton kernels failed ({type(exc).__name__}: {exc}); using torch from now on",
+                          stacklevel=3)
+            layer.__dict__.pop(PLAN_ATTR, None)
     x3 = x.reshape(B, tokens, d_in)
     out3 = out.view(B, tokens, d_out) if out.is_contiguous() else out.reshape(B, tokens, d_out)
     _lora_torch(tables, router, x3, out3)

@@ -48,12 +48,22 @@ def alone(model, name, **inputs):
 @pytest.fixture(params=["segments", "gather", "triton"])
 def path(request, monkeypatch):
     """Force one LoRA path: padded segments + bmm, per-row gathered bmm, or the Triton kernels (interpreter)."""
+    calls = []
     if request.param == "triton":
         pytest.importorskip("triton")
+        from peftlab.kernels import sgmv
+
         monkeypatch.setattr(mixed_batch, "_use_triton", lambda layer, x: True)
+        monkeypatch.setattr(mixed_batch, "_warned", set())
+        for name in ("sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand"):
+            fn = getattr(sgmv, name)
+            monkeypatch.setattr(sgmv, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     else:
         monkeypatch.setattr(mixed_batch.Router, "use_segments", lambda self, t: request.param == "segments")
-    return request.param
+    yield request.param
+    if request.param == "triton":  # the kernels ran, and never fell back to torch
+        assert "triton" not in mixed_batch._warned
+        assert "sgmv_expand" in calls and ("bgmv_expand" in calls or request.node.name.startswith("test_all_base"))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -66,6 +76,11 @@ def test_forward_rows_equal_single_adapter_runs(family, path):
     for m, name in enumerate(names):
         torch.testing.assert_close(mixed[m : m + 1], alone(model, name, input_ids=x[m : m + 1]).logits, **TOL)
     assert peftlab.active_adapters(model) == ["c"]  # a mixed batch switches nothing
+    x1 = ids(6, 1)  # one token per row, as in decoding (BGMV on the Triton path)
+    with torch.no_grad():
+        mixed = model(input_ids=x1, adapter_names=names).logits
+    for m, name in enumerate(names):
+        torch.testing.assert_close(mixed[m : m + 1], alone(model, name, input_ids=x1[m : m + 1]).logits, **TOL)
 
 
 def test_all_base_rows_and_one_adapter_batches(path):
