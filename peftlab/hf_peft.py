@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .distributed import gather_state_dict, is_main_process
 from .errors import AdapterFileError, ConfigError
 from .inject import adapters, get_state
 from .io import (
@@ -146,6 +147,9 @@ def _export_one(model: nn.Module, path: Path, adapter_name: str) -> None:
         config["task_type"] = task_type(model)
     if config["task_type"] in HEAD_TASKS:
         tensors, config["modules_to_save"] = _with_heads(model, tensors, state, config.get("modules_to_save"))
+    tensors = gather_state_dict(tensors)  # full tensors of sharded (FSDP2) models; every rank gathers
+    if not is_main_process():  # rank 0 writes
+        return
     with folder_lock(path):
         atomic_save_safetensors(
             path / PEFT_WEIGHTS_NAME, {method.to_peft_key(k): v for k, v in tensors.items()}, {"format": "pt"}

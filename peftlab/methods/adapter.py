@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, register_config
+from ..config import PeftConfig, check_bool, check_int, check_number, register_config
 from ..errors import ConfigError, TargetError
 from ..inject import base_layer_of
 from ..layers import Slot, layer_dims, weight_shape
@@ -80,8 +80,15 @@ class AdapterConfig(PeftConfig):
             raise ConfigError(f"adapter style must be one of {STYLES}, got {self.style!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        check_number("adapter", "dropout", self.dropout, low=0, high=1, high_open=True)
+        check_number("adapter", "scale", self.scale)
+        check_bool("adapter", "train_layernorm", self.train_layernorm)
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ConfigError(f"adapter layers must be a non-empty list of block indices or None, got {self.layers!r}")
+            for i in self.layers:
+                check_int("adapter", "layers entry", i, low=0)
+            self.layers = list(self.layers)
         for name in ("reduction_factor", "bottleneck_size"):
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -107,7 +114,12 @@ class AdapterConfig(PeftConfig):
                 if isinstance(self.reduction_factor, dict)
                 else self.reduction_factor
             )
-            size = max(1, d // factor)
+            size = d // factor
+            if size < 1:
+                raise ConfigError(
+                    f"reduction_factor {factor} leaves no bottleneck unit for hidden size {d} (d // factor = 0); "
+                    f"use a factor of at most {d}, or bottleneck_size"
+                )
         return size
 
 
