@@ -182,6 +182,13 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, An
     parallel = config.style == "parallel"
     sites = [s for s in find_sites(model, overrides) if s.kind in kinds]
     chosen = [s for s in sites if config.layers is None or s.index in config.layers]
+    if config.layers is not None and sites:
+        have = sorted({s.index for s in sites})
+        missing = sorted(set(config.layers) - set(have))
+        if missing:
+            raise TargetError(
+                f"adapter layers {missing} do not exist in {type(model).__name__}; its blocks are {have[0]}..{have[-1]}"
+            )
     for kind in kinds:
         if not any(s.kind == kind for s in chosen):
             have = sorted({s.index for s in sites if s.kind == kind})
