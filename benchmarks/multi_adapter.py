@@ -178,9 +178,10 @@ def worker(spec: dict) -> list[dict]:
         counts = spec["adapters"] if spec["provider"] in PER_ADAPTER else [0]
         for n in counts:
             names = [f"a{m % n}" for m in range(batch)] if n else []
-            t_pre = _timed(lambda: run(x, mask, names, None), device, spec["repeats"])
-            t_1 = _timed(lambda: run(x, mask, names, 1), device, spec["repeats"])
-            t_n = _timed(lambda: run(x, mask, names, spec["new_tokens"]), device, spec["repeats"])
+            t_pre, t_1, t_n = (
+                _timed(lambda k=k, x=x, mask=mask, names=names: run(x, mask, names, k), device, spec["repeats"])
+                for k in (None, 1, spec["new_tokens"])
+            )
             row = {
                 "provider": spec["provider"], "batch": batch, "adapters": n, "distinct": len(set(names)),
                 "prefill_tps": batch * spec["prompt"] / t_pre,
@@ -215,7 +216,7 @@ def collect(args) -> list[dict]:
     rounds: dict[tuple, list[dict]] = {}
     jobs = [(r, p) for r in range(args.rounds) for p in args.providers]
     loads = []
-    for r, provider in tqdm(jobs, desc="providers x rounds", file=sys.stderr):
+    for _round, provider in tqdm(jobs, desc="providers x rounds", file=sys.stderr):
         loads.append(os.getloadavg()[0])
         for row in run_provider({**spec, "provider": provider}):
             rounds.setdefault((row["provider"], row["batch"], row["adapters"]), []).append(row)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
+from helpers import perturb, tiny_model
 from peftlab import mixed_batch
 from peftlab.mixed_batch import BASE
 
