@@ -113,7 +113,8 @@ def gather_state_dict(
     for key, value in tensors.items():
         expected = tuple(value.shape)
         full = full_tensor(value.detach()).to(device)
-        if tuple(full.shape) != expected or (full.numel() == 0 and value.dim() > 0):
+        # ZeRO-3 / FSDP1 leave torch.Size([0]) placeholders; a pruned AdaLoRA triplet is a legit (0, d) tensor
+        if tuple(full.shape) != expected or tuple(full.shape) == (0,):
             raise AdapterFileError(
                 f"tensor {key!r} gathered with shape {list(full.shape)} (expected {list(expected)}): its parameters "
                 "are sharded in a way peftlab cannot gather (ZeRO-3 or FSDP1 flat parameters); use FSDP2 "

@@ -78,10 +78,10 @@ def _with_heads(model: nn.Module, tensors: dict, state, listed) -> tuple[dict, l
                     saved.append(head)
                 continue
             module = module.base_layer
-        if any(k.startswith(head + ".") for k in out):
-            continue
-        out.update({f"{head}.{k}": v for k, v in _plain_head_state(module).items()})
-        saved.append(head)
+        # every tensor of the head (some may be in already, e.g. a bias trained with bias="all")
+        out.update({f"{head}.{k}": v for k, v in _plain_head_state(module).items() if f"{head}.{k}" not in out})
+        if head not in saved:
+            saved.append(head)
     return out, saved or None
 
 

@@ -14,6 +14,7 @@ quantized base dequantizes, adds and requantizes without the methods knowing.
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from typing import Any
 
 import torch
@@ -250,13 +251,16 @@ class AdapterLayer(nn.Module):
         return result
 
     def _refuse_training_merged(self) -> None:
+        """Warn when a merged adapter that is marked trainable runs in training mode: it gets no gradient."""
         for name, _ in self.merged_stack:
             store = [getattr(self, r) for r in self.slots[name].roles if r in self._modules]
             if any(p.requires_grad for st in store for p in ([st[name]] if isinstance(st, nn.ParameterDict) else st[name].parameters())):
-                raise MergeError(
-                    f"adapter {name!r} is merged into the base weights, so training it would compute no gradient "
-                    f"for it; call peftlab.unmerge(model) before training (merge again for inference)"
+                warnings.warn(
+                    f"adapter {name!r} is merged into the base weights, so training it computes no gradient for it "
+                    f"(backward may fail with 'does not require grad'); call peftlab.unmerge(model) before training",
+                    stacklevel=3,
                 )
+                return
 
     # -- merge -----------------------------------------------------------------------------------
     def merge(self, name: str, safe: bool = True) -> None:
