@@ -34,7 +34,7 @@ from ..layers import Slot, layer_dims, weight_shape
 from ..registry import Method, register_method
 from ..targeting import is_linear, resolve_targets
 from .adalora_alloc import RankAllocator
-from .lora import PEFT_PREFIX, adapter_dtype
+from .lora import PEFT_PREFIX, LowRankTensors, adapter_tensor_kwargs
 
 
 @register_config
@@ -92,7 +92,7 @@ class AdaLoraConfig(PeftConfig):
         check_number("AdaLoRA", "dropout", self.dropout, low=0, high=1, high_open=True)
 
 
-class AdaLoraSlot(Slot):
+class AdaLoraSlot(LowRankTensors, Slot):
     """SVD-form adapter on a frozen linear layer (shapes in the module docstring).
 
     Tensors: ``lora_A`` (r, d_in) = Q, ``lora_B`` (d_out, r) = P, ``lora_E`` (r, 1) = λ.
@@ -111,21 +111,12 @@ class AdaLoraSlot(Slot):
     @staticmethod
     def make_tensors(base_layer: nn.Module, r: int) -> dict[str, nn.Parameter]:
         d_in, d_out = layer_dims(base_layer)
-        weight = getattr(base_layer, "weight", None)
-        kw = {"device": weight.device if weight is not None else None, "dtype": adapter_dtype(base_layer)}
+        kw = adapter_tensor_kwargs(base_layer)
         return {
             "lora_A": nn.Parameter(torch.randn(r, d_in, **kw) * 0.02),
             "lora_B": nn.Parameter(torch.randn(d_out, r, **kw) * 0.02),
             "lora_E": nn.Parameter(torch.zeros(r, 1, **kw)),
         }
-
-    @property
-    def lora_A(self) -> nn.Parameter:
-        return self.layer.lora_A[self.name]
-
-    @property
-    def lora_B(self) -> nn.Parameter:
-        return self.layer.lora_B[self.name]
 
     @property
     def lora_E(self) -> nn.Parameter:

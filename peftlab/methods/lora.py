@@ -110,6 +110,24 @@ def pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
+def adapter_tensor_kwargs(base_layer: nn.Module) -> dict:
+    """``device``/``dtype`` keyword arguments for new adapter tensors of ``base_layer`` (see :func:`adapter_dtype`)."""
+    weight = getattr(base_layer, "weight", None)
+    return {"device": weight.device if weight is not None else None, "dtype": adapter_dtype(base_layer)}
+
+
+class LowRankTensors:
+    """``lora_A`` / ``lora_B`` of a slot, read from its layer's role dicts (shared by the LoRA-family slots)."""
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.layer.lora_A[self.name]
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.layer.lora_B[self.name]
+
+
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     """Adapter weights train in fp32 when the base is half precision or quantized (as HF PEFT)."""
     weight = getattr(base_layer, "weight", None)
@@ -118,7 +136,7 @@ def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
-class LoraSlot(Slot):
+class LoraSlot(LowRankTensors, Slot):
     """One LoRA adapter on a linear-like layer (``nn.Linear``, ``Conv1D``, bitsandbytes linears).
 
     Tensors (in the layer's per-role dicts, keyed by adapter name): ``lora_A`` (r, d_in),
@@ -150,19 +168,10 @@ class LoraSlot(Slot):
     def make_tensors(base_layer: nn.Module, r: int) -> dict[str, nn.Parameter]:
         """Fresh ``lora_A`` (r, d_in), Kaiming-uniform(a=√5) as nn.Linear, and ``lora_B`` (d_out, r) = 0."""
         d_in, d_out = layer_dims(base_layer)
-        weight = getattr(base_layer, "weight", None)
-        kw = {"device": weight.device if weight is not None else None, "dtype": adapter_dtype(base_layer)}
+        kw = adapter_tensor_kwargs(base_layer)
         lora_a = nn.Parameter(torch.empty(r, d_in, **kw))
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
         return {"lora_A": lora_a, "lora_B": nn.Parameter(torch.zeros(d_out, r, **kw))}
-
-    @property
-    def lora_A(self) -> nn.Parameter:
-        return self.layer.lora_A[self.name]
-
-    @property
-    def lora_B(self) -> nn.Parameter:
-        return self.layer.lora_B[self.name]
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A, shape (d_out, d_in), fp32."""
