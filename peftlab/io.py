@@ -103,11 +103,12 @@ def folder_lock(path: Path):
 
 
 def _clean_stale(path: Path, keep: set[str]) -> None:
-    """Remove leftovers of interrupted saves: ``.*.tmp`` files and weight files no config points to."""
+    """Remove leftovers of interrupted saves: temporaries (``.*.tmp``, ``.tmp*``) and weight files no config names."""
     for item in path.iterdir():
         if item.name in keep:
             continue
-        if (item.name.startswith(".") and item.name.endswith(".tmp")) or (
+        # ours end in .tmp; safetensors' own writer (Rust `tempfile`) leaves `.tmpXXXXXX` when killed mid-write
+        if (item.name.startswith(".") and (item.name.endswith(".tmp") or item.name.startswith(".tmp"))) or (
             item.name.startswith("adapter-") and item.name.endswith(".safetensors")
         ):
             with contextlib.suppress(OSError):
