@@ -113,10 +113,7 @@ def register_config(name: str, models=None, default: bool = True):
 
 def synthetic_dir(name: str, spec: dict) -> Path:
     """A random Llama saved once as safetensors under the peftlab cache (atomic: temp dir + rename)."""
-    import shutil
-    import tempfile
-
-    from peftlab.models import cache_dir
+    from peftlab.models import cache_dir, save_folder_atomically
 
     target = cache_dir() / f"synthetic-{name}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
@@ -126,17 +123,7 @@ def synthetic_dir(name: str, spec: dict) -> Path:
     torch.manual_seed(1234)
     config = LlamaConfig(**spec)
     model = LlamaForCausalLM(config).to(torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        model.save_pretrained(str(tmp))  # safetensors
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return save_folder_atomically(target, model.save_pretrained)  # safetensors
 
 
 def model_path(model_name: str) -> str:

@@ -55,11 +55,15 @@ def smollm2_safetensors_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = "smollm2-135m"
+    return save_folder_atomically(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def save_folder_atomically(target: Path, write) -> Path:
+    """Build a folder with ``write(tmp_path)`` under a temporary name beside ``target``, then swap it in."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        write(str(tmp))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -15,7 +15,6 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
 
 from .layers import AdapterLayer, Slot
 
@@ -50,12 +49,3 @@ def add_head_copies(txn, paths: list[str]) -> list[str]:
             p.requires_grad_(True)
         txn.add_slot(path, lambda layer: ModuleCopySlot(layer, txn.config.adapter_name), {ROLE: clone})
     return list(paths)
-
-
-def head_copy_keys_to_plain(key: str, adapter_name: str) -> str:
-    """``classifier.modules_to_save.<name>.weight`` -> ``classifier.weight`` (HF PEFT's file layout)."""
-    return key.replace(f".{ROLE}.{adapter_name}.", ".")
-
-
-def is_copy_module(module: nn.Module) -> bool:
-    return isinstance(module, AdapterLayer) and any(isinstance(s, ModuleCopySlot) for s in module.slots.values())
