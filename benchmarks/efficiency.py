@@ -396,7 +396,8 @@ def run_rounds(args, on_round=None) -> tuple[list[dict], list[dict]]:
     its finished rounds)."""
     from tqdm import tqdm
 
-    jobs = [(m, c) for m in args.model for c in args.configs if applicable(m, c)]
+    only = getattr(args, "only", None) or {}
+    jobs = [(m, c) for m in args.model for c in args.configs if applicable(m, c) and c in only.get(m, [c])]
     for model_name in args.model:  # synthetic weights are written once, before any timing
         if "synthetic" in SETUPS[model_name]:
             synthetic_dir(model_name, SETUPS[model_name]["synthetic"])
@@ -424,8 +425,41 @@ def run_rounds(args, on_round=None) -> tuple[list[dict], list[dict]]:
         rounds.append(info)
         if on_round is not None:
             on_round(rows, rounds)
+    if args.device == "cpu" and args.exact_memory:
+        for model_name, config in tqdm(jobs, desc="exact-allocator memory", file=sys.stderr):
+            row = _exact_memory_row(args, model_name, config)
+            if row is not None:
+                rows.append(row)
+        if on_round is not None:
+            on_round(rows, rounds)
     bar.close()
     return rows, rounds
+
+
+#: glibc serves allocations from this size up by their own mmap in the exact-memory pass (env MALLOC_MMAP_THRESHOLD_)
+EXACT_MMAP_THRESHOLD = 1 << 20
+
+
+def _exact_memory_row(args, model_name: str, config: str) -> dict | None:
+    """Peak RSS of one untimed step in a process whose large blocks are mmapped (freed = returned at once).
+
+    glibc keeps freed heap blocks (its dynamic mmap threshold grows to 32 MiB after the first frees), so a
+    plain process's peak RSS also counts blocks freed earlier in the step: allocation-order noise that
+    differs between libraries. With a fixed 1 MiB threshold the RSS follows the live tensors (plus the
+    memory-mapped weights), the CPU analogue of ``torch.cuda.max_memory_allocated``; it costs time
+    (fresh pages are zeroed), so only this untimed pass uses it.
+    """
+    cmd = [sys.executable, __file__, "--worker", model_name, config, "--steps", "1",
+           "--lora-dropout", str(args.lora_dropout), "--device", args.device, "--dtype", args.dtype]  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(EXACT_MMAP_THRESHOLD)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    if proc.returncode != 0:
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"model": model_name, "config": config, "pass": "exact", "peak_rss_mb": row["peak_rss_mb"]}
 
 
 def spread(values: list[float]) -> tuple[float, float, float] | None:
@@ -437,8 +471,9 @@ def summarize(rows: list[dict], models: list[str], configs: list[str], memory_ke
     out = []
     for model_name in models:
         by_round: dict[int, dict[str, dict]] = {}
+        exact = {r["config"]: r["peak_rss_mb"] for r in rows if r.get("pass") == "exact" and r["model"] == model_name}
         for row in rows:
-            if row["model"] == model_name and "error" not in row:
+            if row["model"] == model_name and "error" not in row and row.get("pass") != "exact":
                 by_round.setdefault(row["round"], {})[row["config"]] = row
         for config in configs:
             runs = [r[config] for r in by_round.values() if config in r]
@@ -459,6 +494,11 @@ def summarize(rows: list[dict], models: list[str], configs: list[str], memory_ke
                 "train_peak_rss_mb": statistics.median(r["train_peak_rss_mb"] for r in runs)
                 if all(r.get("train_peak_rss_mb") is not None for r in runs) else None,
                 "last_loss": runs[-1]["last_loss"],
+                "exact_memory_mb": exact.get(config),
+                "exact_memory_vs_hf": exact[config] / exact["hf-peft-lora"]
+                if config in exact and exact.get("hf-peft-lora") else None,
+                "exact_memory_vs_lora": exact[config] / exact["peftlab-lora"]
+                if config in exact and exact.get("peftlab-lora") else None,
             }  # fmt: skip
             for ref in ("hf-peft-lora", "floor-r0", "peftlab-lora"):
                 pairs = [(r[config], r[ref]) for r in by_round.values() if config in r and ref in r]
@@ -493,24 +533,32 @@ def markdown(meta: dict, summary: list[dict], rounds: list[dict], memory_label: 
         "and HF PEFT (so the last loss compares whole trajectories). Step: median over rounds [min–max]. "
         "Ratios are taken within each round (same machine load), then median [min–max] over rounds. "
         "`floor-r0`: peftlab's LoRA path with rank 0 (same autograd functions minus the LoRA term): the bound "
-        "any adapter step here must pay; `floor-torch`: frozen plain nn.Linear model, input-gradient backward.",
+        "any adapter step here must pay; `floor-torch`: frozen plain nn.Linear model, input-gradient backward. "
+        "Exact-allocator peak RSS (CPU): one more untimed step per configuration in a process where glibc "
+        f"serves every block ≥ {EXACT_MMAP_THRESHOLD >> 20} MiB by its own mmap, so freed blocks leave the RSS at "
+        "once: the peak of live tensors plus the touched weight pages, without glibc's heap retention (which "
+        "makes the plain peak RSS depend on allocation order).",
         "",
         f"| model | config | step s | tokens/s | × floor-r0 time | × HF PEFT time | {memory_label} | "
-        "× HF PEFT memory | train-only peak RSS MB | last loss | rel. diff vs HF PEFT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "× HF PEFT memory | exact-allocator peak RSS MB | × HF PEFT (exact) | × our LoRA (exact) | last loss | "
+        "rel. diff vs HF PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         if "error" in s:
             first = s["error"].strip().splitlines()[-1][:120] if s["error"].strip() else "failed"
-            lines.append(f"| {s['model']} | {s['config']} | failed: {first} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {s['model']} | {s['config']} | failed: {first} |" + "  |" * 10)
             continue
         diff = f"{s['loss_rel_diff_vs_hf']:.1e}" if "loss_rel_diff_vs_hf" in s else "–"
         mem = f"{s['memory_mb']:.0f}" if s["memory_mb"] is not None else "–"
-        train = f"{s['train_peak_rss_mb']:.0f}" if s.get("train_peak_rss_mb") is not None else "–"
+        def num(key, fmt):
+            return format(s[key], fmt) if s.get(key) is not None else "–"
+
         lines.append(
             f"| {s['model']} | {s['config']} | {_fmt_spread(s['step_s'], 3)} | {s['tokens_per_s']:.0f} | "
             f"{_fmt_spread(s['time_vs_floor-r0'])} | {_fmt_spread(s['time_vs_hf-peft-lora'])} | {mem} | "
-            f"{_fmt_spread(s['memory_vs_hf-peft-lora'])} | {train} | {s['last_loss']:.6f} | {diff} |"
+            f"{_fmt_spread(s['memory_vs_hf-peft-lora'])} | {num('exact_memory_mb', '.0f')} | "
+            f"{num('exact_memory_vs_hf', '.2f')} | {num('exact_memory_vs_lora', '.2f')} | {s['last_loss']:.6f} | {diff} |"
         )
     lines += ["", "Machine load (1-minute load average) per round:", "", "| round | started | load at start | load at end |",
               "|---|---|---|---|"]  # fmt: skip
@@ -568,6 +616,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="dropout on the LoRA input (both libraries); > 0 makes the losses differ (different masks)")  # fmt: skip
+    parser.add_argument("--only", nargs="*", default=[], metavar="MODEL=CONFIG,CONFIG",
+                        help="restrict a model to these rows (e.g. llama-672m=floor-r0,peftlab-lora: "
+                        "the big model skips full fine-tuning)")  # fmt: skip
+    parser.add_argument("--no-exact-memory", dest="exact_memory", action="store_false",
+                        help="skip the untimed exact-allocator memory pass (CPU)")  # fmt: skip
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     opts = {
@@ -581,7 +634,14 @@ def main() -> None:
         return
     if args.configs is None:
         args.configs = [name for name, c in CONFIGS.items() if c["default"]]
-    unknown = [c for c in args.configs if c not in CONFIGS]
+    only = {}
+    for item in args.only:
+        model_name, _, names = item.partition("=")
+        if model_name not in SETUPS or not names:
+            parser.error(f"--only {item!r}: expected MODEL=CONFIG[,CONFIG...] with MODEL one of {', '.join(SETUPS)}")
+        only[model_name] = names.split(",")
+    args.only = only
+    unknown = [c for c in args.configs + [c for names in only.values() for c in names] if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; registered: {', '.join(CONFIGS)}")
     cuda = args.device.startswith("cuda")

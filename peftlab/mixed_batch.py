@@ -339,6 +339,12 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         lora = len(others) < len(present)
         plan = layer.__dict__[PLAN_ATTR] = (router.uid, lora, others, lora and _use_triton(layer, x))
     _, lora, others, triton = plan
+    if lora and not others and not args and not kwargs and len(router.adapters) == 1 and router.counts[0] == router.batch:
+        # every row runs the same adapter: the single-adapter fused path (no gather, no stacked tables)
+        slot = layer.slots.get(router.adapters[0])
+        out = slot.fused_forward(x, 1.0) if slot is not None else None
+        if out is not None:
+            return out
     result = layer.base_layer(x, *args, **kwargs)
     if lora:
         result = _add_lora(layer, router, x, result, triton)

@@ -71,18 +71,31 @@ class DoraScaleFunction(torch.autograd.Function):
     def backward(ctx, g):
         y, magnitude, scale, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_y = grad_m = grad_b = None
-        if need[0]:
-            grad_y = g * scale.to(g.dtype)
         d_out = g.shape[-1]
+        g2 = g.reshape(-1, d_out)
+        grad_y = grad_m = grad_b = None
+        buffer = None  # the one full-size temporary: g ⊙ y, then reused for dL/dh
+        g_sum = g2.sum(0, dtype=torch.float32) if bias is not None and (need[1] or need[3]) else None
         if need[1]:
-            h = y if bias is None else y - bias.detach().to(y.dtype)  # = (m/n) ⊙ h_pre
-            gh = (g.reshape(-1, d_out).float() * h.reshape(-1, d_out).float()).sum(0)
+            y2 = y.reshape(-1, d_out)
+            if g2.dtype == torch.float32 and y2.dtype == torch.float32:
+                buffer = torch.mul(g2, y2)
+                gy = buffer.sum(0)
+            else:  # low precision: fp32 products in row chunks (no full fp32 copy)
+                gy = torch.zeros(d_out, dtype=torch.float32, device=g.device)
+                step = max(1, (1 << 22) // max(1, d_out))
+                for i in range(0, g2.shape[0], step):
+                    gy += (g2[i : i + step].float() * y2[i : i + step].float()).sum(0)
+            if g_sum is not None:  # Σ g ⊙ (y − b) = Σ g ⊙ y − b ⊙ Σ g: no (y − b) copy
+                gy = gy - bias.detach().float() * g_sum
             m = magnitude.detach().float()
             inv = torch.where(m != 0, 1.0 / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(m))
-            grad_m = (gh * inv).to(magnitude.dtype)
+            grad_m = (gy * inv).to(magnitude.dtype)
+        if need[0]:
+            s = scale.to(g.dtype)
+            grad_y = (torch.mul(g2, s, out=buffer) if buffer is not None else g2 * s).view(g.shape)
         if bias is not None and need[3]:
-            grad_b = (g.reshape(-1, d_out).float() * (1.0 - scale)).sum(0).to(bias.dtype)
+            grad_b = (g_sum * (1.0 - scale)).to(bias.dtype)
         return grad_y, grad_m, None, grad_b
 
 
