@@ -7,6 +7,7 @@ their record replaced.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -61,17 +62,38 @@ def read_results(out_dir: str | Path) -> list[dict]:
     return list(records.values())
 
 
+@contextlib.contextmanager
+def _results_lock(out_dir: Path):
+    """An exclusive lock on the folder's results, so sweeps sharing one ``--out`` never drop a record."""
+    with open(out_dir / ".results.lock", "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no concurrent sweeps there
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def append_result(out_dir: str | Path, record: dict) -> None:
-    """Add (or replace, by run_id) one record; the file is rewritten via a temp file + rename."""
+    """Add (or replace, by run_id) one record; the file is rewritten via a temp file + rename.
+
+    Read, modify and rename happen under a file lock: two sweeps (e.g. split by method or seed, one per
+    core) can write one results file without losing each other's records.
+    """
     path = Path(out_dir) / RESULTS
-    records = [r for r in read_results(out_dir) if r.get("run_id") != record["run_id"]] + [record]
-    fd, tmp = tempfile.mkstemp(prefix=".results.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _results_lock(path.parent):
+        records = [r for r in read_results(out_dir) if r.get("run_id") != record["run_id"]] + [record]
+        fd, tmp = tempfile.mkstemp(prefix=".results.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            for r in records:
+                f.write(json.dumps(r, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:

@@ -219,3 +219,23 @@ def test_worker_under_a_launcher_ends_with_the_sweep(tmp_path):
         if parent.poll() is None:
             parent.kill()
         parent.wait()
+
+
+def _append_many(out: str, start: int, count: int) -> None:
+    for i in range(start, start + count):
+        append_result(out, {"run_id": f"run{i:03d}", "status": "ok"})
+
+
+def test_two_sweeps_sharing_one_folder_lose_no_record(tmp_path):
+    """Two processes appending at once (sweeps split by method, one per core): every record survives."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), k * 100, 25)) for k in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    ids = {r["run_id"] for r in read_results(tmp_path)}
+    assert ids == {f"run{i:03d}" for k in range(2) for i in range(k * 100, k * 100 + 25)}
