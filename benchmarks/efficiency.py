@@ -523,6 +523,10 @@ def _fmt_spread(value, digits=2) -> str:
     return f"{med:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
 
 
+def _num(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "–"
+
+
 def markdown(meta: dict, summary: list[dict], rounds: list[dict], memory_label: str) -> str:
     lines = [
         f"# Training-step efficiency ({meta['device']}, {meta['date']})",
@@ -551,14 +555,11 @@ def markdown(meta: dict, summary: list[dict], rounds: list[dict], memory_label: 
             continue
         diff = f"{s['loss_rel_diff_vs_hf']:.1e}" if "loss_rel_diff_vs_hf" in s else "–"
         mem = f"{s['memory_mb']:.0f}" if s["memory_mb"] is not None else "–"
-        def num(key, fmt):
-            return format(s[key], fmt) if s.get(key) is not None else "–"
-
         lines.append(
             f"| {s['model']} | {s['config']} | {_fmt_spread(s['step_s'], 3)} | {s['tokens_per_s']:.0f} | "
             f"{_fmt_spread(s['time_vs_floor-r0'])} | {_fmt_spread(s['time_vs_hf-peft-lora'])} | {mem} | "
-            f"{_fmt_spread(s['memory_vs_hf-peft-lora'])} | {num('exact_memory_mb', '.0f')} | "
-            f"{num('exact_memory_vs_hf', '.2f')} | {num('exact_memory_vs_lora', '.2f')} | {s['last_loss']:.6f} | {diff} |"
+            f"{_fmt_spread(s['memory_vs_hf-peft-lora'])} | {_num(s, 'exact_memory_mb', '.0f')} | "
+            f"{_num(s, 'exact_memory_vs_hf', '.2f')} | {_num(s, 'exact_memory_vs_lora', '.2f')} | {s['last_loss']:.6f} | {diff} |"
         )
     lines += ["", "Machine load (1-minute load average) per round:", "", "| round | started | load at start | load at end |",
               "|---|---|---|---|"]  # fmt: skip

@@ -397,6 +397,27 @@ def wrap_and_load(
             tensor.requires_grad_(trainable)
 
 
+def _read_config_and_weights(path: Path, attempts: int = 5):
+    """(config, raw config, weights path, tensors) of one saved adapter, consistent under concurrent saves.
+
+    A save writes new versioned weights, commits the config that names them, then removes the old file;
+    a reader that read the old config just before may find its file gone. Then the config has changed:
+    read it again. A weights file that is missing while the config still names it is an error.
+    """
+    for attempt in range(attempts):
+        config, raw = read_adapter_config(path)
+        weights = path / raw.get("weights", WEIGHTS_NAME)
+        try:
+            return config, raw, weights, read_safetensors(weights)
+        except AdapterFileError:
+            if attempt == attempts - 1 or weights.is_file():
+                raise
+            _, again = read_adapter_config(path)
+            if again.get("weights") == raw.get("weights"):
+                raise
+    raise AssertionError("unreachable")
+
+
 def load_adapter(
     model: nn.Module,
     path: str | Path,
@@ -430,9 +451,7 @@ def load_adapter(
 
             set_active_adapters(model, [n for n in index.get("active", names) if n in names] or names[:1])
         return model
-    config, raw = read_adapter_config(path)
-    weights = path / raw.get("weights", WEIGHTS_NAME)
-    tensors = read_safetensors(weights)
+    config, raw, weights, tensors = _read_config_and_weights(path)
     if raw.get("format_version", 1) < 2:
         tensors = _upgrade_v1(tensors)
     if check_finite:

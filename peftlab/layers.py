@@ -13,8 +13,8 @@ quantized base dequantizes, adds and requantizes without the methods knowing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 from arch_zoo import ARCHS, build, inputs, labels
-from helpers import perturb
 
 import peftlab
+from helpers import perturb
 from peftlab.errors import MergeError, PeftlabError
 from peftlab.targeting import default_targets, structure
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb, tiny_model
 
 import peftlab
-from peftlab.errors import MergeError, TargetError
+from helpers import perturb, tiny_model
+from peftlab.errors import MergeError
 
 FAMILIES = ["bert", "llama", "gpt2"]
 

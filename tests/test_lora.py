@@ -9,7 +9,6 @@ from transformers import AutoModelForSequenceClassification
 
 import peftlab
 from helpers import slots
-
 from peftlab.methods.lora import lora_layer
 from peftlab.methods.lora_ops import LoraLinearFunction
 

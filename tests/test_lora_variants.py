@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
-from helpers import perturb, slots, tiny_model
 
 import peftlab
+from helpers import perturb, slots, tiny_model
 from peftlab.errors import ConfigError
 
 peft = pytest.importorskip("peft")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb, slots, tiny_model
 
 import peftlab
+from helpers import perturb, slots, tiny_model
 from peftlab.combine import combine_deltas
 from peftlab.inject import slots_of
 

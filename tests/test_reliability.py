@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
-from helpers import perturb, slots, tiny_model
 
 import peftlab
+from helpers import perturb, slots, tiny_model
 from peftlab.inject import Injection
 
 IDS = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))

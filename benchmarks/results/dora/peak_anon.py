@@ -1,6 +1,13 @@
-import sys, torch, peftlab, gc
+import gc
+import sys
+
+import torch
 from transformers import AutoModelForCausalLM
+
+import peftlab
 from peftlab.losses import causal_lm_loss
+
+
 def st(k):
     return int(open('/proc/self/status').read().split(k + ':')[1].split()[0]) / 1024
 dora = sys.argv[1] == "dora"
