@@ -94,7 +94,17 @@ def load_model(name_or_path: str, kind: str = "causal-lm", **kwargs):
     import transformers
 
     path = resolve_model_path(name_or_path)
-    model = auto_class(kind).from_pretrained(path, **kwargs)
+    cls = auto_class(kind)
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except OSError as exc:  # not a folder here, and the hub did not provide it (offline, unknown id, no access)
+        if Path(path).exists():
+            raise
+        raise ConfigError(
+            f"cannot load model {name_or_path!r}: it is not a packaged short name ({', '.join(PACKAGED)}), not a "
+            f"local folder, and the Hugging Face hub did not provide it ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]})"
+        ) from exc
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

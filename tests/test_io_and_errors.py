@@ -189,3 +189,11 @@ def test_wrap_twice_same_name_and_not_wrapped_errors(tiny):
         peftlab.merge(tiny("llama"))
     with pytest.raises(peftlab.ConfigError, match="needs a peftlab config"):
         peftlab.wrap(tiny("llama"), {"r": 8})
+
+
+def test_unknown_model_name_says_what_is_valid(monkeypatch, tmp_path):
+    """A name that is neither packaged, nor a folder, nor on the (offline) hub: one clear ConfigError."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(peftlab.errors.ConfigError, match=r"not a packaged short name \(minilm-l6, smollm2-135m\)"):
+        peftlab.load_model("does-not-exist", kind="seq-cls")
