@@ -310,6 +310,30 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def make_batch(model, setup: dict, device) -> dict:
+    """The fixed training batch of a setup (seeded): token ids, mask, labels (or input embeddings for the
+    plain-torch floor, whose frozen model would otherwise need no backward at all)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (setup["batch"], setup["length"]), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = (
+        ids.clone() if setup["kind"] == "causal-lm" else torch.randint(0, 2, (setup["batch"],), device=device)
+    )
+    if getattr(model, "peftlab_bench_embeds", False):
+        embeds = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
+        batch["inputs_embeds"] = embeds
+    return batch
+
+
+def make_loss_fn(model, config: str, setup: dict, batch: dict):
+    """peftlab rows of causal LMs use the fused chunked LM loss (no full logits); HF PEFT and full use model(**batch)."""
+    if not config.startswith("hf-peft") and config != "full" and setup["kind"] == "causal-lm":
+        from peftlab.losses import causal_lm_loss
+
+        return lambda: causal_lm_loss(model, batch)
+    return lambda: model(**batch).loss
+
+
 def worker(model_name: str, config: str, opts: dict) -> dict:
     setup = SETUPS[model_name]
     device = torch.device(opts["device"])
@@ -318,29 +342,11 @@ def worker(model_name: str, config: str, opts: dict) -> dict:
     for module in model.modules():  # no dropout: the loss trajectories must be comparable across configs
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    torch.manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (setup["batch"], setup["length"]), device=device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    batch["labels"] = (
-        ids.clone() if setup["kind"] == "causal-lm" else torch.randint(0, 2, (setup["batch"],), device=device)
-    )
-    if getattr(model, "peftlab_bench_embeds", False):
-        embeds = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
-        batch["inputs_embeds"] = embeds
+    batch = make_batch(model, setup, device)
     model.train()
     load_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     load_gpu = torch.cuda.memory_allocated(device) / 2**20 if cuda else None
-    if not config.startswith("hf-peft") and config != "full" and setup["kind"] == "causal-lm":
-        from peftlab.losses import causal_lm_loss  # no full logits tensor (HF PEFT rows use model(**batch))
-
-        def loss_fn():
-            return causal_lm_loss(model, batch)
-    else:
-
-        def loss_fn():
-            return model(**batch).loss
-
+    loss_fn = make_loss_fn(model, config, setup, batch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
     reset = _reset_peak_rss()
@@ -367,7 +373,7 @@ def worker(model_name: str, config: str, opts: dict) -> dict:
         "config": config,
         "median_step_s": step,
         "step_times_s": times,
-        "tokens_per_s": ids.numel() / step,
+        "tokens_per_s": setup["batch"] * setup["length"] / step,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_peak_rss_mb": status.get("VmHWM") if reset else None,
         "rss_after_load_mb": load_rss,

@@ -70,20 +70,8 @@ def worker(model_name: str, config: str, steps: int) -> dict:
     opts = {"device": "cpu", "dtype": torch.float32, "lora_dropout": 0.0, "steps": steps}
     model = eff.CONFIGS[config]["build"](model_name, setup, opts)
     model.train()
-    torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (setup["batch"], setup["length"]))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    if getattr(model, "peftlab_bench_embeds", False):
-        batch["inputs_embeds"] = model.get_input_embeddings()(batch.pop("input_ids")).detach().requires_grad_()
-    if not config.startswith("hf-peft") and setup["kind"] == "causal-lm":
-        from peftlab.losses import causal_lm_loss
-
-        def loss_fn():
-            return causal_lm_loss(model, batch)
-    else:
-
-        def loss_fn():
-            return model(**batch).loss
+    batch = eff.make_batch(model, setup, "cpu")
+    loss_fn = eff.make_loss_fn(model, config, setup, batch)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None

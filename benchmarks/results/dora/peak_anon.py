@@ -22,7 +22,9 @@ ids = torch.randint(0, 49152, (8, 128))
 batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 def step():
-    causal_lm_loss(m, batch).backward(); opt.step(); opt.zero_grad(set_to_none=True)
+    causal_lm_loss(m, batch).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 step()
 gc.collect()
 open('/proc/self/clear_refs', 'w').write('5')
