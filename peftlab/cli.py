@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PeftlabError
+from .errors import ConfigError, PeftlabError
 
 
 class UsageError(PeftlabError, ValueError):
@@ -131,6 +131,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _sweep_part(part: str | None, specs: list[dict]) -> list[dict]:
+    """specs[K-1::N] for ``--part K/N`` (all specs without it); a clear error for anything else."""
+    if not part:
+        return specs
+    k, _, n = part.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise ConfigError(f"--part {part!r}: expected K/N with 1 <= K <= N, e.g. 1/2 and 2/2 for two processes")
+    return specs[int(k) - 1 :: int(n)]
+
+
 def cmd_bench(args) -> int:
     from .bench.report import write_report
     from .bench.runner import run_sweep
@@ -167,8 +177,14 @@ def cmd_bench(args) -> int:
     for model in sorted({s["model"] for s in specs}):
         _check_model(model)
     out = Path(args.out or f"runs/{sweep['name']}")
-    print(f"sweep {sweep['name']!r}: {len(specs)} runs -> {out}")
-    records = run_sweep(specs, out, timeout=args.timeout)
+    mine = _sweep_part(args.part, specs)
+    print(f"sweep {sweep['name']!r}: {len(mine)} runs{f' (part {args.part} of {len(specs)})' if args.part else ''} -> {out}")
+    records = run_sweep(mine, out, timeout=args.timeout)
+    if args.part:  # the report covers every part's finished runs
+        from .bench.runner import read_results
+
+        ids = {s["run_id"] for s in specs}
+        records = [r for r in read_results(out) if r.get("run_id") in ids]
     report = write_report(records, out, title=f"peftlab bench: {sweep['name']}")
     ok = sum(r.get("status") == "ok" for r in records)
     print(f"{ok} of {len(records)} runs succeeded. Report: {report.resolve()}")
@@ -242,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--out", help="output folder (default: runs/<sweep name>)")
     bench.add_argument("--timeout", type=float, help="seconds per run before it is recorded as failed")
+    bench.add_argument(
+        "--part",
+        help="K/N: run only every N-th run of the sweep starting at the K-th, so N processes (one per core, "
+        "same --out) share a sweep; the last one to finish writes the report of all",
+    )
     bench.set_defaults(func=cmd_bench)
 
     for name, func, text in (

@@ -239,3 +239,17 @@ def test_two_sweeps_sharing_one_folder_lose_no_record(tmp_path):
         assert proc.exitcode == 0
     ids = {r["run_id"] for r in read_results(tmp_path)}
     assert ids == {f"run{i:03d}" for k in range(2) for i in range(k * 100, k * 100 + 25)}
+
+
+def test_sweep_parts_split_the_runs_exactly_once():
+    from peftlab.cli import _sweep_part
+
+    specs = expand({"models": ["minilm-l6"], "tasks": ["sst2"], "methods": ["full", "lora", "adalora"],
+                    "seeds": [0, 1, 2], "train": TRAIN})  # fmt: skip
+    parts = [_sweep_part(f"{k}/3", specs) for k in (1, 2, 3)]
+    ids = [s["run_id"] for part in parts for s in part]
+    assert sorted(ids) == sorted(s["run_id"] for s in specs) and len(set(ids)) == len(specs) == 9
+    assert _sweep_part(None, specs) == specs
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(ConfigError, match="expected K/N"):
+            _sweep_part(bad, specs)
