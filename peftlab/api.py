@@ -145,7 +145,7 @@ def delete_adapter(model: nn.Module, adapter_name: str, force: bool = False) -> 
     from .io import adapter_tensors
 
     _check_names(model, [adapter_name])
-    state = get_state(model, adapter_name)
+    get_state(model, adapter_name)  # raises for an unknown adapter
     tensors = adapter_tensors(model, adapter_name)
     pending = [k for k, t in tensors.items() if isinstance(t, nn.Parameter) and t.grad is not None and bool(t.grad.any())]
     if pending and not force:

@@ -77,7 +77,7 @@ class Graph:
             rule = lora_saved_bytes(m, lin.d_in, lin.r, e, a)
             self.save(x, rule["x"])
             self.save(out + ".xa", rule["xa"])
-            self.gemm += lora_gemm_outputs(m, lin.d_out, lin.r, e, a, fused_base=not lin.quantized)
+            self.gemm += lora_gemm_outputs(m, lin.d_out, lin.r, e, a, fused_base=not lin.quantized or lin.four_bit)
             self.rg[out] = True
         elif lin.kind == "adalora":
             if self.rg[x]:

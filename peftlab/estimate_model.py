@@ -134,6 +134,7 @@ class Linear:
     kind: str = "frozen"
     r: int = 0
     quantized: bool = False
+    four_bit: bool = False  # NF4/FP4: LoRA training runs the fused dequantize-in-function path
 
 
 @dataclass
@@ -235,6 +236,7 @@ def count(config, kind: str, method: str, peft_config, precision: str, quant: st
             if is_linear:
                 lin = targets.get(path) or Linear(p.shape[1], p.shape[0], "full" if trains else "frozen")
                 lin.quantized = quantized
+                lin.four_bit = quantized and quant != "int8"
                 m = block_re.fullmatch(path)
                 if m:
                     out.blocks[int(m.group(1))][m.group(2)] = lin

@@ -207,6 +207,21 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(cb, scb).float()
 
 
+def fusable_4bit(module: nn.Module) -> bool:
+    """True for a frozen bitsandbytes ``Linear4bit`` in the standard layout, whose dense weight
+    :func:`dequantize_weight` returns without changing the layer (not repacked for a CPU kernel)."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None or not isinstance(module, bnb.nn.Linear4bit):
+        return False
+    weight = module.weight
+    state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return False
+    return not weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
+
+
 def requantize_weight(layer: nn.Module, dense: torch.Tensor) -> None:
     """Write the dense (d_out, d_in) ``dense`` back into ``layer`` in its own format."""
     if quant_bits(layer) == 4:

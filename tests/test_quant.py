@@ -446,3 +446,60 @@ def test_gpt2_conv1d_layers_are_quantized_transposed(tiny):
         assert (deq - w).abs().max() <= scale.max() / 127
         rel = ((model(x).logits - ref).abs().mean() / ref.abs().mean()).item()
     assert rel < 0.05
+
+
+@pytest.mark.parametrize("quant_type,compute", [("nf4", torch.float32), ("fp4", torch.float32), ("nf4", torch.bfloat16)])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_qlora_training_path_equals_the_generic_path(tiny, monkeypatch, quant_type, compute, dropout):
+    """The fused 4-bit training function (one GEMM + addmm per direction, W dequantized inside) computes the
+    base layer's own forward + the LoRA branch: same loss, same input/LoRA gradients."""
+    from peftlab.methods import lora_ops
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = quantize(tiny("llama").to(compute), bits=4, quant_type=quant_type, compute_dtype=compute)
+        peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=dropout))
+        for name, param in model.named_parameters():  # a non-zero B, so the LoRA term is live
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        calls = []
+        real = lora_ops.DequantLoraLinearFunction.apply
+        monkeypatch.setattr(lora_ops, "_fusable_4bit", fusable if fused else (lambda base: False))
+        monkeypatch.setattr(lora_ops.DequantLoraLinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+        model.train()
+        x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+        embeds = model.get_input_embeddings()(x).detach().requires_grad_()
+        torch.manual_seed(5)  # the same dropout seeds in both runs
+        loss = model(inputs_embeds=embeds, labels=x).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach().float(), embeds.grad.float(), grads, len(calls)
+
+    fusable = lora_ops._fusable_4bit
+    loss_f, gx_f, grads_f, calls_f = run(True)
+    loss_g, gx_g, grads_g, calls_g = run(False)
+    assert calls_f > 0 and calls_g == 0  # the fused function really ran, and only there
+    tol = {"rtol": 1e-5, "atol": 1e-6} if compute == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(loss_f, loss_g, **tol)
+    torch.testing.assert_close(gx_f, gx_g, **tol)
+    assert grads_f.keys() == grads_g.keys() and grads_f
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_g[name], **tol, msg=name)
+
+
+def test_qlora_fused_path_only_in_training(tiny, monkeypatch):
+    """Inference (eval or no_grad) keeps bitsandbytes' own 4-bit forward (its gemv kernels for decode)."""
+    from peftlab.methods import lora_ops
+
+    model = quantize(tiny("llama"), bits=4)
+    peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    calls = []
+    real = lora_ops.DequantLoraLinearFunction.apply
+    monkeypatch.setattr(lora_ops.DequantLoraLinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    x = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()(x)
+    assert not calls
+    model.train()(x).logits.sum().backward()
+    assert calls

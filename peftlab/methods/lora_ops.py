@@ -13,7 +13,9 @@ and its backward, with gb = s' · dY B of shape (M, r) (every scale lands on the
 
 It saves only ``x`` (which dA needs anyway) and the thin ``xa``; the dropout mask is
 regenerated from a seed in backward, so no dropped copy of x is ever stored. W never gets
-a gradient. Bases that are not plain float linears (bitsandbytes, W with requires_grad)
+a gradient. A frozen 4-bit (NF4/FP4) base in training runs the same equations in
+:class:`DequantLoraLinearFunction`, which dequantizes W inside forward and again inside backward
+(no dense weight outlives the layer). Other bases (int8, W with requires_grad, 4-bit at inference)
 use the generic path: ``base_layer(x) + s · (D(x) Aᵀ) Bᵀ``, whose LoRA branch is the same
 lean autograd function without the base term (:class:`LoraBranchFunction`): it too saves x
 and xa and regenerates the mask, where ``nn.Dropout`` would keep a dropped copy of x.
@@ -187,6 +189,60 @@ class LoraBranchFunction(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None
 
 
+class DequantLoraLinearFunction(torch.autograd.Function):
+    """y = x·deq(W)ᵀ + b + s·(D(x) Aᵀ) Bᵀ for a frozen 4-bit (NF4/FP4) base, in one autograd function.
+
+    The dense W (d_out, d_in) exists only inside forward and inside backward (dequantized again there, as
+    bitsandbytes' own backward does), so no dense weight outlives a layer. Against the generic path
+    (the base layer's own forward, the LoRA branch, their sum; in backward, two input gradients summed)
+    it saves one full-size add and one full-size gradient accumulation per layer and direction: the LoRA
+    term goes into the base GEMM's output (addmm_) and the LoRA input gradient into dX = dY·W (addmm).
+    The GEMM runs in the layer's compute dtype as ``Linear4bit`` does. Saves x and xa only.
+    """
+
+    @staticmethod
+    @_exact_dtypes
+    def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int, base):
+        from ..quant_layers import dequantize_weight
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        dtype = getattr(base, "compute_dtype", None) or x.dtype
+        weight = dequantize_weight(base).to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        y = torch.nn.functional.linear(x2.to(dtype), weight, bias)
+        del weight
+        xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
+        if y.dtype == lora_B.dtype:
+            y.addmm_(xa, lora_B.t(), alpha=scaling)
+        else:
+            y = y.float().add_((xa @ lora_B.t()).float(), alpha=scaling)
+        ctx.save_for_backward(x2, lora_A, lora_B, xa)
+        ctx.scaling, ctx.p, ctx.seed, ctx.base, ctx.dtype, ctx.in_shape = scaling, p, seed, base, dtype, shape
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @_exact_dtypes
+    def backward(ctx, grad_y):
+        from ..quant_layers import dequantize_weight
+
+        x2, lora_A, lora_B, xa = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        need = ctx.needs_input_grad
+        g_lora = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
+        grad_lora_x, grad_A, grad_B = _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need[0], need[1], need[2])
+        grad_x = None
+        if need[0]:
+            weight = dequantize_weight(ctx.base).to(ctx.dtype)
+            gc = g.to(ctx.dtype)
+            if grad_lora_x.dtype == gc.dtype:
+                grad_x = torch.addmm(grad_lora_x, gc, weight)
+            else:
+                grad_x = (gc @ weight).float().add_(grad_lora_x.float())
+            grad_x = grad_x.to(x2.dtype).reshape(ctx.in_shape)
+        return grad_x, grad_A, grad_B, None, None, None, None
+
+
 def _plain_weight(base: nn.Module) -> torch.Tensor | None:
     """(out, in) weight of a plain float linear whose weight is frozen; None otherwise."""
     weight = getattr(base, "weight", None)
@@ -211,6 +267,16 @@ def _use_triton(layer, x: torch.Tensor) -> bool:
     return available
 
 
+def _fusable_4bit(base: nn.Module) -> bool:
+    if type(base).__module__.split(".")[0] != "bitsandbytes" and not any(
+        c.__module__.startswith("bitsandbytes") for c in type(base).__mro__
+    ):
+        return False
+    from ..quant_layers import fusable_4bit
+
+    return fusable_4bit(base)
+
+
 def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """base(x) + LoRA of a :class:`~peftlab.methods.lora.LoraSlot` that runs alone on its layer (the fast path)."""
     base = layer.base_layer
@@ -232,7 +298,10 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         return LoraLinearFunction.apply(
             x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed
         )
-    # generic path (quantized or trainable base): the base layer's own forward + the LoRA branch
+    if weight is None and layer.training and torch.is_grad_enabled() and _fusable_4bit(base):
+        # QLoRA training: dequantize inside one function (inference keeps bitsandbytes' own 4-bit kernels)
+        return DequantLoraLinearFunction.apply(x, layer.lora_A, layer.lora_B, layer.scaling, p, seed, base)
+    # generic path (int8, trainable or other bases): the base layer's own forward + the LoRA branch
     result = base(x)
     lora = LoraBranchFunction.apply(x, layer.lora_A, layer.lora_B, layer.scaling, p, seed)
     return (result + lora).to(result.dtype)
@@ -264,9 +333,10 @@ def lora_saved_bytes(m: int, d_in: int, r: int, x_bytes: int, a_bytes: int) -> d
 def lora_gemm_outputs(m: int, d_out: int, r: int, out_bytes: int, a_bytes: int, fused_base: bool) -> int:
     """Bytes of the GEMM outputs of one LoRA forward (what selective checkpointing keeps, see peftlab.memory).
 
-    Fused path (plain float base, :class:`LoraLinearFunction`): y = x Wᵀ (M, d_out), into which the LoRA
-    term is added in place (addmm_), and xa (M, r). Generic path (quantized base): the base layer's own
-    GEMM output (M, d_out), xa, and the branch output xa Bᵀ (M, d_out) in A's dtype.
+    Fused path (plain float base, :class:`LoraLinearFunction`; 4-bit base in training,
+    :class:`DequantLoraLinearFunction`): y = x Wᵀ (M, d_out), into which the LoRA term is added in place
+    (addmm_), and xa (M, r). Generic path (int8 base): the base layer's own GEMM output (M, d_out), xa, and
+    the branch output xa Bᵀ (M, d_out) in A's dtype.
     """
     if fused_base:
         return m * d_out * out_bytes + m * r * a_bytes
