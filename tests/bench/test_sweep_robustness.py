@@ -148,6 +148,9 @@ def test_killing_the_sweep_ends_its_worker(tmp_path, sst2_dir, sig):
         [sys.executable, "-m", "peftlab", "bench", "--model", "minilm-l6", "--task", "sst2", "--methods", "lora",
          "--max-steps", "100000", "--data", str(sst2_dir.parent), "--out", str(tmp_path / "out")],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        # a background job (nohup ... &) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+        # handler: give the sweep the default disposition, as a terminal would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     worker = None
     try:
