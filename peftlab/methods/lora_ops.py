@@ -268,11 +268,7 @@ def _use_triton(layer, x: torch.Tensor) -> bool:
 
 
 def _fusable_4bit(base: nn.Module) -> bool:
-    if type(base).__module__.split(".")[0] != "bitsandbytes" and not any(
-        c.__module__.startswith("bitsandbytes") for c in type(base).__mro__
-    ):
-        return False
-    from ..quant_layers import fusable_4bit
+    from ..quant_layers import fusable_4bit  # never imports bitsandbytes itself
 
     return fusable_4bit(base)
 
