@@ -3,13 +3,17 @@
 #   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
 #   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated
-#   4. benchmarks/multi_adapter.py, when that file exists
+#   4. benchmarks/kernels/profile_lora_linear.py (torch.profiler tables: where each provider's time goes)
+#   5. benchmarks/multi_adapter.py, when that file exists
 # Everything goes to benchmarks/results/gpu/<date>_<device>/ (or --out DIR), with the device name and
 # date in every file and a summary.md written at the end. A failing step is logged and the script
 # goes on; the exit status is the number of failed steps.
 #
-#   bash benchmarks/gpu.sh [--out DIR]        # on the GPU box
+#   bash benchmarks/gpu.sh [--out DIR] [--tar FILE]  # on the GPU box
 #   bash benchmarks/gpu.sh --dry-run [--out DIR]   # CPU, toy sizes, kernels in Triton's interpreter (CI)
+#
+# --tar FILE: also pack DIR into one .tgz (a lent device returns only a few files per call: write DIR
+# outside $OUT, e.g. --out /tmp/gpu --tar "$OUT/gpu.tgz", and copy summary.md beside it).
 #
 # Python: $PEFTLAB_PY, else $PEFTLAB_VENV/bin/python, else ./.venv/bin/python, else python3; it needs
 # torch, triton, transformers, peft (bitsandbytes optional) and peftlab importable (pip install -e .).
@@ -21,12 +25,14 @@ cd "$ROOT"
 
 DRY=0
 OUT=""
+TAR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
+    --tar) TAR="$2"; shift ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR)" >&2; exit 2 ;;
+    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -92,7 +98,9 @@ if ! "$PY" -c "import peftlab.kernels" >/dev/null 2>&1; then
     || echo "  failed (see $OUT/pip-install.log); the steps below will say why"
 fi
 
-# 0. environment (time caps on the GPU: 30 + 120 + 100 + 150 + 120 s = 8.7 min at most; typical well under 8)
+# 0. environment (time caps on the GPU: 30 + 150 + 70 + 45 + 110 + 100 s = 8.4 min at most; measured on an
+#    H200 2026-11-26: pip 10, tests > 75 (autotuning every odd shape), bench 30, profile 25, one efficiency
+#    config 16 s, one multi-adapter provider round 18-64 s)
 step environment "$(cap 30)" "$PY" -c '
 import platform, torch, sys
 print("python", sys.version.split()[0], platform.platform())
@@ -113,14 +121,15 @@ if [ "$DRY" = 1 ]; then
     "tests/kernels/test_fallback.py::test_autotune_key_buckets_tokens" \
     --junitxml="$OUT/kernel-tests.xml"
 else
-  step kernel-tests "$(cap 120)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
+  step kernel-tests "$(cap 150)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
 fi
 
 # 2. kernel benchmark: base / HF PEFT / peftlab triton / peftlab torch, fwd+bwd
 if [ "$DRY" = 1 ]; then
   step kernel-bench "$(cap 300)" "$PY" benchmarks/kernels/lora_linear.py --dry-run --out "$OUT/kernels"
 else
-  step kernel-bench "$(cap 100)" "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
+  step kernel-bench "$(cap 70)" "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
+  step kernel-profile "$(cap 45)" "$PY" benchmarks/kernels/profile_lora_linear.py --out "$OUT/profile"
 fi
 
 # 3. training-step efficiency on CUDA (max_memory_allocated), interleaved rounds
@@ -132,14 +141,18 @@ else
   EFF_MODEL=smollm2-135m
   "$PY" -c 'import peftlab; peftlab.resolve_model_path("smollm2-135m")' >/dev/null 2>&1 || EFF_MODEL=smollm2-135m-random
   echo "efficiency model: $EFF_MODEL" > "$OUT/efficiency-model.txt"
-  step efficiency "$(cap 150)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
-    --rounds 3 --steps 10 --configs floor-r0 floor-torch hf-peft-lora peftlab-lora \
-    --timeout 45 --out "$OUT/efficiency"
+  step efficiency "$(cap 110)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
+    --rounds 2 --steps 10 --configs floor-r0 hf-peft-lora peftlab-lora \
+    --timeout 40 --out "$OUT/efficiency"
 fi
 
 # 4. multi-adapter benchmark (added by another issue): run when present
 if [ -f benchmarks/multi_adapter.py ]; then
-  step multi-adapter "$(cap 120)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" $([ "$DRY" = 1 ] && echo --dry-run)
+  if [ "$DRY" = 1 ]; then
+    step multi-adapter "$(cap 120)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --dry-run
+  else  # the headline case only (batch 32, 16 adapters): the full grid needs > 2 min
+    step multi-adapter "$(cap 100)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --batches 32 --adapters 16
+  fi
 else
   echo "| multi-adapter | skipped: benchmarks/multi_adapter.py not present | 0 | – |" >> "$STEPS_FILE"
 fi
@@ -163,4 +176,7 @@ TOTAL=$(( $(date +%s) - T0 ))
 } > "$SUMMARY"
 rm -f "$STEPS_FILE"
 echo "wrote $SUMMARY ($FAILED failed step(s), ${TOTAL}s)"
+if [ -n "$TAR" ]; then
+  tar czf "$TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "packed $OUT into $TAR"
+fi
 exit "$FAILED"

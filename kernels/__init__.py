@@ -23,8 +23,8 @@ def triton_available() -> bool:
     return True
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None):
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None, kernel_backward=False):
     """y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ with the fused Triton kernels; see :func:`peftlab.kernels.lora.lora_linear`."""
     from .lora import lora_linear as fused
 
-    return fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return fused(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, kernel_backward=kernel_backward)

@@ -37,6 +37,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 TARGETS = (80, 90)
 #: Opt-in shared memory per block (bytes): A100 (sm_80) and H100 (sm_90).
 MAX_SHARED = {80: 166912, 90: 232448}
+#: A constexpr value in :attr:`Launch.constants` that is True for the fp32 build only (e.g. ``IEEE``:
+#: fp32 products as tf32x3 rather than plain TF32, which the host picks for fp32 activations).
+IS_FP32 = "<dtype is fp32>"
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class Launch:
     tensor_cores: str = "none"
     unhinted: tuple[str, ...] = ("seed",)
     dtypes: tuple[str, ...] = DTYPES
+
+    def constants_for(self, dtype: str) -> dict[str, Any]:
+        """The constants with :data:`IS_FP32` resolved for ``dtype``."""
+        return {k: (dtype == "fp32") if v == IS_FP32 else v for k, v in self.constants.items()}
 
     @property
     def jit(self):
@@ -129,13 +136,13 @@ def configs_for(launch: Launch, dtype: str, cc: int) -> list[tuple[dict, int, in
         return list(launch.configs)
     configs = launch.kernel.configs
     if launch.prune is not None:
-        configs = launch.prune(configs, dtype, MAX_SHARED[cc], **launch.constants)
+        configs = launch.prune(configs, dtype, MAX_SHARED[cc], **launch.constants_for(dtype))
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
 
 
 def _signature(launch: Launch, dtype: str, meta: dict):
     jit = launch.jit
-    constants = {**launch.constants, **meta}
+    constants = {**launch.constants_for(dtype), **meta}
     signature, attrs = {}, {}
     for index, (name, param) in enumerate(zip(jit.arg_names, jit.params)):
         if param.is_constexpr or name in constants:

@@ -70,8 +70,9 @@ def prune_configs(configs, named_args, max_shared: int | None = None, **kwargs):
         props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
         max_shared = props["max_shared_mem"]
     # the dropout mask's Philox rounds beside the accumulator spill past 32 accumulator values a thread
-    # (every larger tile does on sm_90: aot_resources.md), so the dropout backward keeps the small tiles
-    acc_limit = 32 if kwargs.get("MASK_EPILOGUE") else 128
+    # (every larger tile does on sm_90: aot_resources.md), so the dropout backward keeps the small tiles;
+    # so do fp32 products as tf32x3 (IEEE: three MMAs and the split operands; 64 values spill on sm_80)
+    acc_limit = 32 if kwargs.get("MASK_EPILOGUE") or kwargs.get("IEEE") else 128
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_K"] * elem == 128
@@ -94,7 +95,7 @@ def _keep(seed, rows, cols, row_len, p):
 
 @triton.jit
 def _thin_kernel(X, Wt, OUT, M, K, R, sxm, sxk, swk, swr, som, sor, p, seed,
-                 HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                 HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_M
     lm = tl.arange(0, BLOCK_M)
     rm = row0 + lm
@@ -109,19 +110,22 @@ def _thin_kernel(X, Wt, OUT, M, K, R, sxm, sxk, swk, swr, som, sor, p, seed,
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, rm, k0 + rk, K, p), x / (1 - p), 0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None] & (rr[None, :] < R), other=0.0)
-        acc += tl.dot(x.to(w.dtype), w)
+        if IEEE:
+            acc += tl.dot(x.to(w.dtype), w, input_precision="tf32x3")
+        else:
+            acc += tl.dot(x.to(w.dtype), w)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
     out_ptrs = OUT + row0.to(tl.int64) * som + (lm[:, None] * som + rr[None, :] * sor)
     tl.store(out_ptrs, acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "swk", "HAS_BIAS", "MASK_EPILOGUE"],
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R", "swk", "HAS_BIAS", "MASK_EPILOGUE", "IEEE"],
                  prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _fused_kernel(X, Wt, BIAS, T, U, OUT, M, N, K, R, sxm, sxk, swk, swn, stm, str_, sur, sun, som, son,
                   scaling, p, seed, mask_row_len, M_BUCKET,
-                  HAS_BIAS: tl.constexpr, MASK_EPILOGUE: tl.constexpr, BLOCK_R: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, MASK_EPILOGUE: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M_BUCKET (M rounded up to a power of two) is only the autotune key: one tuning per bucket,
     # not one per batch length
@@ -143,7 +147,10 @@ def _fused_kernel(X, Wt, BIAS, T, U, OUT, M, N, K, R, sxm, sxk, swk, swn, stm, s
         r_in = rr < R - r0
         t = tl.load(t_ptrs, mask=(rm[:, None] < M) & r_in[None, :], other=0.0).to(tl.float32) * scaling
         u = tl.load(u_ptrs, mask=r_in[:, None] & (rn[None, :] < N), other=0.0).to(tl.float32)
-        acc = tl.dot(t, u, acc)
+        if IEEE:
+            acc = tl.dot(t, u, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(t, u, acc)
         t_ptrs += BLOCK_R * str_
         u_ptrs += BLOCK_R * sur
     if MASK_EPILOGUE:
@@ -155,7 +162,10 @@ def _fused_kernel(X, Wt, BIAS, T, U, OUT, M, N, K, R, sxm, sxk, swk, swn, stm, s
         k_in = rk < K - k0
         x = tl.load(x_ptrs, mask=(rm[:, None] < M) & k_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None] & (rn[None, :] < N), other=0.0)
-        acc = tl.dot(x, w, acc)
+        if IEEE:
+            acc = tl.dot(x, w, acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(x, w, acc)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
     if HAS_BIAS:
@@ -166,7 +176,8 @@ def _fused_kernel(X, Wt, BIAS, T, U, OUT, M, N, K, R, sxm, sxk, swk, swn, stm, s
 
 @triton.jit
 def _da_kernel(G, X, OUT, M, K, R, sgm, sgr, sxm, sxk, sor, sok, scaling, p, seed,
-               HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+               HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_R: tl.constexpr):
     col0 = tl.program_id(0) * BLOCK_K
     lk = tl.arange(0, BLOCK_K)
     rk = col0 + lk
@@ -181,7 +192,10 @@ def _da_kernel(G, X, OUT, M, K, R, sgm, sgr, sxm, sxk, sor, sok, scaling, p, see
         x = tl.load(x_ptrs, mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, m0 + lm, rk, K, p), x / (1 - p), 0.0)
-        acc += tl.dot(g.to(tl.float32), x.to(tl.float32))
+        if IEEE:
+            acc += tl.dot(g.to(tl.float32), x.to(tl.float32), input_precision="tf32x3")
+        else:
+            acc += tl.dot(g.to(tl.float32), x.to(tl.float32))
         g_ptrs += BLOCK_M * sgm
         x_ptrs += BLOCK_M * sxm
     out_ptrs = OUT + col0.to(tl.int64) * sok + (rr[:, None] * sor + lk[None, :] * sok)
@@ -212,6 +226,17 @@ def _thin_warps(block_r: int, dropout: bool) -> int:
     return 8 if block_r >= 128 and dropout else 4
 
 
+def ieee(x: torch.Tensor) -> bool:
+    """fp32 products to fp32 accuracy (tf32x3) for fp32 activations, unless torch allows TF32.
+
+    ``tl.dot`` on fp32 operands rounds them to TF32 (10-bit mantissa) by default: 1e-3 relative
+    error, where torch's fp32 matmul (``torch.get_float32_matmul_precision() == "highest"``) is exact
+    to fp32. Half-precision activations keep plain TF32 for the fp32 LoRA term (their output is
+    rounded to 8 or 11 bits anyway).
+    """
+    return x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+
+
 def m_bucket(m: int) -> int:
     """The autotune key for the token count: M rounded up to a power of two (≥ 16).
 
@@ -228,7 +253,7 @@ def thin(x: torch.Tensor, wt: torch.Tensor, p: float = 0.0, seed: int = 0) -> to
     out = torch.empty(M, R, device=x.device, dtype=torch.float32)
     wt = wt.to(x.dtype) if x.dtype != torch.float32 else wt.float()
     _thin_kernel[(triton.cdiv(M, 32),)](x, wt, out, M, K, R, x.stride(0), x.stride(1), wt.stride(0), wt.stride(1),
-                                         out.stride(0), out.stride(1), p, seed, HAS_DROPOUT=p > 0,
+                                         out.stride(0), out.stride(1), p, seed, HAS_DROPOUT=p > 0, IEEE=ieee(x),
                                          BLOCK_M=32, BLOCK_K=32, BLOCK_R=_block_r(R), num_warps=_thin_warps(_block_r(R), p > 0))
     return out
 
@@ -246,7 +271,7 @@ def fused(x, wt, bias, t, u, scaling: float, out_dtype, p: float = 0.0, seed: in
         x, wt, bias if bias is not None else out, t, u, out, M, N, K, R,
         x.stride(0), x.stride(1), wt.stride(0), wt.stride(1), t.stride(0), t.stride(1), u.stride(0), u.stride(1),
         out.stride(0), out.stride(1), scaling, p, seed, N, m_bucket(M),
-        HAS_BIAS=bias is not None, MASK_EPILOGUE=mask_epilogue and p > 0, BLOCK_R=FUSED_BLOCK_R,
+        HAS_BIAS=bias is not None, MASK_EPILOGUE=mask_epilogue and p > 0, IEEE=ieee(x), BLOCK_R=FUSED_BLOCK_R,
     )
     return out
 
@@ -258,7 +283,7 @@ def grad_a(gb: torch.Tensor, x: torch.Tensor, scaling: float, p: float = 0.0, se
     out = torch.empty(R, K, device=x.device, dtype=torch.float32)
     _da_kernel[(triton.cdiv(K, 32),)](gb, x, out, M, K, R, gb.stride(0), gb.stride(1), x.stride(0), x.stride(1),
                                       out.stride(0), out.stride(1), scaling, p, seed, HAS_DROPOUT=p > 0,
-                                      BLOCK_M=32, BLOCK_K=32, BLOCK_R=_block_r(R))
+                                      IEEE=ieee(x), BLOCK_M=32, BLOCK_K=32, BLOCK_R=_block_r(R))
     return out
 
 
@@ -293,9 +318,31 @@ def _torch_grads(g, x2, weight, lora_A, lora_B, xa, s, p, seed, need):
     return grad_x, grad_a_, grad_b
 
 
+def _dense_grads(g, x2, weight, lora_A, lora_B, xa, s, need):
+    """dX, dA, dB without dropout, in the vendor GEMMs (cuBLAS): nothing here needs a regenerated mask.
+
+    The H200 measurement (benchmarks/results/gpu/2026-11-26_NVIDIA-H200) had the Triton backward at
+    1.2x HF PEFT's: its dX GEMM trails cuBLAS, and dA's reduction over M ran in one program per K tile.
+    Here, in the activation dtype with fp32 accumulation (the products autocast runs):
+    gb = dY B (M, R); dX = dY W + s·gb A (one GEMM, then one rank-R update in place);
+    dA = s·gbᵀ X; dB = s·dYᵀ xa.
+    """
+    dt = x2.dtype
+    gb = g @ lora_B.to(dt)
+    grad_x = grad_a_ = grad_b = None
+    if need[0]:
+        grad_x = (g @ weight).addmm_(gb, lora_A.to(dt), alpha=s)
+    if need[3]:
+        grad_a_ = (gb.t() @ x2).to(lora_A.dtype).mul_(s)
+    if need[4]:
+        grad_b = (g.t() @ xa.to(dt)).to(lora_B.dtype).mul_(s)
+    return grad_x, grad_a_, grad_b
+
+
 class TritonLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int, fallback: bool):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, p: float, seed: int, fallback: bool,
+                kernel_backward: bool = False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa = thin(x2, lora_A.t(), p, seed)  # (M, R) fp32
@@ -303,6 +350,7 @@ class TritonLoraLinear(torch.autograd.Function):
         y = fused(x2, weight.t(), bias, xa, b, scaling, x.dtype)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.shape, ctx.fallback = scaling, p, seed, shape, fallback
+        ctx.kernel_backward = kernel_backward
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
         return y.reshape(*shape[:-1], weight.shape[0])
 
@@ -315,13 +363,10 @@ class TritonLoraLinear(torch.autograd.Function):
             g = g.contiguous()
         grad_x = grad_a_ = grad_b = grad_bias = None
         try:
-            gb = thin(g, lora_B, 0.0, 0)  # (M, R) = dY B
-            if ctx.needs_input_grad[0]:
-                grad_x = fused(g, weight, None, gb, lora_A, s, x2.dtype, p, seed, mask_epilogue=True)
-            if ctx.needs_input_grad[3]:
-                grad_a_ = grad_a(gb, x2, s, p, seed).to(lora_A.dtype)
-            if ctx.needs_input_grad[4]:
-                grad_b = (s * (g.t().float() @ xa)).to(lora_B.dtype)
+            if p > 0 or ctx.kernel_backward:  # the kernels regenerate the dropout mask in-register
+                grad_x, grad_a_, grad_b = _kernel_grads(ctx, g, x2, weight, lora_A, lora_B, xa)
+            else:
+                grad_x, grad_a_, grad_b = _dense_grads(g, x2, weight, lora_A, lora_B, xa, s, ctx.needs_input_grad)
         except Exception as exc:  # noqa: BLE001 - compile/launch error: finish this step in torch
             if not ctx.fallback:
                 raise
@@ -331,20 +376,38 @@ class TritonLoraLinear(torch.autograd.Function):
             grad_x = grad_x.reshape(ctx.shape)
         if ctx.bias_needs_grad:
             grad_bias = g.float().sum(0).to(weight.dtype)
-        return grad_x, None, grad_bias, grad_a_, grad_b, None, None, None, None
+        return grad_x, None, grad_bias, grad_a_, grad_b, None, None, None, None, None
+
+
+def _kernel_grads(ctx, g, x2, weight, lora_A, lora_B, xa):
+    """dX, dA, dB with the Triton kernels (dropout: the mask is regenerated from the forward's seed)."""
+    s, p, seed = ctx.scaling, ctx.p, ctx.seed
+    grad_x = grad_a_ = grad_b = None
+    gb = thin(g, lora_B, 0.0, 0)  # (M, R) = dY B
+    if ctx.needs_input_grad[0]:
+        grad_x = fused(g, weight, None, gb, lora_A, s, x2.dtype, p, seed, mask_epilogue=True)
+    if ctx.needs_input_grad[3]:
+        grad_a_ = grad_a(gb, x2, s, p, seed).to(lora_A.dtype)
+    if ctx.needs_input_grad[4]:  # dB = s·dYᵀ xa needs no mask (xa already has it)
+        grad_b = (g.t() @ xa.to(g.dtype)).to(lora_B.dtype).mul_(s)
+    return grad_x, grad_a_, grad_b
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0, seed: int | None = None,
-                fallback: bool = False):
+                fallback: bool = False, kernel_backward: bool = False):
     """y = x Wᵀ + b + s · (D(x) Aᵀ) Bᵀ with the fused Triton kernels (differentiable in x, b, A, B).
 
     Shapes: x (..., K); weight (N, K) frozen, x's dtype; bias (N,) or None; lora_A (R, K) and
     lora_B (N, R), possibly fp32 over a half-precision x; returns (..., N) in x's dtype.
+
+    Backward: with dropout, the Triton kernels (they regenerate the mask from ``seed``); without,
+    the vendor GEMMs (:func:`_dense_grads`). ``kernel_backward=True`` forces the kernels (benchmarks).
     """
     _check(x, weight, bias, lora_A, lora_B)
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    return TritonLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, fallback)
+    return TritonLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed, fallback,
+                                  bool(kernel_backward))
 
 
 # ---- ahead-of-time compilation (peftlab.kernels.aot): how the host code above launches each kernel ----
@@ -356,7 +419,7 @@ def _aot_prune(configs, dtype: str, max_shared: int, **constants):
 
 
 def _aot_launches():
-    from .aot import Launch
+    from .aot import IS_FP32, Launch
 
     def rank_tiles(dropout=False):
         return [({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_R": br}, _thin_warps(br, dropout), 3) for br in (16, 32, 64, 128)]
@@ -369,12 +432,12 @@ def _aot_launches():
     da_types = {"G": "*fp32", "X": "*{dtype}", "OUT": "*fp32", **floats}
     launches = [
         # y = x Wᵀ + b + s·xa Bᵀ: fused(x, weight.t(), bias, xa, lora_B.t())
-        Launch("lora.fused/forward", constants={"HAS_BIAS": True, "MASK_EPILOGUE": False, "BLOCK_R": FUSED_BLOCK_R,
+        Launch("lora.fused/forward", constants={"HAS_BIAS": True, "MASK_EPILOGUE": False, "IEEE": IS_FP32, "BLOCK_R": FUSED_BLOCK_R,
                "sxk": 1, "swk": 1, "str_": 1, "sur": 1, "son": 1}, **fused),
         # dX = dY W + s·(gb A) [⊙ mask]: fused(g, weight, None, gb, lora_A)
-        Launch("lora.fused/backward", constants={"HAS_BIAS": False, "MASK_EPILOGUE": False, "BLOCK_R": FUSED_BLOCK_R,
+        Launch("lora.fused/backward", constants={"HAS_BIAS": False, "MASK_EPILOGUE": False, "IEEE": IS_FP32, "BLOCK_R": FUSED_BLOCK_R,
                "sxk": 1, "swn": 1, "str_": 1, "sun": 1, "son": 1}, **fused),
-        Launch("lora.fused/backward-dropout", constants={"HAS_BIAS": False, "MASK_EPILOGUE": True,
+        Launch("lora.fused/backward-dropout", constants={"HAS_BIAS": False, "MASK_EPILOGUE": True, "IEEE": IS_FP32,
                "BLOCK_R": FUSED_BLOCK_R, "sxk": 1, "swn": 1, "str_": 1, "sun": 1, "son": 1}, **fused),
     ]
     for dropout in (False, True):
@@ -382,13 +445,13 @@ def _aot_launches():
         launches += [
             # xa = D(x) Aᵀ: thin(x, lora_A.t()); gb = dY B: thin(g, lora_B)
             Launch(f"lora.thin/forward{tag}", _thin_kernel, thin_types,
-                   {"HAS_DROPOUT": dropout, "sxk": 1, "swk": 1, "sor": 1}, rank_tiles(dropout), tensor_cores="mma"),
+                   {"HAS_DROPOUT": dropout, "IEEE": IS_FP32, "sxk": 1, "swk": 1, "sor": 1}, rank_tiles(dropout), tensor_cores="mma"),
             # dA = s·gbᵀ D(x)
-            Launch(f"lora.da{tag}", _da_kernel, da_types, {"HAS_DROPOUT": dropout, "sgr": 1, "sxk": 1, "sok": 1},
+            Launch(f"lora.da{tag}", _da_kernel, da_types, {"HAS_DROPOUT": dropout, "IEEE": IS_FP32, "sgr": 1, "sxk": 1, "sok": 1},
                    rank_tiles(), tensor_cores="mma"),
         ]
     launches += [
-        Launch("lora.thin/backward", _thin_kernel, thin_types, {"HAS_DROPOUT": False, "sxk": 1, "swr": 1, "sor": 1},
+        Launch("lora.thin/backward", _thin_kernel, thin_types, {"HAS_DROPOUT": False, "IEEE": IS_FP32, "sxk": 1, "swr": 1, "sor": 1},
                rank_tiles(), tensor_cores="mma"),
         Launch("lora.mask", _mask_kernel, {"OUT": "*fp32", "p": "fp32"}, {},
                [({"BLOCK_M": 32, "BLOCK_K": 32}, 4, 3)], dtypes=("fp32",)),

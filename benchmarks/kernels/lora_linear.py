@@ -40,9 +40,10 @@ class _Fused(nn.Module):
     """The fused kernel called directly (the dry run's stand-in for ``use_kernel="triton"`` on a CPU,
     where the layer refuses it; the kernel itself runs in Triton's interpreter)."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, kernel_backward: bool = False):
         super().__init__()
         self.layer = layer
+        self.kernel_backward = kernel_backward
 
     def forward(self, x):
         from peftlab.kernels import lora_linear
@@ -51,7 +52,7 @@ class _Fused(nn.Module):
         a = next(v for k, v in params.items() if "lora_A" in k)
         b = next(v for k, v in params.items() if "lora_B" in k)
         weight = next(v for k, v in params.items() if k.endswith("weight") and "lora" not in k)
-        return lora_linear(x, weight, None, a, b, 2.0)
+        return lora_linear(x, weight, None, a, b, 2.0, kernel_backward=self.kernel_backward)
 
 
 def _peftlab(d_in, d_out, r, dtype, device, use_kernel):
@@ -78,6 +79,9 @@ def providers(d_in, d_out, r, dtype, device, interpret=False):
 
     if device == "cuda" and triton_available():
         out["peftlab-triton"] = _peftlab(d_in, d_out, r, dtype, device, "triton")
+        # the same forward with the Triton backward kernels (what a dropout > 0 step runs; before
+        # 2026-11-26 every step): shows what the cuBLAS backward gains
+        out["peftlab-triton-kernel-bwd"] = _Fused(_peftlab(d_in, d_out, r, dtype, device, "torch"), kernel_backward=True)
     elif interpret and triton_available():
         out["peftlab-triton"] = _Fused(_peftlab(d_in, d_out, r, dtype, device, "torch"))
     return out
@@ -129,7 +133,8 @@ def bench(shape, dtype, device, repeats, interpret=False):
 def ratios_markdown(rows, title: str) -> str:
     """Per shape: fused / frozen base (target ≤ 1.05) and HF PEFT / fused (target ≥ 1.25), fwd+bwd."""
     lines = [f"# {title}", "", "| tokens | d_in | d_out | r | base ms | peftlab-triton ms | peftlab-torch ms | "
-             "HF PEFT ms | triton / base (≤ 1.05) | HF PEFT / triton (≥ 1.25) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "HF PEFT ms | triton, kernel bwd ms | triton / base (≤ 1.05) | HF PEFT / triton (≥ 1.25) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     shapes = list(dict.fromkeys((r["tokens"], r["d_in"], r["d_out"], r["r"]) for r in rows))
     for shape in shapes:
         got = {
@@ -144,7 +149,7 @@ def ratios_markdown(rows, title: str) -> str:
 
         lines.append(
             f"| {' | '.join(map(str, shape))} | {fmt(got.get('base'))} | {fmt(tri)} | {fmt(got.get('peftlab-torch'))} | "
-            f"{fmt(got.get('hf-peft'))} | {fmt(tri / got['base'] if tri and got.get('base') else None)} | "
+            f"{fmt(got.get('hf-peft'))} | {fmt(got.get('peftlab-triton-kernel-bwd'))} | {fmt(tri / got['base'] if tri and got.get('base') else None)} | "
             f"{fmt(got['hf-peft'] / tri if tri and got.get('hf-peft') else None)} |"
         )
     return "\n".join(lines) + "\n"

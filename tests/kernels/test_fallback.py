@@ -81,8 +81,8 @@ def test_forward_compile_error_falls_back_and_disables(monkeypatch):
         lora_linear_or_none(x, w, b, a, bb, 1.5, strict=True)
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_backward_launch_error_finishes_the_step_in_torch(monkeypatch, p):
+def test_backward_launch_error_finishes_the_step_in_torch(monkeypatch):
+    p = 0.3  # with dropout the backward runs Triton kernels (they regenerate the mask)
     x, w, b, a, bb = make(M=29, N=23, Kd=31, R=4)
     s, seed = 0.7, 1234
     y = lora_linear_or_none(x, w, b, a, bb, s, dropout_p=p, seed=seed)
@@ -92,10 +92,25 @@ def test_backward_launch_error_finishes_the_step_in_torch(monkeypatch, p):
         raise RuntimeError("out of resources (simulated)")
 
     monkeypatch.setattr(K, "thin", broken)
-    mask = K.dropout_mask(29, 31, p, seed, x.device) if p > 0 else None
+    mask = K.dropout_mask(29, 31, p, seed, x.device)
     with pytest.warns(RuntimeWarning, match="Triton backward failed"):
         grads_vs_reference(y, x, w, b, a, bb, s, mask)
     assert lora_linear_or_none(x, w, b, a, bb, s, dropout_p=p, seed=seed) is None  # now disabled
+
+
+def test_backward_without_dropout_runs_no_triton_kernel(monkeypatch):
+    x, w, b, a, bb = make(M=29, N=23, Kd=31, R=4)
+    y = lora_linear_or_none(x, w, b, a, bb, 0.7)
+    assert y is not None
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a Triton kernel ran in the dropout-free backward")
+
+    for name in ("thin", "fused", "grad_a"):
+        monkeypatch.setattr(K, name, broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads_vs_reference(y, x, w, b, a, bb, 0.7)
 
 
 def test_layer_with_auto_kernel_and_rank_over_128_runs_the_torch_path(monkeypatch):
@@ -109,8 +124,9 @@ def test_layer_with_auto_kernel_and_rank_over_128_runs_the_torch_path(monkeypatc
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
     x = torch.randn(2, 3, 24, device=DEVICE)
-    want = model(x)  # on the CPU: the torch path
-    monkeypatch.setattr(lora_ops, "_use_triton", lambda layer, x: True)  # as if on CUDA with Triton
+    monkeypatch.setattr(lora_ops, "_use_triton", lambda layer, x: False)
+    want = model(x)  # the torch path
+    monkeypatch.setattr(lora_ops, "_use_triton", lambda layer, x: True)  # as on CUDA with Triton
     with pytest.warns(RuntimeWarning, match="rank 130 > 128"):
         got = model(x)
     torch.testing.assert_close(got, want)

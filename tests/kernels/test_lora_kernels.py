@@ -30,9 +30,11 @@ def tol(got, want, exact, floor):
     assert err <= 4 * own + floor, (err, own)
 
 
-@pytest.mark.parametrize("M, N, Kd", [(37, 45, 53), (1, 17, 19), (70, 33, 40)])
-@pytest.mark.parametrize("R", [1, 8, 16, 64])
-def test_forward_and_grads_fp32_odd_shapes(M, N, Kd, R):
+@pytest.mark.parametrize("M, N, Kd, R, kernel_backward", [
+    *((M, N, Kd, R, False) for M, N, Kd in [(37, 45, 53), (1, 17, 19), (70, 33, 40)] for R in (1, 8, 16, 64)),
+    (37, 45, 53, 8, True), (70, 33, 40, 64, True),  # the Triton backward kernels without dropout too
+])
+def test_forward_and_grads_fp32_odd_shapes(M, N, Kd, R, kernel_backward):
     x, w, b, a, bb = make(M, N, Kd, R, torch.float32, bias=R % 2 == 0)
     s = 1.5
     x.requires_grad_(True)
@@ -40,7 +42,7 @@ def test_forward_and_grads_fp32_odd_shapes(M, N, Kd, R):
     bb.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
-    y = K.lora_linear(x, w, b, a, bb, s)
+    y = K.lora_linear(x, w, b, a, bb, s, kernel_backward=kernel_backward)
     y_ref, _ = reference.lora_forward(
         x.detach(), w, None if b is None else b.detach(), a.detach(), bb.detach(), s
     )
@@ -142,4 +144,4 @@ def test_launcher_checks():
     with pytest.raises(TypeError, match="weight dtype"):
         K.lora_linear(x, w.double(), b, a, bb, 1.0)
     with pytest.raises(ValueError, match=r"rank 200 > 128"):
-        K.lora_linear(x, w, b, torch.zeros(200, 8), torch.zeros(6, 200), 1.0)
+        K.lora_linear(x, w, b, torch.zeros(200, 8, device=DEVICE), torch.zeros(6, 200, device=DEVICE), 1.0)
