@@ -352,6 +352,7 @@ class TritonLoraLinear(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.seed, ctx.shape, ctx.fallback = scaling, p, seed, shape, fallback
         ctx.kernel_backward = kernel_backward
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        ctx.bias_dtype = bias.dtype if bias is not None else None  # fp32 under autocast: its grad stays fp32
         return y.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -375,7 +376,7 @@ class TritonLoraLinear(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.shape)
         if ctx.bias_needs_grad:
-            grad_bias = g.float().sum(0).to(weight.dtype)
+            grad_bias = g.float().sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_a_, grad_b, None, None, None, None, None
 
 

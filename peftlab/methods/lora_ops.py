@@ -278,6 +278,10 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     base = layer.base_layer
     weight = _plain_weight(base)
     p = layer.dropout_p if layer.training else 0.0
+    autocast = _autocast_dtype(x) if weight is not None else None
+    if autocast is not None and weight.dtype != autocast:  # as nn.Linear under autocast: GEMM in the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):  # (the fused kernel too: not fp32 under bf16 autocast)
+            x, weight = x.to(autocast), weight.to(autocast)
     if weight is not None and weight.dtype == x.dtype and _use_triton(layer, x):
         from ..kernels import lora_linear_or_none  # None: unsupported or Triton failed (warned once)
 
@@ -286,10 +290,6 @@ def lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
         if y is not None:
             return y
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0  # the mask is regenerated from it
-    autocast = _autocast_dtype(x) if weight is not None else None
-    if autocast is not None and weight.dtype != autocast:  # as nn.Linear under autocast: GEMM in the autocast dtype
-        with torch.autocast(x.device.type, enabled=False):
-            x, weight = x.to(autocast), weight.to(autocast)
     if weight is not None and weight.dtype == x.dtype:
         return LoraLinearFunction.apply(
             x, weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, p, seed

@@ -145,3 +145,37 @@ def test_autotune_key_buckets_tokens():
         8192,
     ]
     assert "M_BUCKET" in K._fused_kernel.keys and "M" not in K._fused_kernel.keys
+
+
+def test_autocast_runs_the_fused_kernel_in_the_autocast_dtype(monkeypatch):
+    """Under autocast an fp32 model's LoRA linear runs the kernel in fp16/bf16 (as nn.Linear's GEMM does),
+    not in fp32, and matches the torch path under the same autocast; the fp32 bias keeps an fp32 grad."""
+    import peftlab
+    from peftlab.methods import lora_ops
+
+    if DEVICE == "cpu":  # the interpreter has no bf16 tl.dot; CPU autocast takes fp16
+        dtype = torch.float16
+    else:
+        dtype = torch.bfloat16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24)).to(DEVICE)
+    peftlab.wrap(model, peftlab.LoraConfig(r=8, alpha=16, target_modules=["0"], modules_to_save=None))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model[0].base_layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, 40, device=DEVICE)
+    seen = []
+    real_fused = K.fused
+    monkeypatch.setattr(K, "fused", lambda x2, *a, **k: seen.append(x2.dtype) or real_fused(x2, *a, **k))
+    outputs = {}
+    for use_triton in (False, True):
+        monkeypatch.setattr(lora_ops, "_use_triton", lambda layer, x, on=use_triton: on)
+        with torch.autocast(DEVICE, dtype=dtype):
+            outputs[use_triton] = model(x)
+    assert seen and set(seen) == {dtype}
+    assert outputs[True].dtype == outputs[False].dtype == dtype
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=2e-3, atol=2e-3)
+    outputs[True].float().sum().backward()
+    bias = model[0].base_layer.bias
+    assert bias.grad is not None and bias.grad.dtype == torch.float32
