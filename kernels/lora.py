@@ -61,11 +61,15 @@ def shared_estimate(meta: dict, num_stages: int, elem_bytes: int) -> int:
 
 
 def prune_configs(configs, named_args, max_shared: int | None = None, **kwargs):
-    """The autotune configs that suit x's dtype (128-byte K tiles) and fit the device's shared memory."""
+    """The autotune configs that suit x's dtype (128-byte K tiles) and fit the device's shared memory.
+
+    ``PEFTLAB_AUTOTUNE=0`` in the environment keeps one config (the smallest tile): no autotuning.
+    """
     if INTERPRET:
         return configs
     elem = named_args["X"].element_size()
-    if max_shared is None:
+    runtime = max_shared is None  # the autotuner's call (the AOT table passes the target's limit)
+    if runtime:
         device = named_args["X"].device
         props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
         max_shared = props["max_shared_mem"]
@@ -79,7 +83,11 @@ def prune_configs(configs, named_args, max_shared: int | None = None, **kwargs):
         and shared_estimate(c.kwargs, c.num_stages, elem) <= max_shared
         and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= acc_limit * 32 * c.num_warps
     ]
-    return kept or [min(configs, key=lambda c: shared_estimate(c.kwargs, c.num_stages, elem))]
+    kept = kept or [min(configs, key=lambda c: shared_estimate(c.kwargs, c.num_stages, elem))]
+    if runtime and os.environ.get("PEFTLAB_AUTOTUNE") == "0":
+        # one config, the smallest tile (tests on a GPU: each autotuned config costs a compile, ~1 s)
+        return [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept
 
 
 @triton.jit

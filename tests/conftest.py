@@ -13,6 +13,8 @@ if (
     not torch.cuda.is_available()
 ):  # Triton kernels run in the CPU interpreter; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# on a GPU: one tile config per kernel (each autotuned config is a ~1 s compile; the lent GPU has minutes)
+os.environ.setdefault("PEFTLAB_AUTOTUNE", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

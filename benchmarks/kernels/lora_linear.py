@@ -61,7 +61,13 @@ def _peftlab(d_in, d_out, r, dtype, device, use_kernel):
     torch.manual_seed(0)
     holder = nn.Sequential(nn.Linear(d_in, d_out, bias=False, device=device, dtype=dtype))
     peftlab.wrap(holder, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules=["0"], use_kernel=use_kernel))
-    return holder.to(device)
+    holder = holder.to(device)
+    gen = torch.Generator().manual_seed(1)  # B ≠ 0 (same in every peftlab provider), so the LoRA term is checked
+    for name, param in holder.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    return holder
 
 
 def providers(d_in, d_out, r, dtype, device, interpret=False):
@@ -104,14 +110,35 @@ def _step(layer, x, grad):
     layer(x).backward(grad)
 
 
+def _output_and_grad(layer, x, grad):
+    """The layer's output and its lora_A gradient for (x, grad), detached."""
+    a = next(p for n, p in layer.named_parameters() if "lora_A" in n)
+    a.grad = None
+    y = layer(x)
+    y.backward(grad)
+    out = (y.detach(), a.grad.detach().clone())
+    a.grad = None
+    return out
+
+
 def bench(shape, dtype, device, repeats, interpret=False):
     tokens, d_in, d_out, r = shape
     rows = []
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(tokens, d_in, generator=gen).to(device, dtype)
+    grad = torch.randn(tokens, d_out, generator=gen).to(device, dtype)
+    want = None  # peftlab-torch's output and lora_A gradient: every peftlab provider must agree with it
     for name, layer in providers(d_in, d_out, r, dtype, device, interpret).items():
-        x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
+        x = x0.clone().requires_grad_(True)
         for _ in range(3):  # warm-up (and Triton autotuning)
             layer(x).backward(grad)
+        err = None
+        if name.startswith("peftlab"):
+            got = _output_and_grad(layer, x, grad)
+            if want is None:
+                want = got
+            else:  # relative to the largest entry: bf16 rounding of the outputs is ~4e-3
+                err = max(float((g.float() - w.float()).abs().max() / w.float().abs().max()) for g, w in zip(got, want))
         fwd = timed(functools.partial(layer, x), device, repeats)
         total = timed(functools.partial(_step, layer, x, grad), device, repeats)
         rows.append(
@@ -125,6 +152,7 @@ def bench(shape, dtype, device, repeats, interpret=False):
                 "forward_ms": 1e3 * fwd,
                 "backward_ms": 1e3 * (total - fwd),
                 "total_ms": 1e3 * total,
+                "max_rel_err_vs_torch": err,
             }
         )
     return rows
@@ -133,8 +161,8 @@ def bench(shape, dtype, device, repeats, interpret=False):
 def ratios_markdown(rows, title: str) -> str:
     """Per shape: fused / frozen base (target ≤ 1.05) and HF PEFT / fused (target ≥ 1.25), fwd+bwd."""
     lines = [f"# {title}", "", "| tokens | d_in | d_out | r | base ms | peftlab-triton ms | peftlab-torch ms | "
-             "HF PEFT ms | triton, kernel bwd ms | triton / base (≤ 1.05) | HF PEFT / triton (≥ 1.25) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "HF PEFT ms | triton, kernel bwd ms | triton / base (≤ 1.05) | HF PEFT / triton (≥ 1.25) | triton vs torch: max rel err (y, dA) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     shapes = list(dict.fromkeys((r["tokens"], r["d_in"], r["d_out"], r["r"]) for r in rows))
     for shape in shapes:
         got = {
@@ -143,6 +171,8 @@ def ratios_markdown(rows, title: str) -> str:
             if (r["tokens"], r["d_in"], r["d_out"], r["r"]) == shape
         }
         tri = got.get("peftlab-triton")
+        errs = [r["max_rel_err_vs_torch"] for r in rows if r["provider"] == "peftlab-triton"
+                and (r["tokens"], r["d_in"], r["d_out"], r["r"]) == shape and r.get("max_rel_err_vs_torch") is not None]
 
         def fmt(v):
             return f"{v:.3f}" if v is not None else "–"
@@ -150,7 +180,8 @@ def ratios_markdown(rows, title: str) -> str:
         lines.append(
             f"| {' | '.join(map(str, shape))} | {fmt(got.get('base'))} | {fmt(tri)} | {fmt(got.get('peftlab-torch'))} | "
             f"{fmt(got.get('hf-peft'))} | {fmt(got.get('peftlab-triton-kernel-bwd'))} | {fmt(tri / got['base'] if tri and got.get('base') else None)} | "
-            f"{fmt(got['hf-peft'] / tri if tri and got.get('hf-peft') else None)} |"
+            f"{fmt(got['hf-peft'] / tri if tri and got.get('hf-peft') else None)} | "
+            f"{f'{errs[0]:.1e}' if errs else '–'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -179,3 +179,14 @@ def test_autocast_runs_the_fused_kernel_in_the_autocast_dtype(monkeypatch):
     outputs[True].float().sum().backward()
     bias = model[0].base_layer.bias
     assert bias.grad is not None and bias.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the autotuner prunes on a CUDA device (one config in the interpreter)")
+def test_autotune_off_keeps_one_config(monkeypatch):
+    x = torch.empty(8, 64, device="cuda", dtype=torch.bfloat16)
+    configs = K._configs()
+    monkeypatch.setenv("PEFTLAB_AUTOTUNE", "1")
+    several = K.prune_configs(configs, {"X": x})
+    monkeypatch.setenv("PEFTLAB_AUTOTUNE", "0")
+    one = K.prune_configs(configs, {"X": x})
+    assert len(several) > 1 and len(one) == 1 and one[0] in several
