@@ -174,6 +174,51 @@ def test_half_precision_forward_backward_merge(dtype):
     torch.testing.assert_close(layer(x).detach().float(), before.float(), rtol=3e-2, atol=6e-2)
 
 
+@pytest.mark.parametrize("path", ["lean", "branch"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_half_products_over_fp32_adapters_match_fp32_products(monkeypatch, path, p):
+    """bf16 activations over fp32 adapters on a device in HALF_PRODUCT_DEVICES (CUDA; forced here on the CPU):
+    the thin products run in bf16 (no fp32 copy of x, dY or an (M, d) output is made or saved), outputs and
+    gradients agree with the fp32-product route to bf16 accuracy, and dA, dB come back fp32."""
+    from peftlab.methods import lora_ops
+
+    torch.manual_seed(0)
+    m, d_in, d_out, r, s, seed = 24, 40, 32, 8, 2.0, 7
+    x0 = torch.randn(m, d_in).bfloat16()
+    w = (torch.randn(d_out, d_in) / d_in**0.5).bfloat16()
+    a0 = torch.randn(r, d_in) / d_in**0.5
+    b0 = torch.randn(d_out, r) * 0.1
+    g = torch.randn(m, d_out).bfloat16()
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        a, bb = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        saved = []
+
+        def pack(t):
+            saved.append((t.dtype, t.numel()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if path == "lean":
+                y = lora_ops.LoraLinearFunction.apply(x, w, None, a, bb, s, p, seed)
+            else:
+                y = lora_ops.LoraBranchFunction.apply(x, a, bb, s, p, seed)
+        y.backward(g)
+        return y.detach(), x.grad, a.grad, bb.grad, saved
+
+    fp32 = run()
+    monkeypatch.setattr(lora_ops, "HALF_PRODUCT_DEVICES", ("cpu", "cuda"))
+    half = run()
+    assert half[2].dtype == half[3].dtype == torch.float32 and half[1].dtype == torch.bfloat16
+    activations = (m * r, m * d_in, m * d_out)  # (the fp32 parameters A and B are saved in both routes)
+    assert not [n for dt, n in half[4] if dt == torch.float32 and n in activations]  # xa in bf16, no fp32 x
+    assert [n for dt, n in fp32[4] if dt == torch.float32 and n == m * r]  # (the fp32 route saves an fp32 xa)
+    for got, want in zip(half[:4], fp32[:4]):
+        scale = want.float().abs().max()
+        assert (got.float() - want.float()).abs().max() <= 2e-2 * scale, (got, want)
+
+
 def test_rslora_bias_and_patterns(tiny):
     model = tiny("bert")
     cfg = peftlab.LoraConfig(

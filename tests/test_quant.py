@@ -448,12 +448,18 @@ def test_gpt2_conv1d_layers_are_quantized_transposed(tiny):
     assert rel < 0.05
 
 
-@pytest.mark.parametrize("quant_type,compute", [("nf4", torch.float32), ("fp4", torch.float32), ("nf4", torch.bfloat16)])
+@pytest.mark.parametrize("quant_type,compute,half_products", [
+    ("nf4", torch.float32, False), ("fp4", torch.float32, False), ("nf4", torch.bfloat16, False),
+    ("nf4", torch.bfloat16, True),  # bf16 thin products over the fp32 adapters (CUDA's route, forced here)
+])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_qlora_training_path_equals_the_generic_path(tiny, monkeypatch, quant_type, compute, dropout):
+def test_qlora_training_path_equals_the_generic_path(tiny, monkeypatch, quant_type, compute, half_products, dropout):
     """The fused 4-bit training function (one GEMM + addmm per direction, W dequantized inside) computes the
     base layer's own forward + the LoRA branch: same loss, same input/LoRA gradients."""
     from peftlab.methods import lora_ops
+
+    if half_products:
+        monkeypatch.setattr(lora_ops, "HALF_PRODUCT_DEVICES", ("cpu", "cuda"))
 
     def run(fused: bool):
         torch.manual_seed(0)

@@ -19,6 +19,10 @@ a gradient. A frozen 4-bit (NF4/FP4) base in training runs the same equations in
 use the generic path: ``base_layer(x) + s · (D(x) Aᵀ) Bᵀ``, whose LoRA branch is the same
 lean autograd function without the base term (:class:`LoraBranchFunction`): it too saves x
 and xa and regenerates the mask, where ``nn.Dropout`` would keep a dropped copy of x.
+
+Dtypes: the thin products run in :func:`lora_dtype`: the adapter's dtype (fp32) on a CPU, the
+activations' dtype on CUDA when bf16/fp16 activations meet fp32 adapters (fp32 accumulation, as under
+autocast; no fp32 copies of x, dY or (M, d) outputs). Parameters and their gradients stay fp32.
 """
 
 from __future__ import annotations
@@ -60,9 +64,33 @@ def _dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
     return (~_dropout_drop(shape, p, seed, device)).to(dtype) / (1.0 - _effective_p(p))
 
 
+#: Devices where half-precision activations over fp32 adapters take the thin products in the activations'
+#: dtype (see :func:`lora_dtype`).
+HALF_PRODUCT_DEVICES = ("cuda",)
+
+
+def lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    """The dtype of the thin LoRA products (xa, gb, dA, dB) for activations x and adapter A.
+
+    On a CPU, the adapter's own (fp32 A, B over a bf16 model: exact, and a CPU's bf16 GEMMs are no faster).
+    On CUDA with bf16/fp16 activations and fp32 adapters: the activations' dtype, with fp32 accumulation in
+    the GEMMs (what autocast runs). The fp32 route copies x, dY and two (M, d)-sized outputs per layer and
+    direction to fp32; the H200 profile (benchmarks/results/gpu/2026-11-26_NVIDIA-H200) put those copies at
+    a quarter of a LoRA linear's GPU time. The parameters, their gradients and the optimizer stay fp32.
+    """
+    if x.dtype in (torch.bfloat16, torch.float16) and lora_A.dtype == torch.float32 and x.device.type in HALF_PRODUCT_DEVICES:
+        return x.dtype
+    return lora_A.dtype
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _lora_down(x2: torch.Tensor, lora_A: torch.Tensor, scaling: float, p: float, seed: int):
-    """xa = (x ⊙ m) Aᵀ of shape (M, r) and the scale s' = s / (1 - p) that goes with it."""
-    xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
+    """xa = (x ⊙ m) Aᵀ of shape (M, r) in :func:`lora_dtype` and the scale s' = s / (1 - p) that goes with it."""
+    dtype = lora_dtype(x2, lora_A)
+    xin, lora_A = _as(x2, dtype), _as(lora_A, dtype)
     if p > 0:
         xin = xin.masked_fill(_dropout_drop(xin.shape, p, seed, xin.device), 0)
         scaling = scaling / (1.0 - _effective_p(p))
@@ -73,8 +101,13 @@ def _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need_x: bool, need_A: bool,
     """(gb A) ⊙ m, dA, dB of the LoRA term (module docstring); None where not needed.
 
     ``ctx`` carries the forward's s' (``scaling``), ``p`` and ``seed``; the mask is regenerated here.
+    The products run in xa's dtype (:func:`lora_dtype`; ``g_lora`` is in it too); dA and dB come back
+    in the parameters' dtypes.
     """
     s = ctx.scaling
+    dtype = xa.dtype
+    a_dtype, b_dtype = lora_A.dtype, lora_B.dtype
+    lora_A, lora_B = _as(lora_A, dtype), _as(lora_B, dtype)
     gb = (g_lora @ lora_B).mul_(s)  # s'·dY B, (M, r): scaling on the thin side, not on (M, d_in)
     drop = None
     if ctx.p > 0 and (need_x or need_A):
@@ -85,12 +118,12 @@ def _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need_x: bool, need_A: bool,
         if drop is not None:
             grad_lora_x.masked_fill_(drop, 0)
     if need_A:
-        xin = x2 if x2.dtype == lora_A.dtype else x2.to(lora_A.dtype)
+        xin = _as(x2, dtype)
         if drop is not None:
             xin = xin.masked_fill(drop, 0)
-        grad_A = gb.t() @ xin
+        grad_A = _as(gb.t() @ xin, a_dtype)
     if need_B:
-        grad_B = (g_lora.t() @ xa).mul_(s)
+        grad_B = _as((g_lora.t() @ xa).mul_(s), b_dtype)
     return grad_lora_x, grad_A, grad_B
 
 
@@ -98,7 +131,7 @@ def _exact_dtypes(fn):
     """Run an autograd function's forward/backward with autocast off: every dtype in it is explicit.
 
     Under autocast the caller casts x and W to the autocast dtype first (:func:`_autocast_dtype`), so the
-    base GEMM still runs in bf16/fp16 while the thin LoRA products stay in the adapter's dtype (fp32), and
+    base GEMM still runs in bf16/fp16 while the thin LoRA products run in :func:`lora_dtype`, and
     backward sees exactly the dtypes forward saved (no fp32 gradient meeting a bf16 activation).
     """
 
@@ -128,8 +161,8 @@ class LoraLinearFunction(torch.autograd.Function):
         # the base term exactly as nn.Linear computes it, so an adapter at init is bit-identical
         y = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(out_dtype))
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
-        if y.dtype == lora_B.dtype:
-            y.addmm_(xa, lora_B.t(), alpha=scaling)
+        if y.dtype == xa.dtype:
+            y.addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)
         else:
             y = (y.float() + scaling * (xa @ lora_B.t()).float()).to(out_dtype)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
@@ -143,7 +176,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, weight, lora_A, lora_B, xa = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
-        g_lora = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
+        g_lora = _as(g, xa.dtype)
         need = ctx.needs_input_grad
         grad_lora_x, grad_A, grad_B = _lora_grads(
             ctx, g_lora, x2, lora_A, lora_B, xa, need[0], need[3], need[4]
@@ -172,7 +205,7 @@ class LoraBranchFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
-        out = (xa @ lora_B.t()).mul_(scaling)
+        out = (xa @ _as(lora_B, xa.dtype).t()).mul_(scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.in_shape = scaling, p, seed, shape
         return out.reshape(*shape[:-1], out.shape[-1])
@@ -181,7 +214,7 @@ class LoraBranchFunction(torch.autograd.Function):
     @_exact_dtypes
     def backward(ctx, grad_out):
         x2, lora_A, lora_B, xa = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_B.dtype)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)
         need = ctx.needs_input_grad
         grad_x, grad_A, grad_B = _lora_grads(ctx, g, x2, lora_A, lora_B, xa, need[0], need[1], need[2])
         if grad_x is not None:
@@ -213,8 +246,8 @@ class DequantLoraLinearFunction(torch.autograd.Function):
         y = torch.nn.functional.linear(x2.to(dtype), weight, bias)
         del weight
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
-        if y.dtype == lora_B.dtype:
-            y.addmm_(xa, lora_B.t(), alpha=scaling)
+        if y.dtype == xa.dtype:
+            y.addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)
         else:
             y = y.float().add_((xa @ lora_B.t()).float(), alpha=scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
@@ -229,7 +262,7 @@ class DequantLoraLinearFunction(torch.autograd.Function):
         x2, lora_A, lora_B, xa = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
         need = ctx.needs_input_grad
-        g_lora = g if g.dtype == lora_B.dtype else g.to(lora_B.dtype)
+        g_lora = _as(g, xa.dtype)
         grad_lora_x, grad_A, grad_B = _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need[0], need[1], need[2])
         grad_x = None
         if need[0]:
