@@ -74,6 +74,8 @@ class Graph:
             self.gemm += m * lin.d_out * e
             self.rg[out] = True
         elif lin.kind == "lora":
+            if self.device != "cpu" and e < a:  # CUDA: half activations take the thin products in their dtype
+                a = e  # (peftlab.methods.lora_ops.lora_dtype)
             rule = lora_saved_bytes(m, lin.d_in, lin.r, e, a)
             self.save(x, rule["x"])
             self.save(out + ".xa", rule["xa"])

@@ -354,7 +354,8 @@ def lora_saved_bytes(m: int, d_in: int, r: int, x_bytes: int, a_bytes: int) -> d
     """What :class:`LoraLinearFunction` and :class:`LoraBranchFunction` save for backward besides parameters.
 
     x: (M, d_in) in the input dtype (a view of the layer input: shared with any other op that saves it) and
-    xa = D(x) Aᵀ: (M, r) in A's dtype. The dropout mask is regenerated from a seed, so p > 0 adds nothing.
+    xa = D(x) Aᵀ: (M, r) in :func:`lora_dtype` (``a_bytes``). The dropout mask is regenerated from a seed,
+    so p > 0 adds nothing.
     """
     return {"x": m * d_in * x_bytes, "xa": m * r * a_bytes}
 
