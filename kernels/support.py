@@ -116,10 +116,10 @@ def lora_linear_or_none(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0,
         return None
     if not strict and _key(x, lora_A, dropout_p) in _disabled:
         return None
-    from .lora import lora_linear
+    from .lora import lora_linear_checked
 
     try:
-        return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fallback=not strict)
+        return lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fallback=not strict)
     except Exception as exc:  # noqa: BLE001 - any compile or launch error: the torch path still works
         if strict:
             raise
