@@ -26,7 +26,7 @@ SEARCH = REPO / "benchmarks" / "results" / "recipes" / "search"
 OUT = REPO / "benchmarks" / "sweeps" / "recipes.yaml"
 # phase 1 label -> phase 2 label (LoRA's two placements compete for one "lora" row)
 FAMILY = {"lora-qv": "lora", "lora-all": "lora"}
-EXPECTED_PER_FAMILY = {"full": 3, "lora": 12, "adalora": 3, "houlsby": 3, "pfeiffer": 3, "prefix": 3}
+EXPECTED_PER_FAMILY = {"full": 4, "lora": 16, "adalora": 3, "houlsby": 3, "pfeiffer": 3, "prefix": 3}
 FINAL_TRAIN = {
     "epochs": 2,
     "max_steps": None,
@@ -62,6 +62,29 @@ def choose(records: list[dict], partial: bool = False) -> dict[str, dict]:
             f"the search is not finished (runs missing per method: {missing}); rerun it or pass --partial"
         )
     return {f: max(runs, key=lambda r: r["dev"][r["metric"]]) for f, runs in by_family.items()}
+
+
+def grid_edges(best: dict[str, dict], records: list[dict]) -> list[str]:
+    """Warnings for chosen learning rates at the edge of their grid (the optimum may lie beyond it).
+
+    Compares each choice with the successful runs of the same label and params (the lr grid of that config).
+    """
+    warnings = []
+    for family, r in best.items():
+        lrs = sorted(
+            x["train"]["lr"] for x in records
+            if x.get("status") == "ok" and x["label"] == r["label"] and x["params"] == r["params"]
+        )
+        if len(lrs) < 2:
+            continue
+        lr = r["train"]["lr"]
+        if lr in (lrs[0], lrs[-1]):
+            side = "largest" if lr == lrs[-1] else "smallest"
+            warnings.append(
+                f"{family}: the chosen lr {lr:g} is the {side} of {[f'{v:g}' for v in lrs]}; "
+                "the optimum may lie beyond the grid (extend it in recipes-search.yaml)"
+            )
+    return warnings
 
 
 def _entry(method: str, label: str, params: dict, lr: float) -> dict:
@@ -122,6 +145,11 @@ def main(argv: list[str]) -> int:
     best = choose(_RECORDS, partial)
     sweep = final_sweep(best)
     note = "from " + ", ".join(f"{f}: dev {100 * r['dev'][r['metric']]:.2f}" for f, r in best.items())
+    edges = grid_edges(best, _RECORDS)
+    for warning in edges:
+        print(f"warning: {warning}", file=sys.stderr)
+    if edges:
+        note += "; at a grid edge: " + "; ".join(edges)
     body = yaml.safe_dump(sweep, sort_keys=False, default_flow_style=None, width=200)
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(HEADER.format(note=note) + body)
