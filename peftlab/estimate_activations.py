@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .memory import checkpoint_kept_bytes
-from .methods.lora_ops import lora_gemm_outputs, lora_saved_bytes
+from .methods.lora_ops import HALF_PRODUCT_DEVICES, lora_gemm_outputs, lora_saved_bytes
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Graph:
             self.gemm += m * lin.d_out * e
             self.rg[out] = True
         elif lin.kind == "lora":
-            if self.device != "cpu" and e < a:  # CUDA: half activations take the thin products in their dtype
+            if self.device in HALF_PRODUCT_DEVICES and e < a:  # half activations: thin products in their dtype
                 a = e  # (peftlab.methods.lora_ops.lora_dtype)
             rule = lora_saved_bytes(m, lin.d_in, lin.r, e, a)
             self.save(x, rule["x"])
