@@ -102,6 +102,16 @@ def _keep(seed, rows, cols, row_len, p):
 
 
 @triton.jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    """acc + a·b; with IEEE, fp32 operands as tf32x3 (fp32 accuracy) instead of TF32 (see :func:`ieee`)."""
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _thin_kernel(X, Wt, OUT, M, K, R, sxm, sxk, swk, swr, som, sor, p, seed,
                  HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_M
@@ -118,10 +128,7 @@ def _thin_kernel(X, Wt, OUT, M, K, R, sxm, sxk, swk, swr, som, sor, p, seed,
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, rm, k0 + rk, K, p), x / (1 - p), 0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None] & (rr[None, :] < R), other=0.0)
-        if IEEE:
-            acc += tl.dot(x.to(w.dtype), w, input_precision="tf32x3")
-        else:
-            acc += tl.dot(x.to(w.dtype), w)
+        acc = _mma(x.to(w.dtype), w, acc, IEEE)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
     out_ptrs = OUT + row0.to(tl.int64) * som + (lm[:, None] * som + rr[None, :] * sor)
@@ -155,10 +162,7 @@ def _fused_kernel(X, Wt, BIAS, T, U, OUT, M, N, K, R, sxm, sxk, swk, swn, stm, s
         r_in = rr < R - r0
         t = tl.load(t_ptrs, mask=(rm[:, None] < M) & r_in[None, :], other=0.0).to(tl.float32) * scaling
         u = tl.load(u_ptrs, mask=r_in[:, None] & (rn[None, :] < N), other=0.0).to(tl.float32)
-        if IEEE:
-            acc = tl.dot(t, u, acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(t, u, acc)
+        acc = _mma(t, u, acc, IEEE)
         t_ptrs += BLOCK_R * str_
         u_ptrs += BLOCK_R * sur
     if MASK_EPILOGUE:
@@ -170,10 +174,7 @@ def _fused_kernel(X, Wt, BIAS, T, U, OUT, M, N, K, R, sxm, sxk, swk, swn, stm, s
         k_in = rk < K - k0
         x = tl.load(x_ptrs, mask=(rm[:, None] < M) & k_in[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_in[:, None] & (rn[None, :] < N), other=0.0)
-        if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = _mma(x, w, acc, IEEE)
         x_ptrs += BLOCK_K * sxk
         w_ptrs += BLOCK_K * swk
     if HAS_BIAS:
@@ -200,10 +201,7 @@ def _da_kernel(G, X, OUT, M, K, R, sgm, sgr, sxm, sxk, sor, sok, scaling, p, see
         x = tl.load(x_ptrs, mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, m0 + lm, rk, K, p), x / (1 - p), 0.0)
-        if IEEE:
-            acc += tl.dot(g.to(tl.float32), x.to(tl.float32), input_precision="tf32x3")
-        else:
-            acc += tl.dot(g.to(tl.float32), x.to(tl.float32))
+        acc = _mma(g.to(tl.float32), x.to(tl.float32), acc, IEEE)
         g_ptrs += BLOCK_M * sgm
         x_ptrs += BLOCK_M * sxm
     out_ptrs = OUT + col0.to(tl.int64) * sok + (rr[:, None] * sor + lk[None, :] * sok)
