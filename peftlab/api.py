@@ -180,7 +180,7 @@ def _remove(model: nn.Module, adapter_name: str) -> None:
         setattr(model, STATE_ATTR, states)
         return
     delattr(model, STATE_ATTR)
-    from .mixed_batch import uninstall
+    from .mixed_batch_hooks import uninstall
 
     uninstall(model)  # the mixed-batch routing hooks go with the last adapter
     if hasattr(model, ACTIVE_ATTR):

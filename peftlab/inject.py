@@ -248,7 +248,7 @@ def inject(model: nn.Module, config: PeftConfig, method) -> AdapterState:
         from .api import set_active_adapters
 
         set_active_adapters(model, [config.adapter_name], trainable=[config.adapter_name])
-        from .mixed_batch import install
+        from .mixed_batch_hooks import install
 
         install(model)  # model(..., adapter_names=[...]) / generate(..., adapter_names=[...]): one adapter per row
         for key in state.extra_keys:  # base tensors this adapter trains (LoRA bias modes)
