@@ -242,6 +242,33 @@ def _peftlab_qlora(model_name, setup, opts):
     return model
 
 
+@register_config("hf-peft-qlora", models=("causal-lm",), default=False)
+def _hf_peft_qlora(model_name, setup, opts):
+    """The peer's QLoRA recipe: transformers' BitsAndBytesConfig (NF4 + double quant, compute in --dtype),
+    ``prepare_model_for_kbit_training`` without checkpointing (fp32 embeddings, norms and head, as
+    peftlab-qlora), HF PEFT LoRA r=16 on the same targets."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=opts["dtype"])  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path(model_name), quantization_config=quant, dtype=opts["dtype"], device_map={"": opts["device"]}
+    )
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=opts["lora_dropout"], target_modules=setup["targets"],
+                        task_type="CAUSAL_LM"),
+    )  # fmt: skip
+    match_lora_init(model)
+    return model
+
+
 @register_config("peftlab-dora", default=False)
 def _peftlab_dora(model_name, setup, opts):
     """DoRA (issue 16): LoRA's fused path + thin-product column norm (peftlab.methods.dora)."""

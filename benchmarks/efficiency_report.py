@@ -63,8 +63,26 @@ def summarize(rows: list[dict], models: list[str], configs: list[str], memory_ke
                     summary["loss_rel_diff_vs_hf"] = abs(a["last_loss"] - b["last_loss"]) / abs(
                         b["last_loss"]
                     )
+            peer = peer_of(config)
+            pairs = [(r[config], r[peer]) for r in by_round.values() if peer and config in r and peer in r]
+            summary["peer"] = peer if pairs else None
+            summary["time_vs_peer"] = spread([a["median_step_s"] / b["median_step_s"] for a, b in pairs])
+            summary["memory_vs_peer"] = spread(
+                [a[memory_key] / b[memory_key] for a, b in pairs if a.get(memory_key) and b.get(memory_key)]
+            )
+            if pairs:
+                a, b = pairs[-1]
+                summary["loss_rel_diff_vs_peer"] = abs(a["last_loss"] - b["last_loss"]) / abs(b["last_loss"])
             out.append(summary)
     return out
+
+
+def peer_of(config: str) -> str | None:
+    """The HF PEFT row a peftlab row is compared with: ``peftlab-qlora`` -> ``hf-peft-qlora`` (same method,
+    same recipe); LoRA variants of ours that the peer lacks (``-sac``, ``-ckpt``) have none."""
+    if not config.startswith("peftlab-"):
+        return None
+    return "hf-peft-" + config.removeprefix("peftlab-")
 
 
 def _fmt_spread(value, digits=2) -> str:
@@ -112,6 +130,16 @@ def markdown(meta: dict, summary: list[dict], rounds: list[dict], memory_label: 
             f"{_fmt_spread(s['memory_vs_hf-peft-lora'])} | {_num(s, 'exact_memory_mb', '.0f')} | "
             f"{_num(s, 'exact_memory_vs_hf', '.2f')} | {_num(s, 'exact_memory_vs_lora', '.2f')} | {s['last_loss']:.6f} | {diff} |"
         )
+    peers = [s for s in summary if s.get("peer")]
+    if peers:
+        lines += ["", "Each peftlab row against the same method in HF PEFT (same recipe, same LoRA A, same rounds):",
+                  "", f"| model | peftlab | HF PEFT | × time | × {memory_label} | last-loss rel. diff |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for s in peers:
+            lines.append(
+                f"| {s['model']} | {s['config']} | {s['peer']} | {_fmt_spread(s['time_vs_peer'])} | "
+                f"{_fmt_spread(s['memory_vs_peer'])} | {s['loss_rel_diff_vs_peer']:.1e} |"
+            )
     lines += ["", "Machine load (1-minute load average) per round:", "", "| round | started | load at start | load at end |",
               "|---|---|---|---|"]  # fmt: skip
     for r in rounds:

@@ -2,7 +2,8 @@
 # One call on a GPU box (no internet needed), under 8 minutes on one H100:
 #   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
-#   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated
+#   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated; then
+#      QLoRA (when bitsandbytes imports) and DoRA, each against the same method in HF PEFT
 #   4. benchmarks/kernels/profile_lora_linear.py (torch.profiler tables: where each provider's time goes)
 #   5. benchmarks/multi_adapter.py, when that file exists
 # Everything goes to benchmarks/results/gpu/<date>_<device>/ (or --out DIR), with the device name and
@@ -98,7 +99,7 @@ if ! "$PY" -c "import peftlab.kernels" >/dev/null 2>&1; then
     || echo "  failed (see $OUT/pip-install.log); the steps below will say why"
 fi
 
-# 0. environment (time caps on the GPU: 30 + 150 + 70 + 45 + 110 + 100 s = 8.4 min at most; measured on an
+# 0. environment (time caps on the GPU: 30 + 120 + 70 + 45 + 110 + 90 + 90 s = 9.3 min at most; measured on an
 #    H200 2026-11-26: pip 10, tests > 75 (autotuning every odd shape), bench 30, profile 25, one efficiency
 #    config 16 s, one multi-adapter provider round 18-64 s)
 step environment "$(cap 30)" "$PY" -c '
@@ -110,7 +111,10 @@ for mod in ("triton", "transformers", "peft", "bitsandbytes", "peftlab"):
         m = __import__(mod); print(mod, getattr(m, "__version__", "?"))
     except Exception as exc: print(mod, "NOT importable:", exc)
 import peftlab
-print("smollm2-135m ->", peftlab.resolve_model_path("smollm2-135m") if len(sys.argv) < 2 else "skipped (dry run)")
+try:
+    print("smollm2-135m ->", peftlab.resolve_model_path("smollm2-135m") if len(sys.argv) < 2 else "skipped (dry run)")
+except Exception as exc:
+    print("smollm2-135m not here (the efficiency steps use its shapes with random weights):", exc)
 ' $([ "$DRY" = 1 ] && echo dry)
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
@@ -121,7 +125,7 @@ if [ "$DRY" = 1 ]; then
     "tests/kernels/test_fallback.py::test_autotune_key_buckets_tokens" \
     --junitxml="$OUT/kernel-tests.xml"
 else
-  step kernel-tests "$(cap 150)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
+  step kernel-tests "$(cap 120)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
 fi
 
 # 2. kernel benchmark: base / HF PEFT / peftlab triton / peftlab torch, fwd+bwd
@@ -146,12 +150,25 @@ else
     --timeout 40 --out "$OUT/efficiency"
 fi
 
+# 3b. QLoRA and DoRA against the same method in HF PEFT (one round; QLoRA rows need bitsandbytes with a CUDA
+#     library: a lent box has none, so carry one and put it on PYTHONPATH)
+if [ "$DRY" = 1 ]; then
+  step efficiency-variants "$(cap 300)" "$PY" benchmarks/efficiency.py --model llama-tiny --device cpu --rounds 1 \
+    --steps 1 --configs peftlab-qlora hf-peft-qlora peftlab-dora hf-peft-dora --no-exact-memory --out "$OUT/efficiency-variants"
+else
+  VARIANTS="peftlab-dora hf-peft-dora"
+  "$PY" -c 'import bitsandbytes' >/dev/null 2>&1 && VARIANTS="peftlab-qlora hf-peft-qlora $VARIANTS"
+  step efficiency-variants "$(cap 90)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
+    --rounds 1 --steps 10 --configs $VARIANTS --timeout 40 --out "$OUT/efficiency-variants"
+fi
+
 # 4. multi-adapter benchmark (added by another issue): run when present
 if [ -f benchmarks/multi_adapter.py ]; then
   if [ "$DRY" = 1 ]; then
     step multi-adapter "$(cap 120)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --dry-run
   else  # the headline case only (batch 32, 16 adapters): the full grid needs > 2 min
-    step multi-adapter "$(cap 100)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --batches 32 --adapters 16
+    step multi-adapter "$(cap 90)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --batches 32 --adapters 16 \
+      --providers base peftlab hf-peft loop --repeats 1
   fi
 else
   echo "| multi-adapter | skipped: benchmarks/multi_adapter.py not present | 0 | – |" >> "$STEPS_FILE"
@@ -166,7 +183,7 @@ TOTAL=$(( $(date +%s) - T0 ))
   echo "| step | status | seconds | log |"
   echo "|---|---|---|---|"
   cat "$STEPS_FILE"
-  for md in "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/multi_adapter/*.md; do
+  for md in "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/multi_adapter/*.md; do
     [ -f "$md" ] || continue
     echo
     echo "## ${md#$OUT/}"

@@ -39,3 +39,27 @@ def test_ratios_per_round_and_exact_memory():
     )  # fmt: skip
     line = next(ln for ln in text.splitlines() if "| peftlab-lora |" in ln)
     assert "| 720 | 0.90 | 1.00 |" in line
+
+
+def test_each_peftlab_row_meets_its_own_peer():
+    """peftlab-qlora is compared with hf-peft-qlora (not with HF PEFT's plain LoRA), per round."""
+    rows = [
+        row("hf-peft-lora", 1, 1.0, 1000), row("peftlab-qlora", 1, 3.0, 400, loss=2.0), row("hf-peft-qlora", 1, 4.0, 500, loss=2.2),
+        row("hf-peft-lora", 2, 2.0, 1000), row("peftlab-qlora", 2, 6.0, 400, loss=2.0), row("hf-peft-qlora", 2, 12.0, 500, loss=2.2),
+        row("peftlab-lora-sac", 1, 1.0, 600),
+    ]  # fmt: skip
+    configs = ["hf-peft-lora", "peftlab-qlora", "hf-peft-qlora", "peftlab-lora-sac"]
+    summary = {s["config"]: s for s in efficiency_report.summarize(rows, ["m"], configs, "peak_rss_mb")}
+    qlora = summary["peftlab-qlora"]
+    assert qlora["peer"] == "hf-peft-qlora"
+    assert qlora["time_vs_peer"] == (0.625, 0.5, 0.75)  # 3/4 and 6/12, within each round
+    assert qlora["memory_vs_peer"] == (0.8, 0.8, 0.8)
+    assert qlora["loss_rel_diff_vs_peer"] == pytest.approx(0.2 / 2.2)
+    assert qlora["time_vs_hf-peft-lora"] == (3.0, 3.0, 3.0)  # the plain-LoRA column is unchanged
+    assert summary["peftlab-lora-sac"]["peer"] is None  # HF PEFT has no such row
+    assert summary["hf-peft-qlora"]["peer"] is None
+    text = efficiency_report.markdown(
+        {"device": "cpu", "date": "d", "command": "c", "rounds": 2, "steps": 1}, list(summary.values()),
+        [{"round": 1, "started": "t", "load_avg_start": (0.1,), "load_avg_end": (0.2,)}], "peak RSS MB",
+    )  # fmt: skip
+    assert "| m | peftlab-qlora | hf-peft-qlora | 0.62 [0.50–0.75] | 0.80 [0.80–0.80] | 9.1e-02 |" in text
