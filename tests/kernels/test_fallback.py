@@ -175,7 +175,9 @@ def test_autocast_runs_the_fused_kernel_in_the_autocast_dtype(monkeypatch):
             outputs[use_triton] = model(x)
     assert seen and set(seen) == {dtype}
     assert outputs[True].dtype == outputs[False].dtype == dtype
-    torch.testing.assert_close(outputs[True], outputs[False], rtol=2e-3, atol=2e-3)
+    # one rounding of the output each way: 2 ulps of fp16 (CPU), of bf16 (CUDA: 0.0078 at |y| ~ 1 measured on an H200)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=tol, atol=tol)
     outputs[True].float().sum().backward()
     bias = model[0].base_layer.bias
     assert bias.grad is not None and bias.grad.dtype == torch.float32
