@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU box (no internet needed), under 8 minutes on one H100:
+# Every GPU test and benchmark, on a GPU box (no internet needed); ~11 min on an H200, so two calls (--only):
 #   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
 #   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated; then
@@ -10,7 +10,7 @@
 # date in every file and a summary.md written at the end. A failing step is logged and the script
 # goes on; the exit status is the number of failed steps.
 #
-#   bash benchmarks/gpu.sh [--out DIR] [--tar FILE]  # on the GPU box
+#   bash benchmarks/gpu.sh [--out DIR] [--tar FILE] [--only STEP,STEP]  # on the GPU box
 #   bash benchmarks/gpu.sh --dry-run [--out DIR]   # CPU, toy sizes, kernels in Triton's interpreter (CI)
 #
 # --tar FILE: also pack DIR into one .tgz (a lent device returns only a few files per call: write DIR
@@ -27,15 +27,22 @@ cd "$ROOT"
 DRY=0
 OUT=""
 TAR=""
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
     --tar) TAR="$2"; shift ;;
+    --only) ONLY=",$2,"; shift ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE)" >&2; exit 2 ;;
+    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE, --only STEP,STEP)" >&2; exit 2 ;;
   esac
   shift
+done
+
+STEPS="kernel-tests kernel-bench kernel-profile efficiency efficiency-variants multi-adapter"
+for name in $(echo "$ONLY" | tr ',' ' '); do
+  [[ " $STEPS " == *" $name "* ]] || { echo "gpu.sh: unknown step '$name' in --only (valid: ${STEPS// /, })" >&2; exit 2; }
 done
 
 if [ -n "${PEFTLAB_PY:-}" ]; then PY="$PEFTLAB_PY"
@@ -78,6 +85,9 @@ cap() { if [ "$DRY" = 1 ]; then echo 600; else echo "$1"; fi; }
 # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status and seconds, never abort
 step() {
   local name="$1" limit="$2"; shift 2
+  if [ -n "$ONLY" ] && [ "$name" != environment ] && [[ "$ONLY" != *",$name,"* ]]; then
+    echo "| $name | skipped (--only) | 0 | – |" >> "$STEPS_FILE"; return 0
+  fi
   local log="$OUT/$name.log" start rc cmd="$*"
   start=$(date +%s)
   echo "== $name: ${cmd:0:200}" | tee "$log"
@@ -99,9 +109,10 @@ if ! "$PY" -c "import peftlab.kernels" >/dev/null 2>&1; then
     || echo "  failed (see $OUT/pip-install.log); the steps below will say why"
 fi
 
-# 0. environment (time caps on the GPU: 30 + 120 + 70 + 45 + 110 + 90 + 90 s = 9.3 min at most; measured on an
-#    H200 2026-11-26: pip 10, tests > 75 (autotuning every odd shape), bench 30, profile 25, one efficiency
-#    config 16 s, one multi-adapter provider round 18-64 s)
+# 0. environment. Caps from the H200 runs of 2026-11-26: every benchmark process costs 22-26 s there
+#    (imports, CUDA start, model load), so all steps need ~11 min, more than one call (10 min): run two,
+#      --only kernel-tests,kernel-bench,kernel-profile,efficiency     (30 + 90 + 60 + 40 + 160 s = 6.3 min)
+#      --only efficiency-variants,multi-adapter                        (30 + 120 + 150 s = 5 min)
 step environment "$(cap 30)" "$PY" -c '
 import platform, torch, sys
 print("python", sys.version.split()[0], platform.platform())
@@ -125,15 +136,15 @@ if [ "$DRY" = 1 ]; then
     "tests/kernels/test_fallback.py::test_autotune_key_buckets_tokens" \
     --junitxml="$OUT/kernel-tests.xml"
 else
-  step kernel-tests "$(cap 120)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
+  step kernel-tests "$(cap 90)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
 fi
 
 # 2. kernel benchmark: base / HF PEFT / peftlab triton / peftlab torch, fwd+bwd
 if [ "$DRY" = 1 ]; then
   step kernel-bench "$(cap 300)" "$PY" benchmarks/kernels/lora_linear.py --dry-run --out "$OUT/kernels"
 else
-  step kernel-bench "$(cap 70)" "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
-  step kernel-profile "$(cap 45)" "$PY" benchmarks/kernels/profile_lora_linear.py --out "$OUT/profile"
+  step kernel-bench "$(cap 60)" "$PY" benchmarks/kernels/lora_linear.py --dtype bf16 --out "$OUT/kernels"
+  step kernel-profile "$(cap 40)" "$PY" benchmarks/kernels/profile_lora_linear.py --out "$OUT/profile"
 fi
 
 # 3. training-step efficiency on CUDA (max_memory_allocated), interleaved rounds
@@ -145,7 +156,7 @@ else
   EFF_MODEL=smollm2-135m
   "$PY" -c 'import peftlab; peftlab.resolve_model_path("smollm2-135m")' >/dev/null 2>&1 || EFF_MODEL=smollm2-135m-random
   echo "efficiency model: $EFF_MODEL" > "$OUT/efficiency-model.txt"
-  step efficiency "$(cap 110)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
+  step efficiency "$(cap 160)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
     --rounds 2 --steps 10 --configs floor-r0 hf-peft-lora peftlab-lora \
     --timeout 40 --out "$OUT/efficiency"
 fi
@@ -158,7 +169,7 @@ if [ "$DRY" = 1 ]; then
 else
   VARIANTS="peftlab-dora hf-peft-dora"
   "$PY" -c 'import bitsandbytes' >/dev/null 2>&1 && VARIANTS="peftlab-qlora hf-peft-qlora $VARIANTS"
-  step efficiency-variants "$(cap 90)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
+  step efficiency-variants "$(cap 120)" "$PY" benchmarks/efficiency.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
     --rounds 1 --steps 10 --configs $VARIANTS --timeout 40 --out "$OUT/efficiency-variants"
 fi
 
@@ -167,7 +178,7 @@ if [ -f benchmarks/multi_adapter.py ]; then
   if [ "$DRY" = 1 ]; then
     step multi-adapter "$(cap 120)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --dry-run
   else  # the headline case only (batch 32, 16 adapters): the full grid needs > 2 min
-    step multi-adapter "$(cap 90)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --batches 32 --adapters 16 \
+    step multi-adapter "$(cap 150)" "$PY" benchmarks/multi_adapter.py --out "$OUT/multi_adapter" --batches 32 --adapters 16 \
       --providers base peftlab hf-peft loop --repeats 1
   fi
 else
