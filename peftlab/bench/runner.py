@@ -2,7 +2,8 @@
 
 A run whose ``run_id`` is already recorded with status ``ok`` is skipped, so a sweep killed
 part-way and started again with the same command loses nothing; failed runs are retried and
-their record replaced.
+their record replaced. Several sweep processes may share one output folder (one per core): each run is
+claimed before it starts (``runs/<run_id>.claim``), so they divide the runs between them as they go.
 """
 
 from __future__ import annotations
@@ -96,6 +97,40 @@ def append_result(out_dir: str | Path, record: dict) -> None:
         os.replace(tmp, path)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def claim_run(out_dir: Path, spec: dict) -> bool:
+    """Take ``spec`` for this process: False when it is already recorded ``ok`` or another live process of
+    this machine holds it (``runs/<run_id>.claim`` names that process). A claim whose process is gone
+    (killed sweep) is stale and taken over. Decided under the results lock, so two sweeps started on one
+    ``--out`` (one per core, no ``--part`` needed) share the runs out between them as they go."""
+    claim = out_dir / "runs" / f"{spec['run_id']}.claim"
+    with _results_lock(out_dir):
+        if any(r.get("run_id") == spec["run_id"] and r.get("status") == "ok" for r in read_results(out_dir)):
+            return False
+        if claim.is_file():
+            try:
+                holder = int(claim.read_text().split()[0])
+            except (ValueError, IndexError, OSError):
+                holder = -1
+            if holder > 0 and holder != os.getpid() and _pid_alive(holder):
+                return False
+        claim.write_text(f"{os.getpid()}\n")
+    return True
+
+
+def release_run(out_dir: Path, spec: dict) -> None:
+    (out_dir / "runs" / f"{spec['run_id']}.claim").unlink(missing_ok=True)
+
+
 def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
     spec_path, result_path = work / f"{spec['run_id']}.spec.json", work / f"{spec['run_id']}.result.json"
     atomic_write_json(spec_path, spec)
@@ -145,10 +180,16 @@ def run_sweep(
         print(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already finished in {out / RESULTS}")
     bar = tqdm(todo, desc="sweep", disable=not progress, dynamic_ncols=True)
     for spec in bar:
+        if not claim_run(out, spec):  # finished or running in another sweep process on this --out
+            bar.set_postfix_str(f"{spec['label']} seed={spec['seed']}: taken by another process")
+            continue
         bar.set_postfix_str(f"{spec['label']} {spec['task']} {spec['model']} seed={spec['seed']}")
-        record = run_in_subprocess({**spec, "train": {**spec["train"], "progress": progress}}, work, timeout)
-        record["train"] = spec["train"]
-        append_result(out, record)
+        try:
+            record = run_in_subprocess({**spec, "train": {**spec["train"], "progress": progress}}, work, timeout)
+            record["train"] = spec["train"]
+            append_result(out, record)
+        finally:
+            release_run(out, spec)
         if record.get("status") != "ok" and progress:
             tqdm.write(
                 f"run {spec['run_id']} ({spec['label']} on {spec['task']}) failed: {record.get('error')}"

@@ -256,3 +256,61 @@ def test_sweep_parts_split_the_runs_exactly_once():
     for bad in ("0/2", "3/2", "2", "a/b"):
         with pytest.raises(ConfigError, match="expected K/N"):
             _sweep_part(bad, specs)
+
+
+def _sweep_with_fake_runs(out: str, specs: list[dict], log: str) -> None:
+    """A sweep process whose runs take 100 ms each and log which process ran them."""
+    from peftlab.bench import runner
+
+    def fake_run(spec, work, timeout):
+        with open(log, "a") as f:
+            f.write(f"{spec['run_id']} {os.getpid()}\n")
+        time.sleep(0.1)
+        return finished(spec)
+
+    runner.run_in_subprocess = fake_run
+    run_sweep(specs, out, progress=False)
+
+
+def test_two_sweep_processes_without_parts_run_every_run_once(tmp_path, monkeypatch):
+    """Two processes over the same sweep and folder (no --part): the claims divide the runs, none runs twice."""
+    import multiprocessing
+
+    monkeypatch.delenv("PEFTLAB_DATA", raising=False)
+    specs = expand({"models": ["minilm-l6"], "tasks": ["sst2"], "methods": ["full", "lora", "adalora", "houlsby"],
+                    "seeds": [0, 1, 2], "train": TRAIN})  # fmt: skip
+    log = tmp_path / "ran.txt"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_sweep_with_fake_runs, args=(str(tmp_path), specs, str(log))) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    ran = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(run for run, _ in ran) == sorted(s["run_id"] for s in specs)  # each exactly once
+    assert len({pid for _, pid in ran}) == 2  # and both processes worked
+    assert {r["run_id"] for r in read_results(tmp_path)} == {s["run_id"] for s in specs}
+    assert not list((tmp_path / "runs").glob("*.claim"))  # released
+
+
+def test_a_claim_of_a_live_process_is_respected_and_a_dead_ones_taken_over(tmp_path, monkeypatch):
+    from peftlab.bench import runner
+
+    monkeypatch.delenv("PEFTLAB_DATA", raising=False)
+    specs = expand({"models": ["minilm-l6"], "tasks": ["sst2"], "methods": ["full", "lora"], "train": TRAIN})
+    (tmp_path / "runs").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "runs" / f"{specs[0]['run_id']}.claim").write_text(f"{live.pid}\n")
+        (tmp_path / "runs" / f"{specs[1]['run_id']}.claim").write_text(f"{dead.pid}\n")
+        ran = []
+        monkeypatch.setattr(runner, "run_in_subprocess", lambda spec, work, timeout: ran.append(spec["run_id"]) or finished(spec))
+        run_sweep(specs, tmp_path, progress=False)
+        assert ran == [specs[1]["run_id"]]  # the live claim is skipped, the stale one is run
+        assert runner.claim_run(tmp_path, specs[1]) is False  # recorded ok: never claimed again
+    finally:
+        live.kill()
+        live.wait()
