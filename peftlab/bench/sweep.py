@@ -31,7 +31,9 @@ from ..errors import ConfigError
 from .providers import PROVIDERS
 from .tasks import TASKS
 
-SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device"}
+SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device", "order"}
+#: run order: every seed of a method before the next method (default), or every method of a seed first
+ORDERS = ("method-major", "seed-major")
 TASK_KEYS = {"name", "models", "train"}
 METHOD_KEYS = {"method", "params", "train", "label", "models", "tasks"}
 TRAIN_KEYS = {
@@ -145,6 +147,11 @@ def expand(sweep: dict) -> list[dict]:
                 }
                 spec["run_id"] = run_id(spec)
                 specs.append(spec)
+    order = sweep.get("order", "method-major")
+    if order not in ORDERS:
+        raise ConfigError(f"order: {order!r} is not one of {', '.join(ORDERS)}")
+    if order == "seed-major":  # every method's seed 0 first: a sweep cut short still compares all methods
+        specs.sort(key=lambda s: s["seed"])  # stable: the methods keep their order within a seed
     return specs
 
 

@@ -314,3 +314,17 @@ def test_a_claim_of_a_live_process_is_respected_and_a_dead_ones_taken_over(tmp_p
     finally:
         live.kill()
         live.wait()
+
+
+def test_seed_major_order_runs_every_method_of_a_seed_first():
+    sweep = {"models": ["minilm-l6"], "tasks": ["sst2"], "methods": ["full", "lora", "adalora"], "seeds": [0, 1],
+             "train": TRAIN}  # fmt: skip
+    default = expand(sweep)
+    assert [(s["method"], s["seed"]) for s in default][:2] == [("full", 0), ("full", 1)]
+    seed_major = expand({**sweep, "order": "seed-major"})
+    assert [(s["method"], s["seed"]) for s in seed_major] == [
+        ("full", 0), ("lora", 0), ("adalora", 0), ("full", 1), ("lora", 1), ("adalora", 1)
+    ]  # fmt: skip
+    assert {s["run_id"] for s in seed_major} == {s["run_id"] for s in default}  # same runs, same ids
+    with pytest.raises(ConfigError, match="order: 'random' is not one of method-major, seed-major"):
+        expand({**sweep, "order": "random"})
