@@ -26,7 +26,7 @@ SEARCH = REPO / "benchmarks" / "results" / "recipes" / "search"
 OUT = REPO / "benchmarks" / "sweeps" / "recipes.yaml"
 # phase 1 label -> phase 2 label (LoRA's two placements compete for one "lora" row)
 FAMILY = {"lora-qv": "lora", "lora-all": "lora"}
-EXPECTED_PER_FAMILY = {"full": 4, "lora": 16, "adalora": 4, "houlsby": 4, "pfeiffer": 3, "prefix": 3}
+EXPECTED_PER_FAMILY = {"full": 4, "lora": 16, "adalora": 4, "houlsby": 4, "pfeiffer": 4, "prefix": 3}
 FINAL_TRAIN = {
     "epochs": 2,
     "max_steps": None,
