@@ -44,8 +44,9 @@ HEADER = """\
 # Written by `python benchmarks/recipes.py choose` ({note}); do not edit by hand.
 # MiniLM-L6, SST-2: 2 epochs of a seeded 20,000-sentence subset of the train split (1,250 steps of 32; each seed
 # draws its own subset), dev = 2,000 sentences every 250 steps (best checkpoint kept), test = all 872.
-# Run (resumes):  OMP_NUM_THREADS=1 nohup nice -n 10 peftlab bench --sweep benchmarks/sweeps/recipes.yaml \\
-#                     --out benchmarks/results/recipes &
+# Run (resumes; start it once per core, the processes share the runs out):
+#   for k in 1 2; do OMP_NUM_THREADS=1 nohup nice -n 10 peftlab bench --sweep benchmarks/sweeps/recipes.yaml \\
+#       --out benchmarks/results/recipes > runs/recipes-$k.log 2>&1 & done
 """
 
 
