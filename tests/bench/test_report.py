@@ -89,7 +89,8 @@ def test_report_rows_intervals_deltas_flags_targets_and_plots(tmp_path):
     assert any(k.startswith("adalora") and "⚠ chance" in k for k in rows)
     assert "Runs that never left chance level" in text
     assert "| LoRA within 2 points | sst2 |" in text and "| met |" in rows["LoRA within 2 points"] + "|"
-    assert "missed by" in rows["prefix within 3 points"]
+    assert "missed by" in rows["prefix within 3 points"] and "| ✗ by " in rows["prefix within 3 points"]
+    assert "| ✓ |" in rows["LoRA within 2 points"]  # read on the mean Δ too
     assert "met (not resolved)" in rows["LoRA = full"]
     for png in ("metric_vs_params.png", "delta_vs_full.png", "learning_curves_sst2.png", "peak_memory.png"):
         assert (tmp_path / png).stat().st_size > 5000, png
