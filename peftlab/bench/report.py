@@ -159,7 +159,7 @@ def targets_section(rows: dict[tuple, dict], targets: list[dict]) -> list[str]:
         "Δ = first − second in points, 95% paired-bootstrap interval over test examples and seeds. "
         "**met**: the whole interval satisfies the target; **missed**: none of it does; "
         "**undecided**: the interval straddles the threshold. *On the mean*: the target read on the mean Δ alone "
-        "(how the issue states it), ✓ or ✗ with the shortfall.",
+        "(the targets are stated on the means of the seeds), ✓ or ✗ with the shortfall.",
         "",
         "| target | task | Δ (pt) | 95% interval | on the mean | status |",
         "|---|---|---|---|---|---|",
