@@ -3,7 +3,8 @@
 #   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
 #   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated; then
-#      QLoRA (when bitsandbytes imports) and DoRA, each against the same method in HF PEFT
+#      QLoRA (when bitsandbytes imports) and DoRA, each against the same method in HF PEFT; a profiled
+#      DoRA / LoRA step (benchmarks/profile_step.py: device time per bucket, host time, wall time)
 #   4. benchmarks/kernels/profile_lora_linear.py (torch.profiler tables: where each provider's time goes)
 #   5. benchmarks/multi_adapter.py, when that file exists
 # Everything goes to benchmarks/results/gpu/<date>_<device>/ (or --out DIR), with the device name and
@@ -40,7 +41,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-STEPS="kernel-tests kernel-bench kernel-profile efficiency efficiency-variants multi-adapter"
+STEPS="kernel-tests kernel-bench kernel-profile efficiency efficiency-variants step-profile multi-adapter"
 for name in $(echo "$ONLY" | tr ',' ' '); do
   [[ " $STEPS " == *" $name "* ]] || { echo "gpu.sh: unknown step '$name' in --only (valid: ${STEPS// /, })" >&2; exit 2; }
 done
@@ -112,7 +113,7 @@ fi
 # 0. environment. Caps from the H200 runs of 2026-11-26: every benchmark process costs 22-26 s there
 #    (imports, CUDA start, model load), so all steps need ~11 min, more than one call (10 min): run two,
 #      --only kernel-tests,kernel-bench,kernel-profile,efficiency     (30 + 90 + 60 + 40 + 160 s = 6.3 min)
-#      --only efficiency-variants,multi-adapter                        (30 + 120 + 150 s = 5 min)
+#      --only efficiency-variants,step-profile,multi-adapter           (30 + 120 + 120 + 150 s = 7 min)
 step environment "$(cap 30)" "$PY" -c '
 import platform, torch, sys
 print("python", sys.version.split()[0], platform.platform())
@@ -173,6 +174,16 @@ else
     --rounds 1 --steps 10 --configs $VARIANTS --timeout 40 --out "$OUT/efficiency-variants"
 fi
 
+# 3c. where a DoRA and a LoRA step's time goes on the GPU (device time per bucket, host time, wall time):
+#     DoRA measured 1.35x HF PEFT's step time on the H200 (2026-11-26) while LoRA was 0.79x
+if [ "$DRY" = 1 ]; then
+  step step-profile "$(cap 300)" "$PY" benchmarks/profile_step.py --model llama-tiny --steps 1 \
+    --configs floor-r0 peftlab-dora hf-peft-dora --out "$OUT/step-profile"
+else
+  step step-profile "$(cap 120)" "$PY" benchmarks/profile_step.py --model "$EFF_MODEL" --device cuda --dtype bf16 \
+    --steps 3 --configs floor-r0 peftlab-lora peftlab-dora hf-peft-dora --out "$OUT/step-profile"
+fi
+
 # 4. multi-adapter benchmark (added by another issue): run when present
 if [ -f benchmarks/multi_adapter.py ]; then
   if [ "$DRY" = 1 ]; then
@@ -194,7 +205,7 @@ TOTAL=$(( $(date +%s) - T0 ))
   echo "| step | status | seconds | log |"
   echo "|---|---|---|---|"
   cat "$STEPS_FILE"
-  for md in "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/multi_adapter/*.md; do
+  for md in "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/step-profile/profile.md "$OUT"/multi_adapter/*.md; do
     [ -f "$md" ] || continue
     echo
     echo "## ${md#$OUT/}"
