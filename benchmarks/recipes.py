@@ -1,6 +1,7 @@
 """Recipe study (issue 18), phase 1 -> phase 2: pick each method's recipe on the dev split, write recipes.yaml.
 
     python benchmarks/recipes.py choose [SEARCH_DIR] [OUT_YAML]
+    python benchmarks/recipes.py table [RESULTS_DIR]     # phase 2's results as the README's table
 
 reads the search sweep's records (default benchmarks/results/recipes/search/results.jsonl), takes for every
 method label the run with the highest dev metric (the best dev checkpoint's, on 2,000 dev sentences; the
@@ -134,7 +135,56 @@ def _search_records() -> list[dict]:
     return _RECORDS
 
 
+def describe(label: str, record: dict) -> str:
+    """A reader's name for a phase-2 row: method, placement / size, learning rate."""
+    p = record.get("params") or {}
+    where = "all linear" if p.get("target_modules") == "all-linear" else "query, value"
+    names = {
+        "full": "full fine-tuning",
+        "lora": f"LoRA r={p.get('r')}, {where}",
+        "hf-lora": f"HF PEFT LoRA r={p.get('r')}, {where} (peer)",
+        "lora-qv-r8": f"LoRA r={p.get('r')}, {where}",
+        "adalora": f"AdaLoRA {p.get('init_r')}→{p.get('target_r')}, query, value",
+        "houlsby": f"Houlsby, reduction {p.get('reduction_factor')}",
+        "pfeiffer": f"Pfeiffer, reduction {p.get('reduction_factor')}",
+        "prefix": f"prefix, {p.get('num_virtual_tokens')} tokens, MLP {p.get('projection_dim')}",
+    }
+    return f"{names.get(label, label)}, lr {record['train']['lr']:g}"
+
+
+def table(results_dir: Path) -> str:
+    """The README's table of the phase-2 results: test mean ± std and 95% interval over seeds, and the
+    paired-bootstrap Δ vs full fine-tuning (✓ where the interval excludes 0)."""
+    sys.path.insert(0, str(REPO))
+    from peftlab.bench.report import aggregate, compare
+    from peftlab.bench.runner import read_results
+
+    rows = aggregate(read_results(results_dir))
+    full = next((k for k in rows if rows[k]["label"] == "full"), None)
+    lines = [
+        "| method, recipe | trainable % | seeds | test accuracy, mean ± std | 95% interval | Δ vs full (pt) [95%] |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, row in sorted(rows.items(), key=lambda kv: -kv[1]["test"]):
+        interval = row["interval"]
+        ci = f"[{interval.lo:.2f}, {interval.hi:.2f}]" if row["seeds"] > 1 else "–"
+        delta = "–"
+        if full is not None and key != full:
+            d = compare(row, rows[full])
+            if d is not None:
+                mark = " ✓" if d.lo > 0 or d.hi < 0 else ""
+                delta = f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark}"
+        lines.append(
+            f"| {describe(row['label'], row['runs'][0])} | {row['trainable_pct']:.2f} | {row['seeds']} | "
+            f"{row['test']:.2f} ± {row['test_std']:.2f} | {ci} | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "table":
+        print(table(Path(argv[1]) if len(argv) > 1 else REPO / "benchmarks" / "results" / "recipes"), end="")
+        return 0
     if not argv or argv[0] != "choose":
         print(__doc__)
         return 2
