@@ -52,29 +52,28 @@ def summarize(rows: list[dict], models: list[str], configs: list[str], memory_ke
                 if config in exact and exact.get("peftlab-lora") else None,
             }  # fmt: skip
             for ref in ("hf-peft-lora", "floor-r0", "peftlab-lora"):
-                pairs = [(r[config], r[ref]) for r in by_round.values() if config in r and ref in r]
-                summary[f"time_vs_{ref}"] = spread(
-                    [a["median_step_s"] / b["median_step_s"] for a, b in pairs]
-                )
-                mem = [(a.get(memory_key), b.get(memory_key)) for a, b in pairs]
-                summary[f"memory_vs_{ref}"] = spread([a / b for a, b in mem if a and b])
+                pairs, summary[f"time_vs_{ref}"], summary[f"memory_vs_{ref}"] = _paired(by_round, config, ref, memory_key)
                 if pairs and ref == "hf-peft-lora" and config.startswith("peftlab-lora"):
-                    a, b = pairs[-1]
-                    summary["loss_rel_diff_vs_hf"] = abs(a["last_loss"] - b["last_loss"]) / abs(
-                        b["last_loss"]
-                    )
+                    summary["loss_rel_diff_vs_hf"] = _loss_rel_diff(*pairs[-1])
             peer = peer_of(config)
-            pairs = [(r[config], r[peer]) for r in by_round.values() if peer and config in r and peer in r]
+            pairs, summary["time_vs_peer"], summary["memory_vs_peer"] = _paired(by_round, config, peer, memory_key)
             summary["peer"] = peer if pairs else None
-            summary["time_vs_peer"] = spread([a["median_step_s"] / b["median_step_s"] for a, b in pairs])
-            summary["memory_vs_peer"] = spread(
-                [a[memory_key] / b[memory_key] for a, b in pairs if a.get(memory_key) and b.get(memory_key)]
-            )
             if pairs:
-                a, b = pairs[-1]
-                summary["loss_rel_diff_vs_peer"] = abs(a["last_loss"] - b["last_loss"]) / abs(b["last_loss"])
+                summary["loss_rel_diff_vs_peer"] = _loss_rel_diff(*pairs[-1])
             out.append(summary)
     return out
+
+
+def _paired(by_round: dict, config: str, ref: str | None, memory_key: str) -> tuple[list, tuple | None, tuple | None]:
+    """(config, ref) rows of the rounds that ran both, and the spreads of their time and memory ratios."""
+    pairs = [(r[config], r[ref]) for r in by_round.values() if ref and config in r and ref in r]
+    time = spread([a["median_step_s"] / b["median_step_s"] for a, b in pairs])
+    memory = spread([a[memory_key] / b[memory_key] for a, b in pairs if a.get(memory_key) and b.get(memory_key)])
+    return pairs, time, memory
+
+
+def _loss_rel_diff(a: dict, b: dict) -> float:
+    return abs(a["last_loss"] - b["last_loss"]) / abs(b["last_loss"])
 
 
 def peer_of(config: str) -> str | None:

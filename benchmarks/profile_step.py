@@ -15,7 +15,9 @@ shapes recorded. Every operator's *self* time (so nested calls are not counted t
 
 Writes ``profile.md`` / ``profile.json``: per-step milliseconds per bucket and per configuration, with the
 difference to the first configuration (the floor). On CUDA the buckets hold *device* self time (GPU work),
-and two more rows tell a host-bound step from a device-bound one: the host's self CPU time per step (Python,
+read from the CPU-side operator that launched each kernel (the kernel events themselves are skipped: summing
+both would count every kernel twice); a Triton kernel counts under the autograd Function that launched it. Two
+more rows tell a host-bound step from a device-bound one: the host's self CPU time per step (Python,
 dispatch, launches) and the synchronised wall time per step. Profiling adds its own overhead (a few % on short ops),
 so compare buckets across rows of this table, not with ``efficiency.md``'s wall-clock steps.
 """
@@ -78,6 +80,7 @@ def worker(model_name: str, config: str, steps: int, device: str = "cpu", dtype:
     import time
 
     import efficiency as eff
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     setup = eff.SETUPS[model_name]
@@ -115,6 +118,8 @@ def worker(model_name: str, config: str, steps: int, device: str = "cpu", dtype:
     top: dict[str, float] = {}
     host_ms = 0.0
     for event in prof.key_averages(group_by_input_shape=True):
+        if cuda and getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU:
+            continue  # a kernel: its time is already its launching operator's self device time
         ms = _self_time_us(event, cuda) / 1000.0 / steps
         host_ms += event.self_cpu_time_total / 1000.0 / steps
         totals[bucket(event.key, event.input_shapes, eff.RANK)] += ms

@@ -172,7 +172,7 @@ def table(results_dir: Path) -> str:
         if full is not None and key != full:
             d = compare(row, rows[full])
             if d is not None:
-                mark = " ✓" if d.lo > 0 or d.hi < 0 else ""
+                mark = " ✓" if d.resolved else ""
                 delta = f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]{mark}"
         lines.append(
             f"| {describe(row['label'], row['runs'][0])} | {row['trainable_pct']:.2f} | {row['seeds']} | "

@@ -181,9 +181,9 @@ def targets_section(rows: dict[tuple, dict], targets: list[dict]) -> list[str]:
                 on_mean = "–"
             else:
                 on_mean = "✓" if delta.mean >= -margin else f"✗ by {-margin - delta.mean:.2f}"
-                status = target_status(delta, float(t.get("margin", 0.0)))
+                status = target_status(delta, margin)
                 if status == "missed":
-                    status += f" by {-float(t.get('margin', 0.0)) - delta.mean:.2f} pt"
+                    status += f" by {-margin - delta.mean:.2f} pt"
             lines.append(
                 f"| {t.get('text', t['a'] + ' vs ' + t['b'])} | {task} | {delta.mean:+.2f} | "
                 f"[{delta.lo:+.2f}, {delta.hi:+.2f}] | {on_mean} | {status} |"
