@@ -110,11 +110,11 @@ def main() -> None:
     parser.add_argument("--arms", type=int, nargs="*", help="indices into ARMS (default: all)")
     args = parser.parse_args()
 
-    import peftlab.models
+    import peftlab.util.models
     from peftlab.bench import worker
 
-    load = peftlab.models.load_model
-    peftlab.models.load_model = lambda *a, **k: load(*a, **{**k, "dtype": torch.float32})
+    load = peftlab.util.models.load_model
+    peftlab.util.models.load_model = lambda *a, **k: load(*a, **{**k, "dtype": torch.float32})
     install_providers()
     import transformers
 

@@ -116,7 +116,7 @@ def register_config(name: str, models=None, default: bool = True):
 
 def synthetic_dir(name: str, spec: dict) -> Path:
     """A random Llama saved once as safetensors under the peftlab cache (atomic: temp dir + rename)."""
-    from peftlab.models import cache_dir, save_folder_atomically
+    from peftlab.util.models import cache_dir, save_folder_atomically
 
     target = cache_dir() / f"synthetic-{name}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
@@ -140,7 +140,7 @@ def model_path(model_name: str) -> str:
 
 def load_base(model_name: str, setup: dict, opts: dict):
     """The model in fp32 (or ``--dtype``), memory-mapped from safetensors; dropout off; on ``--device``."""
-    from peftlab.models import auto_class
+    from peftlab.util.models import auto_class
 
     kwargs = {"num_labels": 2} if setup["kind"] == "seq-cls" else {}
     torch.manual_seed(0)  # a new classifier head gets the same init in every config
@@ -216,14 +216,14 @@ def _peftlab_lora(model_name, setup, opts):
 
 @register_config("peftlab-lora-sac")
 def _peftlab_lora_sac(model_name, setup, opts):
-    from peftlab.memory import enable_gradient_checkpointing
+    from peftlab.training.memory import enable_gradient_checkpointing
 
     return enable_gradient_checkpointing(_peftlab_lora(model_name, setup, opts), selective=True)
 
 
 @register_config("peftlab-lora-ckpt")
 def _peftlab_lora_ckpt(model_name, setup, opts):
-    from peftlab.memory import enable_gradient_checkpointing
+    from peftlab.training.memory import enable_gradient_checkpointing
 
     return enable_gradient_checkpointing(_peftlab_lora(model_name, setup, opts), selective=False)
 
@@ -271,7 +271,7 @@ def _hf_peft_qlora(model_name, setup, opts):
 
 @register_config("peftlab-dora", default=False)
 def _peftlab_dora(model_name, setup, opts):
-    """DoRA (issue 16): LoRA's fused path + thin-product column norm (peftlab.methods.dora)."""
+    """DoRA (issue 16): LoRA's fused path + thin-product column norm (peftlab.methods.lora.dora)."""
     import peftlab
 
     model = load_base(model_name, setup, opts)
@@ -355,7 +355,7 @@ def make_batch(model, setup: dict, device) -> dict:
 def make_loss_fn(model, config: str, setup: dict, batch: dict):
     """peftlab rows of causal LMs use the fused chunked LM loss (no full logits); HF PEFT and full use model(**batch)."""
     if not config.startswith("hf-peft") and config != "full" and setup["kind"] == "causal-lm":
-        from peftlab.losses import causal_lm_loss
+        from peftlab.training.losses import causal_lm_loss
 
         return lambda: causal_lm_loss(model, batch)
     return lambda: model(**batch).loss

@@ -47,7 +47,7 @@ NOTES = [
     "tensors: budget headroom for the allocator on top of it.",
     "",
     "Random weights (`from_config`): memory does not depend on their values. Causal-LM rows use peftlab's fused",
-    "loss (`peftlab.train.default_loss`); classification rows use transformers' loss; dropout is on (model.train()).",
+    "loss (`peftlab.training.loop.default_loss`); classification rows use transformers' loss; dropout is on (model.train()).",
     "",
 ]
 
@@ -83,9 +83,9 @@ def worker(model_name: str, method: str, batch: int, seq: int, ckpt: str, device
 
     import peftlab
     from peftlab.bench.providers import get_provider, head_names
-    from peftlab.estimate import estimate
-    from peftlab.memory import enable_gradient_checkpointing, make_optimizer
-    from peftlab.train import default_loss
+    from peftlab.estimator.estimate import estimate
+    from peftlab.training.loop import default_loss
+    from peftlab.training.memory import enable_gradient_checkpointing, make_optimizer
 
     setup = MODELS[model_name]
     kind = setup["kind"]
@@ -93,8 +93,8 @@ def worker(model_name: str, method: str, batch: int, seq: int, ckpt: str, device
     torch.manual_seed(0)
     # random weights from the config (memory does not depend on their values; runs where the packaged
     # weights are not installed); the config is the packaged model's own when installed, else the built-in one
-    from peftlab.estimate_model import load_config
-    from peftlab.models import auto_class
+    from peftlab.estimator.model import load_config
+    from peftlab.util.models import auto_class
 
     try:
         config = load_config(peftlab.resolve_model_path(model_name))
@@ -150,7 +150,7 @@ def worker(model_name: str, method: str, batch: int, seq: int, ckpt: str, device
 def rescore(r: dict) -> None:
     """Recompute a record's prediction with the current estimator (the measurement stays)."""
     import peftlab  # noqa: F401
-    from peftlab.estimate import estimate
+    from peftlab.estimator.estimate import estimate
 
     kind = MODELS[r["model"]]["kind"]
     _, _, cfg, quant = method_setup(r["method"], kind, ["classifier"] if kind == "seq-cls" else [])

@@ -8,7 +8,7 @@ For every linear weight W (d_out, d_in) of the model (the tied output head exclu
 
     plain NF4:  ‖W − Q‖ / ‖W‖            LoftQ:  ‖W − (Q' + s·B A)‖ / ‖W‖
 
-where (Q', A, B) = :func:`peftlab.methods.lora_init.loftq` with rank r and N alternations. Reported per
+where (Q', A, B) = :func:`peftlab.methods.lora.inits.loftq` with rank r and N alternations. Reported per
 projection type (mean over the 30 layers) and over all weights (‖·‖ summed in squares). Writes loftq.md,
 loftq.json and loftq.png (atomically).
 """
@@ -43,7 +43,7 @@ def linear_weights(model_name: str) -> dict[str, torch.Tensor]:
 def measure(weights: dict[str, torch.Tensor], ranks: list[int], iters: list[int]) -> list[dict]:
     from tqdm import tqdm
 
-    from peftlab.methods.lora_init import _nf4_roundtrip, loftq
+    from peftlab.methods.lora.inits import _nf4_roundtrip, loftq
 
     rows = []
     for path, w in tqdm(weights.items(), desc="loftq", file=sys.stderr):

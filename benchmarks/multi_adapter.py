@@ -134,7 +134,7 @@ def build(spec: dict):
         count = 1 if provider == "merged" else n_max
         for i in range(count):
             peftlab.wrap(model, peftlab.LoraConfig(r=RANK, alpha=ALPHA, target_modules="all-linear", adapter_name=f"a{i}"))
-        from peftlab.io import adapter_tensors
+        from peftlab.core.tensors import adapter_tensors
 
         for i in range(count):
             _randomize(adapter_tensors(model, f"a{i}").values(), seed=i)

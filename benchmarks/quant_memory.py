@@ -58,7 +58,7 @@ def load(mode: str, device: str):
     import torch
 
     import peftlab
-    from peftlab.quant import load_quantized
+    from peftlab.backends.quant.load import load_quantized
 
     path = peftlab.resolve_model_path("smollm2-135m")
     if mode == "fp32":
@@ -73,7 +73,7 @@ def worker_load(mode: str, device: str) -> dict:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (import cost is not loading cost)
 
-    import peftlab.quant as quant
+    import peftlab.backends.quant.model as quant
 
     torch.set_num_threads(2)
     before = proc_mem()
@@ -146,7 +146,8 @@ def worker_train(name: str, device: str, steps: int, batch_size: int) -> dict:
     from transformers import AutoTokenizer
 
     import peftlab
-    from peftlab.quant import memory_report, merge_quantized, prepare_for_kbit_training
+    from peftlab.backends.quant.model import memory_report, prepare_for_kbit_training
+    from peftlab.persist.quantized_merge import merge_quantized
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -280,7 +281,7 @@ def markdown(result: dict) -> str:
         "",
         "## Merging the trained adapter into its base",
         "",
-        "`peftlab.quant.merge_quantized(model, first_batch)` after the run above: quantized bases are dequantized, "
+        "`peftlab.merge_quantized(model, first_batch)` after the run above: quantized bases are dequantized, "
         "ΔW added, and requantized. Change of the logits on the batch (merged vs. unmerged adapter), against "
         "what the adapter itself changes (adapter vs. disabled adapter).",
         "",

@@ -2,7 +2,7 @@ r"""What the fused LoRA kernel supports, and the fallback that makes ``use_kerne
 
 :func:`unsupported` names why the kernel cannot take given tensors (None when it can). With
 ``use_kernel="auto"`` the layer then runs the torch path and warns once per reason
-(:func:`lora_linear_or_none`); a Triton compile or launch error does the same, and disables the
+(:func:`peftlab.kernels.lora_linear_or_none`); a Triton compile or launch error does the same, and disables the
 kernel for that (device, dtype) for the rest of the process. ``use_kernel="triton"`` raises instead.
 
 Importing this module never imports Triton.
@@ -96,32 +96,12 @@ def _key(x, lora_A, dropout_p: float) -> tuple:
     return (x.device.type, x.device.index, x.dtype, lora_A.dtype, dropout_p > 0)
 
 
+def is_disabled(x, lora_A, dropout_p: float) -> bool:
+    """Whether an earlier failure switched the kernel off for this (device, dtype, adapter dtype, dropout)."""
+    return _key(x, lora_A, dropout_p) in _disabled
+
+
 def kernel_failed(x, lora_A, dropout_p: float, exc: BaseException, where: str) -> None:
     """Disable the kernel for this (device, dtype, adapter dtype, dropout) and warn once."""
     _disabled.add(_key(x, lora_A, dropout_p))
     warn_once(f"error:{where}", f"Triton {where} failed: {type(exc).__name__}: {str(exc).strip()[:300]}")
-
-
-def lora_linear_or_none(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=None, strict=False):
-    """The fused kernel's y = x Wᵀ + b + s·(D(x) Aᵀ) Bᵀ, or None where the torch path must run.
-
-    None (with a one-time warning) when :func:`unsupported` names a reason, or when compiling or
-    launching the kernel fails. ``strict=True`` (``use_kernel="triton"``) raises in both cases.
-    """
-    problem = unsupported(x, weight, bias, lora_A, lora_B)
-    if problem is not None:
-        if strict:
-            raise problem[0](problem[2])
-        warn_once(problem[1], problem[2])
-        return None
-    if not strict and _key(x, lora_A, dropout_p) in _disabled:
-        return None
-    from .lora import lora_linear_checked
-
-    try:
-        return lora_linear_checked(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, fallback=not strict)
-    except Exception as exc:  # noqa: BLE001 - any compile or launch error: the torch path still works
-        if strict:
-            raise
-        kernel_failed(x, lora_A, dropout_p, exc, "forward")
-        return None

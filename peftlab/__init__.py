@@ -1,45 +1,40 @@
 """peftlab: parameter-efficient fine-tuning for Hugging Face transformers.
 
-Public API only; each method lives in ``peftlab.methods.<name>`` and registers itself.
+Public API only. The package is layered, lowest first: ``util``, ``core``, ``backends`` (with ``kernels``),
+``methods`` (one package per family, each registering its method), ``serving``, ``api``, ``persist``,
+``training``, ``estimator``, then ``cli`` and ``bench``; a layer imports only from itself and the layers below.
 """
 
 from ._version import __version__
 from .api import (
-    active_adapters,
     count_parameters,
     delete_adapter,
     disable_adapters,
     is_merged,
-    list_adapters,
     merge,
     on_train_step,
     print_trainable_parameters,
-    set_active_adapters,
-    set_trainable,
     unmerge,
     unwrap,
     wrap,
 )
-from .combine import combine
-from .config import PeftConfig
-from .errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
-from .estimate import Estimate, estimate  # noqa: E402  (the function shadows the module name)
-from .hf_peft import export_peft, import_peft
-from .io import load_adapter, save_adapter, save_merged
-from .memory import disable_gradient_checkpointing, enable_gradient_checkpointing, make_optimizer
+from .backends.quant.load import load_quantized
+from .backends.quant.model import dequantize_model, memory_report, prepare_for_kbit_training, quantize
+from .core.activation import active_adapters, list_adapters, set_active_adapters, set_trainable
+from .core.config import PeftConfig
+from .estimator.estimate import Estimate, estimate
 from .methods.adalora import AdaLoraConfig, adalora_orth_loss, adalora_step
-from .methods.adapter import AdapterConfig
+from .methods.bottleneck import AdapterConfig
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixConfig
-from .models import load_model, resolve_model_path
-from .quant import (
-    dequantize_model,
-    load_quantized,
-    memory_report,
-    merge_quantized,
-    prepare_for_kbit_training,
-    quantize,
-)
+from .persist.combine import combine
+from .persist.format import load_adapter, save_adapter
+from .persist.hf_peft import export_peft, import_peft
+from .persist.merged import save_merged
+from .persist.quantized_merge import merge_quantized
+from .training.memory import disable_gradient_checkpointing, enable_gradient_checkpointing, make_optimizer
+from .util.errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
+from .util.models import load_model, resolve_model_path
 
 __all__ = [
     "__version__",
@@ -94,7 +89,7 @@ __all__ = [
 
 # Names whose modules pull in heavy optional dependencies (transformers.trainer_utils imports peft,
 # which imports bitsandbytes): imported on first use, so ``import peftlab`` stays fast and silent.
-_LAZY = {"PeftlabCallback": ".callbacks"}
+_LAZY = {"PeftlabCallback": ".training.callbacks"}
 
 
 def __getattr__(name: str):

@@ -1,32 +1,36 @@
 """The public, method-agnostic API: wrap, several adapters (activate, weight, delete), merge, disable, unwrap.
 
-Everything here works through the slot protocol of :mod:`peftlab.layers` and the hooks a
-method registers (:mod:`peftlab.registry`); nothing here knows LoRA from a bottleneck adapter.
+Orchestration only: everything here works through the slot protocol of :mod:`peftlab.core.layer`, the
+activation rules of :mod:`peftlab.core.activation` and the hooks a method registers
+(:mod:`peftlab.core.registry`); nothing here knows LoRA from a bottleneck adapter.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .config import PeftConfig
-from .errors import ConfigError, MergeError, WrapError
-from .inject import (
+from .backends.quant.model import dequantize_model
+from .core.activation import _check_names, active_adapters, set_active_adapters, set_adapters_enabled
+from .core.config import PeftConfig
+from .core.inject import inject, train_extra_keys
+from .core.registry import get_method
+from .core.state import (
+    ACTIVE_ATTR,
+    ADAPTERS_ATTR,
     ORIG_GRAD_ATTR,
-    STATE_ATTR,
     adapter_layers,
     adapters,
     get_state,
-    inject,
     replace_module,
     wrapped_layers,
 )
-from .registry import get_method
-
-ACTIVE_ATTR = "peftlab_active"
+from .core.tensors import adapter_tensors
+from .serving.hooks import install as install_routing
+from .serving.hooks import uninstall as uninstall_routing
+from .util.errors import ConfigError, MergeError, WrapError
 
 
 def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
@@ -49,88 +53,24 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
         raise ConfigError(
             f"wrap() needs a peftlab config (e.g. peftlab.LoraConfig), got {type(config).__name__}"
         )
-    inject(model, config, get_method(config.method))
+    previous = active_adapters(model)
+    txn = inject(model, config, get_method(config.method))
+    name = config.adapter_name
+    try:
+        set_active_adapters(model, [name], trainable=[name])
+        install_routing(model)  # model(..., adapter_names=[...]) / generate(..., adapter_names=[...]): one per row
+        train_extra_keys(model, txn.state)
+    except BaseException:
+        txn.rollback()
+        if adapters(model):
+            set_active_adapters(model, previous)  # the other adapters' method hooks follow too
+        else:
+            uninstall_routing(model)
+        raise
     return model
 
 
 # ---- several adapters ---------------------------------------------------------------------------
-
-
-def list_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters on ``model``, in the order they were added."""
-    return list(adapters(model))
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters that run in forward."""
-    return list(getattr(model, ACTIVE_ATTR, None) or [])
-
-
-def _check_names(model: nn.Module, names: Sequence[str], what: str = "adapter") -> list[str]:
-    states = adapters(model)
-    if not states:
-        get_state(model)  # raises "not wrapped"
-    if isinstance(names, str):
-        names = [names]
-    unknown = [n for n in names if n not in states]
-    if unknown:
-        raise WrapError(f"unknown {what} name(s) {unknown}; this model has: {', '.join(states)}")
-    return list(dict.fromkeys(names))
-
-
-def set_active_adapters(
-    model: nn.Module,
-    names: str | Sequence[str],
-    weights: Sequence[float] | None = None,
-    trainable: str | Sequence[str] | None = None,
-) -> nn.Module:
-    """Choose which adapters run in forward, and with which weights.
-
-    With several active, their contributions add, each scaled by its weight:
-    ``h = W x + Σ_i w_i · Δ_i(x)`` (for LoRA slots ``Δ_i(x) = s_i B_i A_i x``).
-
-    Args:
-        names: one name or a list; ``[]`` runs the base model.
-        weights: one float per name (default 1.0 each).
-        trainable: names whose parameters train (default: unchanged). See :func:`set_trainable`.
-    """
-    names = _check_names(model, names)
-    if weights is None:
-        weights = [1.0] * len(names)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(names):
-        raise ConfigError(f"got {len(weights)} weights for {len(names)} adapters {names}; give one weight per adapter")
-    if not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"adapter weights must be finite numbers, got {weights}")
-    table = dict(zip(names, weights))
-    for _, layer in adapter_layers(model):
-        merged = {n for n, _ in layer.merged_stack}
-        layer.active = [n for n in names if n in layer.slots]
-        layer.weights = {n: w for n, w in table.items() if n in layer.slots and n not in merged} | {
-            n: w for n, w in layer.weights.items() if n in merged
-        }
-    # switch off first, then on, so methods that allow one active adapter never see two
-    for state in sorted(adapters(model).values(), key=lambda st: st.name in table):
-        method = get_method(state.config.method)
-        if method.set_active is not None:
-            method.set_active(model, state, state.name in table, table.get(state.name, 1.0))
-    setattr(model, ACTIVE_ATTR, names)
-    if trainable is not None:
-        set_trainable(model, trainable)
-    return model
-
-
-def set_trainable(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
-    """Make exactly the adapters ``names`` trainable; every other adapter's tensors are frozen."""
-    from .io import adapter_tensors
-
-    names = _check_names(model, names)
-    for name in adapters(model):
-        flag = name in names
-        for tensor in adapter_tensors(model, name).values():
-            if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                tensor.requires_grad_(flag)
-    return model
 
 
 def delete_adapter(model: nn.Module, adapter_name: str, force: bool = False) -> nn.Module:
@@ -142,8 +82,6 @@ def delete_adapter(model: nn.Module, adapter_name: str, force: bool = False) -> 
         WrapError: unknown name; or the adapter has gradients not yet applied by an optimizer
             step (pass ``force=True`` to delete anyway, after ``optimizer.zero_grad()``).
     """
-    from .io import adapter_tensors
-
     _check_names(model, [adapter_name])
     get_state(model, adapter_name)  # raises for an unknown adapter
     tensors = adapter_tensors(model, adapter_name)
@@ -177,12 +115,10 @@ def _remove(model: nn.Module, adapter_name: str) -> None:
     states = dict(adapters(model))
     states.pop(adapter_name)
     if states:
-        setattr(model, STATE_ATTR, states)
+        setattr(model, ADAPTERS_ATTR, states)
         return
-    delattr(model, STATE_ATTR)
-    from .mixed_batch_hooks import uninstall
-
-    uninstall(model)  # the mixed-batch routing hooks go with the last adapter
+    delattr(model, ADAPTERS_ATTR)
+    uninstall_routing(model)  # the mixed-batch routing hooks go with the last adapter
     if hasattr(model, ACTIVE_ATTR):
         delattr(model, ACTIVE_ATTR)
     orig = getattr(model, ORIG_GRAD_ATTR, None)
@@ -234,6 +170,9 @@ def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = True) 
         for layer in mergeable:
             layer.merge(name, safe=False)
     return model
+
+
+_merge_adapters = merge  # for unwrap(), whose ``merge`` parameter shadows the function
 
 
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
@@ -299,8 +238,6 @@ def unwrap(
             so that ``merge=True`` gives a plain full-precision merged model.
     """
     if dequantize:
-        from .quant import dequantize_model
-
         dequantize_model(model)
     names = [adapter_name] if adapter_name else list(adapters(model))[::-1]
     if not names:
@@ -319,7 +256,7 @@ def unwrap(
         method = get_method(state.config.method)
         merged = is_merged(model, name)
         if merge and not merged:
-            globals()["merge"](model, name)
+            _merge_adapters(model, name)
         elif not merge and merged:
             unmerge(model, name)
         if merge:
@@ -339,20 +276,6 @@ def _commit_merge(model: nn.Module, name: str) -> None:
 
 
 # ---- disable --------------------------------------------------------------------------------------
-
-
-def set_adapters_enabled(model: nn.Module, enabled: bool, adapter_name: str | Sequence[str] | None = None) -> None:
-    names = list(adapters(model)) if adapter_name is None else _check_names(model, adapter_name)
-    for name in names:
-        state = get_state(model, name)
-        method = get_method(state.config.method)
-        if method.set_enabled is not None:
-            method.set_enabled(model, name, enabled)
-        for _, layer in wrapped_layers(model, name):
-            if enabled:
-                layer.disabled.discard(name)
-            else:
-                layer.disabled.add(name)
 
 
 @contextlib.contextmanager

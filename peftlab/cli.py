@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, PeftlabError
+from .util.errors import ConfigError, PeftlabError
 
 
 class UsageError(PeftlabError, ValueError):
@@ -28,7 +28,7 @@ USER_ERRORS = (PeftlabError, OSError, ValueError)
 
 def _method_config(method: str, options: list[str]):
     """Build a config from ``--method`` and ``--set key=value`` options (values parsed as JSON when possible)."""
-    from .config import config_class
+    from .core.config import config_class
 
     kwargs = {}
     for item in options or []:
@@ -58,7 +58,7 @@ def _check_model(name: str) -> None:
     Never waits on the network: a hub id is accepted when it is in the local cache; otherwise it is
     looked up once (10 s timeout), or refused at once under ``HF_HUB_OFFLINE=1``.
     """
-    from .models import PACKAGED
+    from .util.models import PACKAGED
 
     if name in PACKAGED:
         return
@@ -109,7 +109,8 @@ def _check_out(out: str) -> None:
 
 def cmd_info(args) -> int:
     import peftlab
-    from peftlab.inject import get_state
+
+    from .core.state import get_state
 
     config = _method_config(args.method, args.set)
     _check_model(args.model)

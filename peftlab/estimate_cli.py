@@ -69,7 +69,7 @@ def peft_config(args):
 
 
 def run(args) -> int:
-    from .estimate import estimate, fit, parse_size
+    from .estimator.estimate import estimate, fit, parse_size
 
     config, quant = peft_config(args)
     kwargs = dict(
@@ -113,8 +113,8 @@ def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> 
     Uses the run's batch size and max_length (grouped batches are usually shorter: an upper bound) and counts
     tensors only: the measured CPU peak RSS also holds the Python/torch runtime and the data.
     """
-    from .config import config_class
-    from .estimate import estimate
+    from .core.config import config_class
+    from .estimator.estimate import estimate
 
     cfg = spec["train"]
     method = spec["method"]

@@ -90,7 +90,7 @@ def perturb(model: torch.nn.Module, scale: float = 0.05, adapter_name: str | Non
     Works for every method (LoRA's zero B, AdaLoRA's zero Λ, a bottleneck's zero W_up, prefix tables,
     head copies) through the generic adapter tensor selection.
     """
-    from peftlab.io import adapter_tensors
+    from peftlab.core.tensors import adapter_tensors
 
     names = [adapter_name] if adapter_name else peftlab.list_adapters(model)
     gen = torch.Generator().manual_seed(1234)
@@ -104,7 +104,7 @@ def perturb(model: torch.nn.Module, scale: float = 0.05, adapter_name: str | Non
 
 def slots(model: torch.nn.Module, kind: str | None = None, adapter_name: str | None = None) -> list:
     """Every adapter slot in ``model`` (of class name ``kind``, e.g. "LoraSlot"), in module order."""
-    from peftlab.layers import AdapterLayer
+    from peftlab.core.layer import AdapterLayer
 
     out = []
     for module in model.modules():

@@ -8,8 +8,8 @@ from transformers import AutoModelForSequenceClassification
 
 import peftlab
 from helpers import sst2_batches, train_steps
-from peftlab.methods.adalora import ranks
-from peftlab.methods.adalora_alloc import RankAllocator, budget
+from peftlab.methods.adalora.allocator import RankAllocator, budget
+from peftlab.methods.adalora.method import ranks
 
 peft = pytest.importorskip("peft")
 
@@ -75,7 +75,7 @@ def test_importance_emas_match_hand_computation():
 
 def test_masking_keeps_exactly_the_budget_and_final_mask_is_fixed(tiny):
     model = peftlab.wrap(tiny("llama"), cfg(target_modules=["q_proj", "v_proj", "o_proj"]))
-    state = peftlab.inject.get_state(model)
+    state = peftlab.core.state.get_state(model)
     allocator = state.live.objects["allocator"]
     x = torch.randint(1, 100, (4, 10))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -176,7 +176,7 @@ def test_trainer_callback_runs_allocation(tiny, tmp_path):
     )
     Trainer(model=model, args=args, train_dataset=rows, callbacks=[peftlab.PeftlabCallback()]).train()
     assert sum(ranks(model).values()) == 2 * 4  # target_r x (q_proj, v_proj) x 2 layers
-    assert peftlab.inject.get_state(model).config.rank_pattern is not None
+    assert peftlab.core.state.get_state(model).config.rank_pattern is not None
 
 
 @pytest.mark.slow

@@ -99,7 +99,7 @@ def test_unknown_architecture_error_says_how_to_name_modules(tiny):
             ffn_out=r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo",
         ),
     )
-    assert len(peftlab.inject.get_state(model).targets) == 4
+    assert len(peftlab.core.state.get_state(model).targets) == 4
 
 
 @pytest.mark.parametrize(

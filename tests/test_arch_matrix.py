@@ -30,8 +30,9 @@ from arch_zoo import ARCHS, build, inputs, labels
 
 import peftlab
 from helpers import perturb
-from peftlab.errors import MergeError, PeftlabError
-from peftlab.targeting import default_targets, structure
+from peftlab.core.structure import structure
+from peftlab.core.targeting import default_targets
+from peftlab.util.errors import MergeError, PeftlabError
 
 METHODS = ["LoRA", "AdaLoRA", "prefix", "Houlsby", "Pfeiffer", "parallel"]
 PEFT_METHODS = {"LoRA", "AdaLoRA", "prefix"}

@@ -13,7 +13,7 @@ import torch
 
 import peftlab
 from helpers import perturb, tiny_model
-from peftlab.errors import MergeError
+from peftlab.util.errors import MergeError
 
 FAMILIES = ["bert", "llama", "gpt2"]
 

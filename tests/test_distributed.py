@@ -73,7 +73,7 @@ def one_process(tmp_path_factory) -> Path:
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of a saved peftlab adapter (the weights file its config names)."""
-    from peftlab.callbacks import adapter_weights_name
+    from peftlab.training.callbacks import adapter_weights_name
 
     return load_file(folder / adapter_weights_name(folder))
 
@@ -185,7 +185,7 @@ def test_trainer_ddp_checkpoints_are_adapters_and_resume_exactly(two_process):
 
 
 def test_fp16_on_cpu_is_a_clear_error():
-    from peftlab.train import check_precision
+    from peftlab.training.loop import check_precision
 
     with pytest.raises(peftlab.ConfigError, match="bf16"):
         check_precision("fp16", "cpu")
@@ -194,7 +194,7 @@ def test_fp16_on_cpu_is_a_clear_error():
 
 
 def test_fsdp_refuses_adalora_and_says_why(tiny):
-    from peftlab.distributed import check_shardable
+    from peftlab.training.fsdp import check_shardable
 
     model = tiny("bert")
     peftlab.wrap(model, peftlab.AdaLoraConfig(init_r=4, target_r=2, target_modules=["query"], total_steps=10))
@@ -206,7 +206,7 @@ def test_fsdp_refuses_adalora_and_says_why(tiny):
 
 
 def test_split_batches_needs_divisible_batches():
-    from peftlab.train import split_batches
+    from peftlab.training.loop import split_batches
 
     batch = {"input_ids": torch.arange(12).view(6, 2)}
     parts = list(split_batches(iter([batch]), processes=2, rank=1, grad_accum=1))
@@ -230,7 +230,7 @@ def test_more_processes_than_cores_is_a_clear_error():
 def test_bf16_autocast_trains_minilm_lora_within_one_point_of_fp32(minilm_dir, sst2_dir):
     """100 steps of LoRA on SST-2 under CPU bf16 autocast end within 1 accuracy point of fp32 (872 sentences,
     evaluated in fp32). bf16 runs first, so a failure costs seconds."""
-    from peftlab.train import train
+    from peftlab.training.loop import train
 
     train_batches = sst2_batches(minilm_dir, "train", 16, 1600, max_length=40, seed=0)
     dev = sst2_batches(minilm_dir, "test", 128, 872, max_length=64)

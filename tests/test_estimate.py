@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.estimate import estimate, fit, parse_size
-from peftlab.estimate_model import quantized_bytes
+from peftlab.estimator.estimate import estimate, fit, parse_size
+from peftlab.estimator.model import quantized_bytes
 
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -25,7 +25,7 @@ TINY_BERT = {
 
 
 def _config(data):
-    from peftlab.estimate_model import load_config
+    from peftlab.estimator.model import load_config
 
     config = load_config(data)
     config._attn_implementation = "sdpa"
@@ -74,7 +74,7 @@ def test_optimizer_and_quantized_sizes():
 
 def test_lora_rule_matches_saved_tensors():
     """lora_ops.lora_saved_bytes against the bytes LoraLinearFunction / LoraBranchFunction save (dropout on)."""
-    from peftlab.methods.lora_ops import LoraBranchFunction, LoraLinearFunction, lora_saved_bytes
+    from peftlab.backends.lora_ops import LoraBranchFunction, LoraLinearFunction, lora_saved_bytes
 
     m, d_in, d_out, r = 24, 16, 12, 4
     x = torch.randn(2, m // 2, d_in, requires_grad=True)
@@ -141,7 +141,7 @@ METHODS = {
 @pytest.mark.parametrize("method", list(METHODS))
 def test_activation_rules_match_autograd(family, method):
     """The estimator's saved-activation count equals what a real tiny model saves (the rules cannot drift)."""
-    from peftlab.models import auto_class
+    from peftlab.util.models import auto_class
 
     data, kind = (TINY_LLAMA, "causal-lm") if family == "llama" else (TINY_BERT, "seq-cls")
     config = _config(data)
@@ -161,10 +161,10 @@ def test_selective_checkpoint_rule_matches_cached_outputs():
     """memory.checkpoint_kept_bytes: a selectively checkpointed block keeps its input and its GEMM outputs."""
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    from peftlab.estimate_activations import block_cost
-    from peftlab.estimate_model import count
-    from peftlab.memory import SELECTIVE_KEEPS, _keep_matmuls, checkpoint_kept_bytes
-    from peftlab.models import auto_class
+    from peftlab.estimator.activations import block_cost
+    from peftlab.estimator.model import count
+    from peftlab.training.memory import SELECTIVE_KEEPS, _keep_matmuls, checkpoint_kept_bytes
+    from peftlab.util.models import auto_class
 
     assert {op.name().split("::")[1].split(".")[0] for op in _keep_matmuls.ops} <= {
         *SELECTIVE_KEEPS, "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
@@ -253,7 +253,7 @@ def test_cli_table_and_fit(tmp_path, capsys):
 def test_bench_harness_estimate():
     """The harness's estimate column: a number for peftlab methods, None for HF PEFT peers."""
     from peftlab.estimate_cli import bench_estimate_mb
-    from peftlab.models import auto_class
+    from peftlab.util.models import auto_class
 
     model = auto_class("seq-cls").from_config(_config(TINY_BERT))
     spec = {

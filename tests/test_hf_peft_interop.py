@@ -132,7 +132,7 @@ def test_import_adapter_trained_by_peft_gpt2_conv1d(tiny, tmp_path):
     pm.save_pretrained(str(tmp_path))
     ours = peftlab.import_peft(tiny("gpt2"), tmp_path)
     assert max_diff(ours(input_ids=x).logits, want) <= 1e-5
-    assert len(peftlab.inject.get_state(ours).targets) == 6  # c_attn + attn.c_proj + mlp.c_proj, x2 layers
+    assert len(peftlab.core.state.get_state(ours).targets) == 6  # c_attn + attn.c_proj + mlp.c_proj, x2 layers
 
 
 def test_import_peft_errors(tmp_path, tiny):

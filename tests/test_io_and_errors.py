@@ -170,13 +170,13 @@ def test_unknown_targets_list_candidates(tiny):
 def test_regex_and_all_linear_targets(tiny):
     model = tiny("bert")
     peftlab.wrap(model, peftlab.LoraConfig(target_modules=r".*layer\.1\.attention\.self\.(query|key)"))
-    assert peftlab.inject.get_state(model).targets == [
+    assert peftlab.core.state.get_state(model).targets == [
         "bert.encoder.layer.1.attention.self.query",
         "bert.encoder.layer.1.attention.self.key",
     ]
     model = tiny("bert")
     peftlab.wrap(model, peftlab.LoraConfig(target_modules="all-linear"))
-    targets = peftlab.inject.get_state(model).targets
+    targets = peftlab.core.state.get_state(model).targets
     assert "classifier" not in targets and "bert.pooler.dense" in targets and len(targets) == 2 * 6 + 1
 
 
@@ -195,5 +195,5 @@ def test_unknown_model_name_says_what_is_valid(monkeypatch, tmp_path):
     """A name that is neither packaged, nor a folder, nor on the (offline) hub: one clear ConfigError."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(peftlab.errors.ConfigError, match=r"not a packaged short name \(minilm-l6, smollm2-135m\)"):
+    with pytest.raises(peftlab.ConfigError, match=r"not a packaged short name \(minilm-l6, smollm2-135m\)"):
         peftlab.load_model("does-not-exist", kind="seq-cls")

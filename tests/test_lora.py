@@ -9,8 +9,8 @@ from transformers import AutoModelForSequenceClassification
 
 import peftlab
 from helpers import slots
-from peftlab.methods.lora import lora_layer
-from peftlab.methods.lora_ops import LoraLinearFunction
+from peftlab.backends.lora_ops import LoraLinearFunction
+from peftlab.methods.lora.slot import lora_layer
 
 
 def randomize_lora(model, scale=0.05):
@@ -66,7 +66,7 @@ def test_smollm2_identity_and_generate(smollm2_dir):
     model.eval()
     torch.testing.assert_close(model(**enc).logits, base, rtol=0, atol=0)
     assert torch.equal(model.generate(**enc, max_new_tokens=5, do_sample=False), base_gen)
-    targets = peftlab.inject.get_state(model).targets
+    targets = peftlab.core.state.get_state(model).targets
     assert len(targets) == 30 * 7 and not any("lm_head" in t for t in targets)
     assert "Paris" in tok.decode(base_gen[0])
 
@@ -91,7 +91,7 @@ def test_lean_autograd_matches_reference(p, with_bias):
     y = LoraLinearFunction.apply(x, w, b, a, bb, s, p, seed)
     mask = None
     if p > 0:
-        from peftlab.methods.lora_ops import _dropout_mask
+        from peftlab.backends.lora_ops import _dropout_mask
 
         mask = _dropout_mask((2 * m, d_in), p, seed, x.device, x.dtype).reshape(2, m, d_in)
     ref = _reference_lora(x, w, b, a, bb, s, mask)
@@ -107,7 +107,7 @@ def test_lean_autograd_matches_reference(p, with_bias):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_branch_autograd_matches_reference_and_saves_no_dropped_copy(p):
     """The generic path's LoRA branch (quantized / trainable bases): same math, lean saves."""
-    from peftlab.methods.lora_ops import LoraBranchFunction, _dropout_mask
+    from peftlab.backends.lora_ops import LoraBranchFunction, _dropout_mask
 
     torch.manual_seed(0)
     m, d_in, d_out, r, s, seed = 11, 9, 6, 4, 0.8, 99
@@ -180,7 +180,7 @@ def test_half_products_over_fp32_adapters_match_fp32_products(monkeypatch, path,
     """bf16 activations over fp32 adapters on a device in HALF_PRODUCT_DEVICES (CUDA; forced here on the CPU):
     the thin products run in bf16 (no fp32 copy of x, dY or an (M, d) output is made or saved), outputs and
     gradients agree with the fp32-product route to bf16 accuracy, and dA, dB come back fp32."""
-    from peftlab.methods import lora_ops
+    from peftlab.backends import lora_ops
 
     torch.manual_seed(0)
     m, d_in, d_out, r, s, seed = 24, 40, 32, 8, 2.0, 7
@@ -278,7 +278,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights(tiny):
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 def test_dropout_mask_rate_reproducible_and_odd_shapes(p):
     """The 16-bit regenerated mask drops p of the entries, the same ones for the same seed."""
-    from peftlab.methods.lora_ops import _dropout_drop, _effective_p
+    from peftlab.backends.lora_ops import _dropout_drop, _effective_p
 
     shape = (1001, 333)  # numel not a multiple of 4
     drop = _dropout_drop(shape, p, 7, torch.device("cpu"))

@@ -14,7 +14,7 @@ import torch
 
 import peftlab
 from helpers import perturb, slots, tiny_model
-from peftlab.errors import ConfigError
+from peftlab.util.errors import ConfigError
 
 peft = pytest.importorskip("peft")
 
@@ -41,7 +41,7 @@ def _dora_reference(x, weight, bias, lora_a, lora_b, magnitude, scaling):
 
 
 def _layer_and_dense(model, path):
-    from peftlab.layers import get_base_weight
+    from peftlab.core.layer import get_base_weight
 
     layer = model.get_submodule(path)
     slot = layer.slots["default"]
@@ -115,7 +115,7 @@ def test_dora_norm_never_forms_the_full_update(monkeypatch):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dora_on_quantized_base(bits):
     pytest.importorskip("bitsandbytes")
-    from peftlab.quant_layers import dequantize_weight
+    from peftlab.backends.quant.bnb import dequantize_weight
 
     model = peftlab.quantize(tiny_model("llama"), bits=bits)
     base_out = _logits(model, _ids())
@@ -301,8 +301,8 @@ def _hf_loftq_on_cpu():
 
 def test_loftq_equals_hf_and_beats_plain_nf4():
     pytest.importorskip("bitsandbytes")
-    from peftlab.layers import get_base_weight
-    from peftlab.methods.lora_init import reconstruction_error
+    from peftlab.core.layer import get_base_weight
+    from peftlab.methods.lora.inits import reconstruction_error
 
     hf_loftq = _hf_loftq_on_cpu()
     source = tiny_model("llama")
@@ -320,8 +320,8 @@ def test_loftq_equals_hf_and_beats_plain_nf4():
 
 def test_loftq_on_quantized_base_reads_the_checkpoint(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from peftlab.methods.lora_init import reconstruction_error
-    from peftlab.quant_layers import dequantize_weight
+    from peftlab.backends.quant.bnb import dequantize_weight
+    from peftlab.methods.lora.inits import reconstruction_error
 
     source = tiny_model("llama")
     source.save_pretrained(tmp_path / "base")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.losses import causal_lm_loss, fused_linear_cross_entropy
+from peftlab.training.losses import causal_lm_loss, fused_linear_cross_entropy
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.errors import ConfigError
-from peftlab.memory import (
+from peftlab.training.memory import (
     bitsandbytes_available,
     disable_gradient_checkpointing,
     enable_gradient_checkpointing,
     make_optimizer,
 )
+from peftlab.util.errors import ConfigError
 
 
 def _lora_llama(tiny):

@@ -13,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftlab
 from helpers import perturb, tiny_model
-from peftlab import mixed_batch
-from peftlab.mixed_batch import BASE
+from peftlab.serving import router as mixed_batch
+from peftlab.serving.router import BASE
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -197,7 +197,7 @@ def test_prefix_rows_with_different_lengths_lora_and_base():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_base_one_gemm_for_the_batch(bits):
     pytest.importorskip("bitsandbytes")
-    from peftlab.quant import quantize
+    from peftlab.backends.quant.model import quantize
 
     # int8 without outlier columns: LLM.int8's fp16 outlier split depends on every row of the batch, so a row
     # of a batch cannot equal that row alone with it, with or without adapters; plain int8 quantizes each row alone
@@ -324,6 +324,6 @@ def test_cost_does_not_grow_with_the_number_of_adapters(rows):
 
 
 def _layers(model):
-    from peftlab.layers import AdapterLayer
+    from peftlab.core.layer import AdapterLayer
 
     return [m for m in model.modules() if isinstance(m, AdapterLayer)]

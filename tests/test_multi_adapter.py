@@ -7,8 +7,8 @@ import torch
 
 import peftlab
 from helpers import perturb, slots, tiny_model
-from peftlab.combine import combine_deltas
-from peftlab.inject import slots_of
+from peftlab.core.state import slots_of
+from peftlab.persist.combine import combine_deltas
 
 peft = pytest.importorskip("peft")
 

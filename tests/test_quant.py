@@ -15,20 +15,18 @@ from torch import nn
 
 import peftlab
 from helpers import sst2_batches
-from peftlab.errors import ConfigError
-from peftlab.inject import get_state
-from peftlab.quant import (
-    MissingDependencyError,
-    QuantizationError,
+from peftlab.backends.quant.bnb import MissingDependencyError, QuantizationError
+from peftlab.backends.quant.load import load_quantized
+from peftlab.backends.quant.model import (
     dequantize_model,
     is_quantized,
-    load_quantized,
     memory_report,
-    merge_error_report,
-    merge_quantized,
     prepare_for_kbit_training,
     quantize,
 )
+from peftlab.core.state import get_state
+from peftlab.persist.quantized_merge import merge_error_report, merge_quantized
+from peftlab.util.errors import ConfigError
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = [
@@ -68,7 +66,7 @@ def test_bad_bits_and_quant_type_say_what_is_valid(tiny):
 
 
 def test_missing_bitsandbytes_names_the_extra(tiny, monkeypatch):
-    import peftlab.quant_layers as ql
+    import peftlab.backends.quant.bnb as ql
 
     monkeypatch.setattr(ql, "bnb_available", lambda: False)
     with pytest.raises(MissingDependencyError, match=r"pip install 'peftlab\[quant\]'") as info:
@@ -195,7 +193,7 @@ RSS_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     import bitsandbytes, transformers.models.llama.modeling_llama
     import peftlab
-    from peftlab.quant import load_quantized
+    from peftlab.backends.quant.load import load_quantized
 
     def status():
         d = dict(line.split(":", 1) for line in open("/proc/self/status"))
@@ -456,7 +454,7 @@ def test_gpt2_conv1d_layers_are_quantized_transposed(tiny):
 def test_qlora_training_path_equals_the_generic_path(tiny, monkeypatch, quant_type, compute, half_products, dropout):
     """The fused 4-bit training function (one GEMM + addmm per direction, W dequantized inside) computes the
     base layer's own forward + the LoRA branch: same loss, same input/LoRA gradients."""
-    from peftlab.methods import lora_ops
+    from peftlab.backends import lora_ops
 
     if half_products:
         monkeypatch.setattr(lora_ops, "HALF_PRODUCT_DEVICES", ("cpu", "cuda"))
@@ -495,7 +493,7 @@ def test_qlora_training_path_equals_the_generic_path(tiny, monkeypatch, quant_ty
 
 def test_qlora_fused_path_only_in_training(tiny, monkeypatch):
     """Inference (eval or no_grad) keeps bitsandbytes' own 4-bit forward (its gemv kernels for decode)."""
-    from peftlab.methods import lora_ops
+    from peftlab.backends import lora_ops
 
     model = quantize(tiny("llama"), bits=4)
     peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, target_modules="all-linear"))

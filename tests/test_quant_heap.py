@@ -10,7 +10,7 @@ import pytest
 
 CODE = r"""
 import torch
-from peftlab.quant_load import limit_heap_retention
+from peftlab.util.checkpoints import limit_heap_retention
 
 def anon_mb():
     for line in open("/proc/self/smaps_rollup"):

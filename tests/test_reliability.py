@@ -15,7 +15,7 @@ import torch
 
 import peftlab
 from helpers import perturb, slots, tiny_model
-from peftlab.inject import Injection
+from peftlab.core.inject import Injection
 
 IDS = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 

@@ -114,13 +114,13 @@ def test_checkpoint_restores_the_allocator_state(runs, scenarios):
     """The Trainer's resume loader (index -> load_state_dict) puts AdaLoRA's importance EMAs back."""
     from transformers.trainer_utils import load_sharded_checkpoint
 
-    from peftlab.callbacks import (
+    from peftlab.core.state import get_state
+    from peftlab.training.callbacks import (
         TRAIN_STATE_NAME,
         TRAIN_STATE_PREFIX,
         _allocator,
         install_adapter_checkpoints,
     )
-    from peftlab.inject import get_state
 
     out, _ = runs
     checkpoint = out / "trainer" / "run" / "checkpoint-3"
@@ -142,6 +142,6 @@ def test_checkpoint_restores_the_allocator_state(runs, scenarios):
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from peftlab.callbacks import adapter_weights_name
+    from peftlab.training.callbacks import adapter_weights_name
 
     return load_file(folder / adapter_weights_name(folder))

@@ -24,7 +24,8 @@ SHAPES = [(8192, 4096, 4096, 16), (2048, 576, 1536, 16)]
 
 
 def profile(layer, x, grad, steps: int = 5) -> str:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for _ in range(3):
         layer(x).backward(grad)

@@ -11,7 +11,7 @@ A run whose ``train`` config has ``processes: N > 1`` starts its worker N times:
 ``batch_size`` stays the global batch of one optimizer step: each of the N processes gets
 ``batch_size / (N · grad_accum)`` rows per micro-batch, cut from the same global batches a one-process run
 uses, so N-process and one-process runs take the same steps. Evaluation rows are shared out among the
-processes and the per-example results gathered (:func:`peftlab.train.evaluate_sharded`). Rank 0 writes the
+processes and the per-example results gathered (:func:`peftlab.training.loop.evaluate_sharded`). Rank 0 writes the
 result record; ``peak_memory_mb`` is the largest process's peak and ``peak_memory_mb_per_process`` all of them.
 """
 
@@ -25,8 +25,15 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..train import PRECISIONS, STRATEGIES, check_precision, gather_predictions, shard_rows, split_batches
+from ..training.loop import (
+    PRECISIONS,
+    STRATEGIES,
+    check_precision,
+    gather_predictions,
+    shard_rows,
+    split_batches,
+)
+from ..util.errors import ConfigError
 
 
 def available(device: str | None) -> tuple[int, str]:
@@ -181,7 +188,7 @@ class ProcessContext:
 def process_context(cfg: dict, device: str | None) -> ProcessContext:
     """The worker's :class:`ProcessContext` (creates the Accelerator: under torchrun/accelerate launch this
     joins the process group)."""
-    from ..train import make_accelerator
+    from ..training.loop import make_accelerator
 
     precision = cfg.get("precision", "fp32")
     if precision not in PRECISIONS:

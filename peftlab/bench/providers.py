@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..util.errors import ConfigError
 
 HEAD_NAMES = ("classifier", "score")
 
@@ -23,7 +23,8 @@ def head_names(model: nn.Module) -> list[str]:
 def _peftlab(method: str, fixed: dict[str, Any] | None = None) -> Callable:
     def build(model, params: dict, ctx: dict):
         import peftlab
-        from peftlab.config import config_class
+
+        from ..core.config import config_class
 
         kwargs = {**(fixed or {}), **params}
         if method == "adalora":
@@ -38,7 +39,7 @@ def _peftlab(method: str, fixed: dict[str, Any] | None = None) -> Callable:
 
 def _quantized_lora(bits: int) -> Callable:
     def build(model, params: dict, ctx: dict):
-        from peftlab import quant
+        from ..backends.quant import model as quant
 
         quant_kwargs = {"bits": bits}
         if bits == 4:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..io import atomic_write_json
+from ..util.errors import ConfigError
+from ..util.files import atomic_write_json
 from . import procs
 from .multiprocess import check_train_config, worker_command
 from .sweep import run_id

@@ -156,13 +156,6 @@ def paired_bootstrap(
     return Interval(point, float(lo), float(hi), float(deltas.std(ddof=1)), n_boot)
 
 
-def example_bootstrap(runs: list[dict], metric: str, n_boot: int = 2000, seed: int = 0) -> Interval:
-    """The mean metric of ``runs`` with a 95% bootstrap interval over test examples (and seeds)."""
-    empty = {c: [0] * len(example_matrix(runs[0], metric)) for c in COLUMNS[metric]}
-    delta = paired_bootstrap(runs, [empty], metric, n_boot, seed)
-    return delta
-
-
 def target_status(delta: Interval, margin: float) -> str:
     """Whether Δ ≥ -margin ("within margin of the reference") is met, missed or not resolved.
 

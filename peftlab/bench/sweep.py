@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..util.errors import ConfigError
 from .providers import PROVIDERS
 from .tasks import TASKS
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..util.errors import ConfigError
 from .metrics import accuracy, entities, entity_f1
 
 CONLL_TAGS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -127,7 +127,7 @@ def read_hub(task: str, source: str, split: str) -> list:
 
 @dataclass
 class Task:
-    """One benchmark task. ``kind`` is the model head it needs (see peftlab.models.load_model)."""
+    """One benchmark task. ``kind`` is the model head it needs (see peftlab.util.models.load_model)."""
 
     name: str
     kind: str

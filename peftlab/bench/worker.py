@@ -1,7 +1,7 @@
 """One benchmark run, executed in its own subprocess so its peak memory is its own.
 
 ``python -m peftlab.bench.worker SPEC.json RESULT.json``: build the model for the method,
-train with :func:`peftlab.train.train` (best dev checkpoint kept), evaluate on dev and test,
+train with :func:`peftlab.training.loop.train` (best dev checkpoint kept), evaluate on dev and test,
 measure, and write one result record (JSON). Failures are recorded, not raised.
 """
 
@@ -81,10 +81,10 @@ def steps_of_run(params: dict, steps: int) -> dict:
 
 def run(spec: dict) -> dict:
     import peftlab
-    from peftlab.models import load_model
-    from peftlab.train import cycle, train
 
-    from ..errors import ConfigError
+    from ..training.loop import cycle, train
+    from ..util.errors import ConfigError
+    from ..util.models import load_model
     from .multiprocess import process_context
     from .providers import get_provider
     from .tasks import data_dir, get_task
@@ -115,7 +115,7 @@ def run(spec: dict) -> dict:
         peftlab.enable_gradient_checkpointing(model, selective=checkpointing == "selective")
     trainable, total = peftlab.count_parameters(model)
     try:  # peftlab.estimate's predicted peak, shown beside the measured one in the report
-        from peftlab.estimate_cli import bench_estimate_mb
+        from ..estimate_cli import bench_estimate_mb
 
         estimate_mb = bench_estimate_mb(spec, model, task.kind, device, steps)
     except Exception:  # the estimate never fails a run (an architecture it does not know, say)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "error": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc()[-4000:],
         }
-    from ..io import atomic_write_json
+    from ..util.files import atomic_write_json
 
     atomic_write_json(argv[1], {**spec, **record})
     return 0

@@ -11,7 +11,7 @@ from peftlab.bench.metrics import entities, entity_f1
 from peftlab.bench.report import write_report
 from peftlab.bench.runner import read_results, run_sweep
 from peftlab.bench.sweep import expand, load_sweep
-from peftlab.errors import ConfigError
+from peftlab.util.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_length_grouped_batches_cover_every_row_once_with_less_padding(sst2_dir)
     from transformers import AutoTokenizer
 
     from peftlab.bench.tasks import get_task
-    from peftlab.models import resolve_model_path
+    from peftlab.util.models import resolve_model_path
 
     task = get_task("sst2")
     rows = task.load(sst2_dir.parent, "train", limit=2000, seed=0)

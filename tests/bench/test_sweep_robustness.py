@@ -20,7 +20,7 @@ import pytest
 
 from peftlab.bench.runner import RESULTS, append_result, read_results, run_sweep
 from peftlab.bench.sweep import expand, run_id
-from peftlab.errors import ConfigError
+from peftlab.util.errors import ConfigError
 
 TRAIN = {"max_steps": 6}
 

@@ -92,8 +92,8 @@ def make_model(method: str = "lora"):
 
 def run_scenario(name: str, out: Path) -> None:
     import peftlab
-    from peftlab.distributed import get_rank, get_world_size, is_main_process
-    from peftlab.train import split_batches, train
+    from peftlab.training.loop import split_batches, train
+    from peftlab.util.dist import get_rank, get_world_size, is_main_process
 
     target = out / name
     model, tokenizer = make_model()

@@ -37,7 +37,7 @@ def make_trainer(out: Path, resume: bool = False):
     import transformers
 
     import peftlab
-    from peftlab.distributed import get_world_size
+    from peftlab.util.dist import get_world_size
 
     model, tokenizer = make_model("adalora")
     world = get_world_size()
@@ -70,8 +70,8 @@ def losses(trainer) -> dict[int, float]:
 
 def run(name: str, out: Path) -> None:
     import peftlab
-    from peftlab.distributed import get_world_size, is_main_process
-    from peftlab.methods.adalora import ranks
+    from peftlab.methods.adalora.method import ranks
+    from peftlab.util.dist import get_world_size, is_main_process
 
     target = out / name
     if name == "trainer":

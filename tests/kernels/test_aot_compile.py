@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from peftlab.kernels import aot  # noqa: E402
+from peftlab.kernels import aot
 
 TABLE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "kernels" / "aot_resources.json"
 

@@ -11,8 +11,8 @@ from torch import nn
 
 triton = pytest.importorskip("triton")
 
-from peftlab.kernels import lora as K  # noqa: E402
-from peftlab.kernels import lora_linear_or_none, reference, support, supports  # noqa: E402
+from peftlab.kernels import lora as K
+from peftlab.kernels import lora_linear_or_none, reference, support, supports
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -115,7 +115,7 @@ def test_backward_without_dropout_runs_no_triton_kernel(monkeypatch):
 
 def test_layer_with_auto_kernel_and_rank_over_128_runs_the_torch_path(monkeypatch):
     import peftlab
-    from peftlab.methods import lora_ops
+    from peftlab.backends import lora_ops
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 16)).to(DEVICE)
@@ -151,7 +151,7 @@ def test_autocast_runs_the_fused_kernel_in_the_autocast_dtype(monkeypatch):
     """Under autocast an fp32 model's LoRA linear runs the kernel in fp16/bf16 (as nn.Linear's GEMM does),
     not in fp32, and matches the torch path under the same autocast; the fp32 bias keeps an fp32 grad."""
     import peftlab
-    from peftlab.methods import lora_ops
+    from peftlab.backends import lora_ops
 
     if DEVICE == "cpu":  # the interpreter has no bf16 tl.dot; CPU autocast takes fp16
         dtype = torch.float16

@@ -7,8 +7,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from peftlab.kernels import lora as K  # noqa: E402
-from peftlab.kernels import reference  # noqa: E402
+from peftlab.kernels import lora as K
+from peftlab.kernels import reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,8 +11,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from peftlab.kernels import reference  # noqa: E402
-from peftlab.kernels import sgmv as K  # noqa: E402
+from peftlab.kernels import reference
+from peftlab.kernels import sgmv as K
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

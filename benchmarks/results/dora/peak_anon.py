@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import peftlab
-from peftlab.losses import causal_lm_loss
+from peftlab.training.losses import causal_lm_loss
 
 
 def st(k):

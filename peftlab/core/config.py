@@ -1,0 +1,149 @@
+"""Base configuration shared by every PEFT method.
+
+Each method defines a dataclass that subclasses :class:`PeftConfig` and sets a unique ``method`` name;
+its :class:`~peftlab.core.registry.Method` entry carries the class. Configs round-trip
+through JSON (``to_dict`` / ``PeftConfig.from_dict``) and validate in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..util.errors import ConfigError
+from .registry import config_class, method_names
+
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+RESERVED_NAMES = ("__base__", "base_layer", "weight", "bias")
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def check_adapter_name(name: Any) -> str:
+    """A valid adapter name: letters, digits, ``_`` and ``-``, not starting with a digit, not reserved."""
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
+        raise ConfigError(
+            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (not starting with a digit, "
+            f"no '.'), and none of {', '.join(RESERVED_NAMES)}"
+        )
+    return name
+
+
+def check_int(owner: str, name: str, value: Any, low: int | None = None, allow_none: bool = False) -> None:
+    """``value`` is an int (not a bool) ≥ ``low``; else a ConfigError naming the field and what is valid."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" ≥ {low}" if low is not None else ""
+        raise ConfigError(f"{owner} {name} must be an integer{bound}, got {value!r} ({type(value).__name__})")
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """``value`` is a finite real number (not a bool, not a string) in the given interval."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ConfigError(
+            f"{owner} {name} must be a finite number in {interval}, got {value!r} ({type(value).__name__})"
+        )
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner} {name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+@dataclass
+class PeftConfig:
+    """Fields every method has.
+
+    Args:
+        target_modules: which modules get an adapter. A list of names (each matches a module
+            path exactly or as a dotted suffix, e.g. ``"query"`` matches
+            ``bert.encoder.layer.0.attention.self.query``), a regex string matched in full
+            against module paths, ``"all-linear"``, or ``None`` for the architecture default.
+        modules_to_save: modules (suffix match) kept fully trainable and saved with the
+            adapter, e.g. a freshly initialised classifier head.
+        adapter_name: the adapter's name; wrapping twice with the same name is an error.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    adapter_name: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, set) else list(
+                self.target_modules
+            )
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            if not (_REGEX_CHARS & set(self.target_modules)):  # a plain name, not a regex
+                self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, list):
+            bad = [t for t in self.target_modules if not isinstance(t, str) or not t]
+            if bad:
+                raise ConfigError(
+                    f"target_modules entries must be non-empty module names (strings), got {bad!r}; e.g. "
+                    f"['q_proj', 'v_proj'], a regex string, 'all-linear' or None"
+                )
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ConfigError(
+                f"target_modules must be a list of names, a regex string, 'all-linear' or None; "
+                f"got {type(self.target_modules).__name__}"
+            )
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("target_modules is an empty list; give at least one module name or None")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        check_adapter_name(self.adapter_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with a ``method`` key."""
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> PeftConfig:
+        """Rebuild a config from :meth:`to_dict` output; unknown keys are an error that names them."""
+        data = dict(data)
+        method = data.pop("method", None)
+        if method is None:
+            raise ConfigError(f"adapter config has no 'method' key; valid methods: {', '.join(method_names())}")
+        cls = config_class(method)
+        names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown keys for method {method!r}: {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> PeftConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

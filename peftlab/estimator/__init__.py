@@ -1,0 +1,1 @@
+"""The memory estimator: parameters, optimizer state and saved activations before a run."""

@@ -1,0 +1,46 @@
+"""How the memory estimator counts LoRA: one (r, d_in) A and (d_out, r) B per target, what the LoRA autograd
+function saves (:func:`peftlab.backends.lora_ops.lora_saved_bytes`: x and x·Aᵀ, the dropout mask regenerated),
+and the biases its ``bias`` mode trains."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...backends.lora_ops import HALF_PRODUCT_DEVICES, lora_gemm_outputs, lora_saved_bytes
+from ...core.registry import EstimateRules
+from ...core.targeting import resolve_targets
+
+
+def adapted_linears(model: nn.Module, config, skip: list[str]) -> dict[str, int]:
+    return {path: config.rank_and_alpha(path)[0] for path in resolve_targets(model, config.target_modules, skip=skip)}
+
+
+def linear_params(r: int, d_in: int, d_out: int) -> list[int]:
+    return [r * d_in, d_out * r]
+
+
+def linear_saved(graph, x: str, out: str, lin, m: int) -> None:
+    """x (M, d_in) and xa = x Aᵀ (M, r); the base GEMM's output when it is not fused (int8 bases)."""
+    e, a = graph.e, graph.a
+    if graph.device in HALF_PRODUCT_DEVICES and e < a:  # half activations: thin products in their dtype
+        a = e  # (peftlab.backends.lora_ops.lora_dtype)
+    rule = lora_saved_bytes(m, lin.d_in, lin.r, e, a)
+    graph.save(x, rule["x"])
+    graph.save(out + ".xa", rule["xa"])
+    graph.gemm += lora_gemm_outputs(m, lin.d_out, lin.r, e, a, fused_base=not lin.quantized or lin.four_bit)
+    graph.rg[out] = True
+
+
+def trains_base(config, path: str, pname: str, is_target: bool) -> bool:
+    if config.bias == "all":
+        return "bias" in pname
+    return config.bias == "lora_only" and is_target and pname == "bias"
+
+
+RULES = EstimateRules(
+    adapted_linears=adapted_linears,
+    linear_params=linear_params,
+    linear_saved=linear_saved,
+    trains_base=trains_base,
+    quantized_base=True,
+)

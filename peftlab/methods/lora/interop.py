@@ -1,0 +1,112 @@
+"""LoRA in HF PEFT's format: config fields and state-dict keys, both ways."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...util.errors import ConfigError
+from .config import LoraConfig
+from .inits import VALID_INITS, parse_init
+from .residual import residual_peft_config
+
+PEFT_PREFIX = "base_model.model."
+
+
+def to_peft_key(key: str) -> str:
+    """``x.lora_A`` -> ``base_model.model.x.lora_A.weight``; other keys just get the prefix."""
+    if key.endswith(".lora_magnitude"):  # DoRA
+        key = key + "_vector"
+    if key.endswith((".lora_A", ".lora_B")):
+        key = key + ".weight"
+    return PEFT_PREFIX + key
+
+
+def from_peft_key(key: str) -> str:
+    key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    if key.endswith((".lora_A.weight", ".lora_B.weight")):
+        key = key[: -len(".weight")]
+    if key.endswith(".lora_magnitude_vector"):  # DoRA
+        key = key[: -len("_vector")]
+    return key
+
+
+def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
+    return residual_peft_config(config, {
+        "peft_type": "LORA",
+        "task_type": state.info.get("task_type"),
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "bias": config.bias,
+        "target_modules": sorted({t.rsplit(".", 1)[-1] for t in state.targets}),
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "modules_to_save": config.modules_to_save,
+        "fan_in_fan_out": state.info.get("fan_in_fan_out", False),
+        "init_lora_weights": to_peft_init(config)[0],
+        "use_dora": config.use_dora,
+        "inference_mode": True,
+        "base_model_name_or_path": state.base_model_name,
+    })
+
+
+def from_peft_config(data: dict[str, Any]) -> LoraConfig:
+    unsupported = {
+        k: data[k]
+        for k in ("layers_to_transform", "megatron_config")
+        if data.get(k) not in (None, False, [], {})
+    }
+    if unsupported:
+        raise ConfigError(f"HF PEFT LoRA options not supported by peftlab: {unsupported}")
+    targets = data.get("target_modules")
+    if isinstance(targets, (list, set, tuple)):
+        targets = sorted(targets)
+    return LoraConfig(
+        r=data["r"],
+        alpha=data.get("lora_alpha", 8),
+        dropout=data.get("lora_dropout", 0.0),
+        use_rslora=data.get("use_rslora", False),
+        bias=data.get("bias", "none"),
+        target_modules=targets,
+        rank_pattern=data.get("rank_pattern") or {},
+        alpha_pattern=data.get("alpha_pattern") or {},
+        modules_to_save=data.get("modules_to_save"),
+        use_dora=bool(data.get("use_dora", False)),
+        init=from_peft_init(data),
+    )
+
+
+def to_peft_init(config) -> tuple[Any, dict[str, Any]]:
+    """(init_lora_weights, extra config keys) for an exported adapter (already trained: no init runs in peft).
+
+    PiSSA/OLoRA export as the converted plain LoRA (rank 2r, see the module docstring), so ``True``;
+    LoftQ exports ``True`` too: the adapter applies to the LoftQ-quantized base, as HF PEFT's own recipe
+    saves it.
+    """
+    kind, _ = parse_init(config.init)
+    return ("gaussian" if kind == "gaussian" else True), {}
+
+
+def from_peft_init(data: dict[str, Any]) -> str:
+    """Our ``init`` for a HF PEFT ``init_lora_weights`` (+ ``loftq_config``)."""
+    value = data.get("init_lora_weights", True)
+    if value is True or value is False or value is None:
+        return "default"
+    if isinstance(value, str):
+        if value == "loftq":
+            cfg = data.get("loftq_config") or {}
+            bits = cfg.get("loftq_bits", 4)
+            if bits != 4:
+                raise ConfigError(f"HF PEFT LoftQ with loftq_bits={bits} is not supported by peftlab (4 only)")
+            iters = cfg.get("loftq_iter", 1)
+            return "loftq" if iters == 1 else f"loftq_iter_{iters}"
+        try:
+            parse_init(value)
+            return value
+        except ConfigError:
+            pass
+    raise ConfigError(
+        f"HF PEFT init_lora_weights={value!r} is not supported by peftlab; supported: True, False, "
+        f"{', '.join(VALID_INITS[1:])}"
+    )

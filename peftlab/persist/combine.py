@@ -1,0 +1,213 @@
+r"""Combine several LoRA / AdaLoRA adapters of one model into a new LoRA adapter.
+
+With adapters i = 1..n, weights wᵢ and per-layer updates ΔWᵢ = sᵢ Bᵢ Aᵢ (AdaLoRA: sᵢ Pᵢ (Λᵢ Qᵢ)):
+
+* ``cat``: exact. A = [A₁; …; Aₙ] (Σrᵢ × d_in), B = [w₁s₁B₁ | … | wₙsₙBₙ] (d_out × Σrᵢ), s = 1, so
+  B A = Σ wᵢ ΔWᵢ.
+* ``linear``: exactly Σ wᵢ ΔWᵢ, for adapters of equal rank (stored as ``cat`` does, rank n·r).
+  HF PEFT's ``linear`` instead averages A and B separately with √wᵢ, so its B A carries cross terms
+  Bᵢ Aⱼ (i ≠ j) and is not Σ wᵢ ΔWᵢ (peft issue #3004); ``svd`` with ``rank=r`` gives the best
+  rank-r approximation of the exact sum.
+* ``svd``: the best rank-k approximation (Eckart–Young) of Σ wᵢ ΔWᵢ: ΔW = U S Vᵀ, B = U_k S_k,
+  A = V_kᵀ, s = 1; its error ‖ΔW − BA‖_F equals the norm of the discarded singular values.
+* ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: the task-arithmetic merges of
+  TIES (Yadav et al., 2023: trim to ``density`` by magnitude, elect the sign by total mass, mean of
+  the agreeing entries), DARE (Yu et al., 2023: drop entries with probability 1 − density and
+  rescale by 1/density, seeded, unbiased) and magnitude pruning, applied to the dense wᵢ ΔWᵢ and
+  followed by SVD back to rank k, as HF PEFT's ``*_svd`` modes.
+
+Everything is computed in fp32 (so bf16 and fp16 models work; HF PEFT's SVD fails in half
+precision, peft #1353) and the result is cast to the adapter dtype. Bottleneck adapters and
+prefixes are not linear in their weights, so they cannot be combined.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..core.registry import get_method
+from ..core.state import adapters, get_state, slots_of
+from ..methods.lora.config import LoraConfig
+from ..util.errors import ConfigError, WrapError
+from .format import wrap_and_load
+
+MODES = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def combine(
+    model: nn.Module,
+    names: Sequence[str],
+    weights: Sequence[float],
+    how: str = "cat",
+    new_name: str = "combined",
+    rank: int | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+) -> str:
+    """Write a new LoRA adapter ``new_name`` that combines ``names`` (see the module docstring).
+
+    Args:
+        names, weights: the adapters and one weight each.
+        how: one of :data:`MODES`.
+        rank: k for the SVD modes (default: the largest input rank).
+        density: fraction of entries kept, for ties/dare/magnitude_prune (required there).
+        seed: seeds DARE's random drop (reproducible).
+
+    Returns the new adapter's name. The model's active adapters do not change; the new adapter is
+    frozen (activate or train it with :func:`peftlab.set_active_adapters`).
+    """
+    names, weights = list(names), [float(w) for w in weights]
+    _validate(model, names, weights, how, new_name, density)
+    slot_maps = [_target_slots(model, n) for n in names]
+    targets = list(slot_maps[0])
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for path in targets:
+        slots = [m[path] for m in slot_maps]
+        if how in ("cat", "linear"):
+            factors = [s.low_rank_factors() for s in slots]
+            a = torch.cat([f[0].detach().float() for f in factors], dim=0)
+            b = torch.cat([w * f[2] * f[1].detach().float() for f, w in zip(factors, weights)], dim=1)
+        else:
+            deltas = [s.delta_weight().detach().float() for s in slots]
+            merged = combine_deltas(deltas, weights, how, density, gen)
+            k = min(rank or max(slot_rank(s) for s in slots), min(merged.shape))
+            a, b = best_rank_k_factors(merged, k)
+        tensors[f"{path}.lora_A"], tensors[f"{path}.lora_B"] = a, b
+        ranks[path] = a.shape[0]
+    r = max(ranks.values())
+    pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+    config = LoraConfig(
+        r=r,
+        alpha=float(r),  # s = alpha / r = 1: the scale lives in B
+        target_modules=targets,
+        rank_pattern=pattern,
+        alpha_pattern={p: float(k) for p, k in pattern.items()},
+        adapter_name=new_name,
+    )
+    wrap_and_load(model, config, tensors)
+    return new_name
+
+
+def _target_slots(model: nn.Module, name: str) -> dict:
+    """{path: slot} of the adapter's targets (its ``modules_to_save`` head copies are not combined)."""
+    targets = set(adapters(model)[name].targets)
+    return {path: slot for path, slot in slots_of(model, name).items() if path in targets}
+
+
+def slot_rank(slot) -> int:
+    factors = slot.low_rank_factors()
+    return factors[0].shape[0] if factors is not None else min(slot.delta_weight().shape)
+
+
+def best_rank_k_factors(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (V_kᵀ, U_k S_k) of the fp32 SVD of ``delta`` (d_out, d_in): B A is the best rank-k approximation."""
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return vh[:k], u[:, :k] * s[:k]
+
+
+def combine_deltas(
+    deltas: list[torch.Tensor],
+    weights: Sequence[float],
+    how: str,
+    density: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The merged dense update of the SVD modes, from per-adapter ΔWᵢ (each already scaled by sᵢ).
+
+    ``svd``: Σ wᵢ ΔWᵢ. ``magnitude_prune``: Σ wᵢ trim(ΔWᵢ). ``dare_linear``: Σ wᵢ drop(ΔWᵢ).
+    ``ties`` / ``dare_ties``: trim (or drop); elect each entry's sign as the sign of the sum of the
+    trimmed ΔWᵢ; then Σ of the weighted entries that agree with it, divided by their count.
+    """
+    w = torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * deltas[0].dim()))
+    stack = torch.stack([d.float() for d in deltas])
+    if how == "svd":
+        return (w * stack).sum(0)
+    if how in ("ties", "magnitude_prune"):
+        stack = torch.stack([trim(d, density) for d in stack])
+    elif how in ("dare_linear", "dare_ties"):
+        stack = torch.stack([drop(d, density, generator) for d in stack])
+    weighted = w * stack
+    if how in ("magnitude_prune", "dare_linear"):
+        return weighted.sum(0)
+    # TIES: the sign is elected on the trimmed task vectors (before weighting), as in the paper
+    elected = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = stack.sign() == elected
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the int(density·numel) entries of largest magnitude, zero the rest."""
+    k = int(density * delta.numel())
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[delta.abs().reshape(-1).topk(k).indices] = True
+    return delta * keep.view(delta.shape)
+
+
+def drop(delta: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale by 1/density (unbiased)."""
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return delta * keep / density
+
+
+def _validate(model, names, weights, how, new_name, density) -> None:
+    states = adapters(model)
+    if not states:
+        get_state(model)
+    if how not in MODES:
+        raise ConfigError(f"unknown combination how={how!r}; valid: {', '.join(MODES)}")
+    if not names:
+        raise ConfigError("combine() needs at least one adapter name")
+    unknown = [n for n in names if n not in states]
+    if unknown:
+        raise WrapError(f"unknown adapter name(s) {unknown}; this model has: {', '.join(states)}")
+    if len(weights) != len(names):
+        raise ConfigError(f"got {len(weights)} weights for {len(names)} adapters; give one weight per adapter")
+    if new_name in states:
+        raise WrapError(f"an adapter named {new_name!r} already exists; pick another new_name")
+    methods = {n: states[n].config.method for n in names}
+    if len(set(methods.values())) > 1:
+        raise ConfigError(f"cannot combine adapters of different methods: {methods}; combine one method at a time")
+    stacked = how in ("cat", "linear")
+    for n in names:
+        if not get_method(methods[n]).folds_into_base or not states[n].targets:
+            raise ConfigError(
+                f"cannot combine adapter {n!r} ({methods[n]}): it does not live in the layers' weights (e.g. a prefix), "
+                f"so a weighted sum of its tensors is not a sum of effects; LoRA-family adapters combine"
+            )
+        for path, slot in _target_slots(model, n).items():
+            if stacked and slot.low_rank_factors() is None:
+                raise ConfigError(
+                    f"how={how!r} stacks low-rank factors, but adapter {n!r} ({methods[n]}, {type(slot).__name__} on "
+                    f"{path}) is not a plain low-rank product s·B A"
+                    + ("; use how='svd' (built from each exact ΔW)" if slot.mergeable else
+                       ": bottleneck adapters and prefixes are not linear in their weights, so they cannot be combined")
+                )
+            if not slot.mergeable:
+                raise ConfigError(
+                    f"cannot combine adapter {n!r} ({methods[n]}): {type(slot).__name__} is not linear in its weights, "
+                    f"so a weighted sum of weights is not a sum of effects; LoRA-family adapters combine"
+                )
+    target_sets = {n: set(states[n].targets) for n in names}
+    first = names[0]
+    for n in names[1:]:
+        if target_sets[n] != target_sets[first]:
+            diff = sorted(target_sets[n] ^ target_sets[first])
+            raise ConfigError(
+                f"adapters {first!r} and {n!r} adapt different modules (e.g. {diff[:3]}); combine needs the same targets"
+            )
+    if how == "linear":
+        ranks = {n: sorted({slot_rank(s) for s in _target_slots(model, n).values()}) for n in names}
+        if len({tuple(r) for r in ranks.values()}) > 1:
+            raise ConfigError(
+                f"how='linear' needs adapters of equal rank, got {ranks}; use how='cat' (exact, ranks add) or "
+                f"how='svd' (best rank-k approximation)"
+            )
+    if how in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        if density is None or not 0 < density <= 1:
+            raise ConfigError(f"how={how!r} needs density in (0, 1], got {density!r}")

@@ -1,0 +1,1 @@
+"""Serving: mixed batches, every row with its own adapter (routing hooks and the per-layer router)."""
