@@ -1,4 +1,4 @@
-"""AdaLoRA vs LoRA, and peftlab's AdaLoRA vs HF PEFT's, under one recipe and the same seeds (issue 18).
+"""AdaLoRA vs LoRA, and peftlab's AdaLoRA vs HF PEFT's, under one recipe and the same seeds.
 
 Every arm is one method + setting, trained on SST-2 (MiniLM-L6) for the same number of steps with the
 same data order per seed, best dev checkpoint kept, scored on the 872 test sentences; records carry

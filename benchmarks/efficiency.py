@@ -271,7 +271,7 @@ def _hf_peft_qlora(model_name, setup, opts):
 
 @register_config("peftlab-dora", default=False)
 def _peftlab_dora(model_name, setup, opts):
-    """DoRA (issue 16): LoRA's fused path + thin-product column norm (peftlab.methods.lora.dora)."""
+    """DoRA: LoRA's fused path + thin-product column norm (peftlab.methods.lora.dora)."""
     import peftlab
 
     model = load_base(model_name, setup, opts)

@@ -1,4 +1,4 @@
-r"""LoftQ reconstruction error on SmolLM2-135M's linear layers (issue 16).
+r"""LoftQ reconstruction error on SmolLM2-135M's linear layers.
 
     python benchmarks/loftq_error.py [--model smollm2-135m] [--ranks 16 64] [--iters 1 5]
         [--out benchmarks/results/loftq]

@@ -1,4 +1,4 @@
-"""Where a LoRA training step's time goes, against the floor (issue 22 §1: "measure where the gap goes").
+"""Where a LoRA training step's time goes, against the floor.
 
     python benchmarks/profile_step.py [--model smollm2-135m] [--configs floor-r0 peftlab-lora hf-peft-lora]
         [--steps 2] [--device cpu|cuda] [--dtype fp32|bf16] [--out benchmarks/results/profile]

@@ -1,4 +1,4 @@
-"""Recipe study (issue 18), phase 1 -> phase 2: pick each method's recipe on the dev split, write recipes.yaml.
+"""Recipe study, phase 1 -> phase 2: pick each method's recipe on the dev split, write recipes.yaml.
 
     python benchmarks/recipes.py choose [SEARCH_DIR] [OUT_YAML]
     python benchmarks/recipes.py table [RESULTS_DIR]     # phase 2's results as the README's table
@@ -40,7 +40,7 @@ FINAL_TRAIN = {
     "warmup_ratio": 0.06,
 }
 HEADER = """\
-# Recipe study, phase 2 (issue 18): the recipe each method won on the dev split in phase 1
+# Recipe study, phase 2: the recipe each method won on the dev split in phase 1
 # (recipes-search.yaml, benchmarks/results/recipes/search/report.md), at 2 epochs with 3 seeds, on the test set.
 # Written by `python benchmarks/recipes.py choose` ({note}); do not edit by hand.
 # MiniLM-L6, SST-2: 2 epochs of a seeded 20,000-sentence subset of the train split (1,250 steps of 32; each seed

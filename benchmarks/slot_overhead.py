@@ -1,4 +1,4 @@
-"""One LoRA adapter before and after the named-slot redesign (issue 14), interleaved, same machine, same run.
+"""One LoRA adapter before and after the named-slot redesign, interleaved, same machine, same run.
 
 ``before`` is peftlab at the commit before the redesign (a git worktree; its own ``efficiency.py``
 worker, its own package on PYTHONPATH); ``after`` is this checkout; HF PEFT LoRA is the peer, from

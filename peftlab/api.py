@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from .backends.quant.model import dequantize_model
+from .backends.quant.model import dequantize_model, logical_numel
 from .core.activation import _check_names, active_adapters, set_active_adapters, set_adapters_enabled
 from .core.config import PeftConfig
 from .core.inject import inject, train_extra_keys
@@ -314,9 +314,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = p.numel()
-        if type(p).__name__ == "Params4bit":
-            n *= 2
+        n = logical_numel(p)
         total += n
         if p.requires_grad:
             trainable += n

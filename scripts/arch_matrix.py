@@ -1,4 +1,4 @@
-"""Run the method x architecture matrix (tests/test_arch_matrix.py) and write its table into README.md.
+"""Run the method x architecture matrix (tests/contract/test_arch_matrix.py) and write its table into README.md.
 
 Usage: ``.venv/bin/python scripts/arch_matrix.py`` (runs every cell: a few minutes on 2 cores).
 """
@@ -11,6 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "contract"))
 
 import test_arch_matrix as matrix  # noqa: E402
 

@@ -341,7 +341,7 @@ def lora_delta(slot, x: torch.Tensor, scaling: float) -> torch.Tensor:
     return LoraBranchFunction.apply(x, slot.lora_A, slot.lora_B, scaling, p, seed)
 
 
-# ---- memory accounting rules: peftlab.estimator counts with these; tests/test_estimate.py checks them ----------
+# ---- memory accounting rules: peftlab.estimator counts with these; tests/estimator/test_estimate.py checks them ----------
 # ---- against what the autograd functions above actually save (keep the two in step) ---------------------------
 
 

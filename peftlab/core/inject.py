@@ -16,7 +16,7 @@ from torch import nn
 from ..util.errors import TargetError, WrapError
 from .config import PeftConfig, check_adapter_name
 from .head_copies import add_head_copies
-from .layer import AdapterLayer, Slot
+from .layer import SLOT_ROLES, AdapterLayer, Slot
 from .registry import Injected, Method
 from .state import (
     ACTIVE_ATTR,
@@ -54,7 +54,8 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
 
 
 def _in_adapter_store(path: str) -> bool:
-    return any(f".{role}." in f".{path}." for role in ("modules_to_save", "adapter_down", "adapter_up"))
+    """Whether ``path`` lies inside a wrapper's per-role adapter dict (a head copy, a bottleneck's layers...)."""
+    return any(f".{role}." in f".{path}." for role in SLOT_ROLES)
 
 
 class Injection:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..util.errors import AdapterFileError
-from .head_copies import ROLE
+from .head_copies import ROLE as HEAD_COPY_ROLE
 from .layer import SLOT_ROLES, weight_shape
 from .state import get_state, wrapped_layers
 
@@ -24,7 +24,7 @@ def nameless(key: str, adapter_name: str) -> str:
     ``q.lora_A.<name>`` -> ``q.lora_A``; ``classifier.modules_to_save.<name>.weight`` ->
     ``classifier.weight``; ``peftlab_prefix.<name>.embedding.weight`` -> ``peftlab_prefix.embedding.weight``.
     """
-    key = key.replace(f".{ROLE}.{adapter_name}.", ".")
+    key = key.replace(f".{HEAD_COPY_ROLE}.{adapter_name}.", ".")
     roles = "|".join(re.escape(r) for r in sorted(SLOT_ROLES))
     return re.sub(rf"(^|\.)({roles})\.{re.escape(adapter_name)}(?=\.|$)", r"\1\2", key)
 

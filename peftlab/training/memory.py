@@ -202,7 +202,7 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
-# ---- memory accounting rules: peftlab.estimate counts with these; tests/test_estimate.py checks them ----------
+# ---- memory accounting rules: peftlab.estimate counts with these; tests/estimator/test_estimate.py checks them ----------
 # ---- against what the checkpoint contexts above actually keep (keep the two in step) ---------------------------
 
 #: Ops whose outputs ``selective=True`` keeps (the names behind :func:`_keep_matmuls`'s ``ops``).

@@ -1,4 +1,4 @@
-"""Sweeps lose nothing and leave nothing running (issue 19, item 6).
+"""Sweeps lose nothing and leave nothing running.
 
 * the run id covers the data source and the label, so ``--data hf`` after a local run, or two
   entries differing only by label, are separate runs with separate rows;

@@ -8,7 +8,7 @@ The same global batches of 8 rows in the same order go to every scenario:
 
 * single: 1 process × batch 8;  accum: 1 process × grad_accum 2 × batch 4;
 * ddp: 2 processes × batch 4 (accelerate's DDP);  fsdp: 2 processes × batch 4 (FSDP2 per BertLayer + root);
-* trainer / trainer-resume: transformers.Trainer with PeftlabCallback (see tests/test_trainer.py).
+* trainer / trainer-resume: transformers.Trainer with PeftlabCallback (see tests/training/test_trainer.py).
 """
 
 from __future__ import annotations

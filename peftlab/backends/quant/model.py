@@ -181,7 +181,8 @@ def _quant_state_tensors(module: nn.Module, tensor: torch.Tensor) -> list[torch.
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def _logical_numel(tensor: torch.Tensor) -> int:
+def logical_numel(tensor: torch.Tensor) -> int:
+    """Elements of the logical (unpacked) weight: a 4-bit tensor packs two values per byte."""
     state = getattr(tensor, "quant_state", None)
     if state is not None and type(tensor).__name__ == "Params4bit":
         return int(torch.Size(state.shape).numel())
@@ -221,7 +222,7 @@ def memory_report(model: nn.Module) -> dict[str, Any]:
             if b == 0:
                 continue
             size += b + sum(nbytes(x) for x in _quant_state_tensors(module, t))
-            params += _logical_numel(t) if is_param else 0
+            params += logical_numel(t) if is_param else 0
         if size == 0:  # no tensors of its own, or only tied ones already counted
             continue
         entry = kinds.setdefault(type(module).__name__, {"modules": 0, "params": 0, "bytes": 0})

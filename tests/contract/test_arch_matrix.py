@@ -37,7 +37,7 @@ from peftlab.util.errors import MergeError, PeftlabError
 METHODS = ["LoRA", "AdaLoRA", "prefix", "Houlsby", "Pfeiffer", "parallel"]
 PEFT_METHODS = {"LoRA", "AdaLoRA", "prefix"}
 MERGEABLE = {"LoRA", "AdaLoRA", "prefix"}
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BEGIN, END = "<!-- arch-matrix:begin -->", "<!-- arch-matrix:end -->"
 
 

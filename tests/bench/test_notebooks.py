@@ -10,7 +10,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def run(name: str, env: dict | None = None) -> list:
@@ -42,7 +42,7 @@ def test_results_notebook(tmp_path, sst2_dir):
     from peftlab.bench.runner import run_sweep
     from peftlab.bench.sweep import expand, load_sweep
 
-    sweep = load_sweep(Path(__file__).resolve().parents[1] / "benchmarks" / "sweeps" / "ci.yaml")
+    sweep = load_sweep(Path(__file__).resolve().parents[2] / "benchmarks" / "sweeps" / "ci.yaml")
     sweep["methods"] = sweep["methods"][:2]
     run_sweep(expand(sweep), tmp_path, progress=False)
     outputs = run("results.ipynb", {"PEFTLAB_RESULTS": str(tmp_path)})

@@ -1,7 +1,7 @@
 """transformers.Trainer with peftlab.PeftlabCallback, one process: adapter-only checkpoints and exact resume.
 
 The scenarios (tests/dist_scripts/trainer_scenarios.py) train MiniLM-L6 + AdaLoRA for 6 steps with
-checkpoints at steps 3 and 6; the 2-process (DDP) versions run in tests/test_distributed.py.
+checkpoints at steps 3 and 6; the 2-process (DDP) versions run in tests/training/test_distributed.py.
 """
 
 from __future__ import annotations

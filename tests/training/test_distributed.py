@@ -3,7 +3,7 @@ accumulation options.
 
 One ``torchrun --nproc_per_node 2`` launch of ``tests/dist_scripts/equivalence.py`` trains MiniLM-L6 + LoRA
 under DDP (accelerate), then under FSDP2 (``fully_shard`` per BertLayer + root), then runs the Trainer
-scenarios of tests/test_trainer.py, all in the same two processes (one start-up, ~1 min on 2 cores). The
+scenarios of tests/training/test_trainer.py, all in the same two processes (one start-up, ~1 min on 2 cores). The
 one-process references (batch 8; grad_accum 2 × batch 4) run in this process. Every scenario sees the same
 global batches of 8 SST-2 rows in the same order, dropout off, gradient clipping active on every step.
 """

@@ -1,6 +1,6 @@
 """The CLI reports a user error as one line on stderr with exit status 2, never a traceback.
 
-Covers issue 19's CLI cases: an unknown ``--model`` fails at once (no minute of hub retries),
+Covers the CLI cases: an unknown ``--model`` fails at once (no minute of hub retries),
 ``--set`` with an unknown key, malformed sweep YAML, ``--out`` naming an existing file, an adapter
 folder given as ``--model``; and ``load_quantized`` on an adapter folder.
 """

@@ -1,4 +1,4 @@
-"""LoRA variants (issue 16): DoRA against a direct fp64 implementation of its formula and against HF PEFT,
+"""LoRA variants: DoRA against a direct fp64 implementation of its formula and against HF PEFT,
 and the initialisations (gaussian, PiSSA, OLoRA, LoftQ) against HF PEFT's ``init_lora_weights``.
 
 DoRA: W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_row with the norm a constant in backward; y = W' x + b.
