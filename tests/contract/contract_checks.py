@@ -42,10 +42,10 @@ def wrapped(make_config, family: str, names=("a",)):
 
 
 def merges(model, name: str) -> bool:
-    """Whether the adapter can be folded: every slot mergeable (or a head copy), and its method folds."""
-    state = model.peftlab_adapters[name]
+    """Whether ``merge`` takes the adapter: every slot mergeable (or a head copy); a method without slots
+    (prefix tuning) merges through its own hook."""
     slots = [m.slots[name] for m in model.modules() if isinstance(m, AdapterLayer) and name in m.slots]
-    return get_method(state.config.method).folds_into_base and all(s.mergeable or s.replaces_base for s in slots)
+    return all(s.mergeable or s.replaces_base for s in slots)
 
 
 def check_identity_at_init(make_config, family: str) -> None:
