@@ -87,7 +87,9 @@ def build_base(cfg: dict, device: str, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = 0
-    return model.to(device=device, dtype=dtype)
+    # no .to(dtype): the parameters are already in dtype, and the rotary inv_freq buffer stays fp32 (as
+    # from_pretrained(dtype=...) leaves it)
+    return model
 
 
 def lora_config(method: str, library: str):
@@ -103,9 +105,11 @@ def lora_config(method: str, library: str):
 
 def hf_quantize_4bit(model, device: str, compute_dtype: torch.dtype):
     """Every ``nn.Linear`` but the output head → bitsandbytes ``Linear4bit`` (NF4, double quant, blocksize 64),
-    as transformers' ``BitsAndBytesConfig`` loader does; then HF PEFT's ``prepare_model_for_kbit_training``
-    rule without checkpointing (everything frozen; non-4-bit float weights cast to fp32)."""
+    as transformers' ``BitsAndBytesConfig`` loader does (and its flag ``is_loaded_in_4bit``, which HF PEFT reads
+    to pick its bitsandbytes LoRA layer); then ``peft.prepare_model_for_kbit_training`` without checkpointing
+    (everything frozen; non-4-bit float weights cast to fp32)."""
     import bitsandbytes as bnb
+    import peft
 
     head = model.get_output_embeddings()
     for name, module in list(model.named_modules()):
@@ -121,11 +125,8 @@ def hf_quantize_4bit(model, device: str, compute_dtype: torch.dtype):
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, child_name, q)
-    for p in model.parameters():
-        p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16) and type(p).__name__ != "Params4bit":
-            p.data = p.data.float()
-    return model
+    model.is_loaded_in_4bit = True
+    return peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def build_train(task: dict, spec: dict):
@@ -152,7 +153,7 @@ def build_train(task: dict, spec: dict):
         else:
             import peft
 
-            hf_quantize_4bit(model, device, dtype)
+            model = hf_quantize_4bit(model, device, dtype)
             torch.manual_seed(1)
             model = peft.get_peft_model(model, lora_config(method, library))
         notes.insert(0, "NF4 + double quant (bitsandbytes, blocksize 64), fp32 embeddings/norms/head; LoRA r=16 all-linear")
@@ -190,6 +191,8 @@ def build_train(task: dict, spec: dict):
 def run_train(task: dict, spec: dict) -> dict:
     device = spec["device"]
     reset_peak(device)
+    # what a previous task left allocated (should be ~0: a leak would inflate this task's peak)
+    before = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
     t_build = time.perf_counter()
     model, loss_fn, settings = build_train(task, spec)
     build_s = time.perf_counter() - t_build
@@ -215,7 +218,7 @@ def run_train(task: dict, spec: dict) -> dict:
     row = {"kind": "train", "model": task["model"], "method": task["method"], "library": task["library"],
            "batch": task["batch"], "seq": task["seq"], "settings": settings,
            "tokens_per_s": task["batch"] * task["seq"] / step, "peak_mib": peak_mib(device),
-           "losses": losses, "step_s": times, "build_s": build_s, "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+           "losses": losses, "step_s": times, "build_s": build_s, "allocated_before_mib": before, "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
     del model, opt, loss_fn, trainable
     reset_peak(device)
     return row
