@@ -253,6 +253,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes at once: 1 on a GPU (timings), default 2 in a dry run")  # fmt: skip
     parser.add_argument("--out", default=None)
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore an existing scale-raw.json in --out (by default the other part's rows are kept)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="join the scale-raw.json of DIRs into --out")
     args = parser.parse_args()
     if args.merge:
@@ -289,6 +291,16 @@ def main() -> int:
     raw = {"device": device, "date": date, "commit": commit(), "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
            "dry_run": args.dry_run, "parts": parts, "rounds": args.rounds, "budget_s": budget, "torch": torch.__version__,
            "processes": [], "skipped": []}  # fmt: skip
+    previous = out / "scale-raw.json"
+    if not args.dry_run and not args.fresh and previous.is_file():  # the other part's call, same device: keep it
+        old = json.loads(previous.read_text())
+        if old.get("device") == device and not old.get("dry_run"):
+            raw["processes"] = [p for p in old["processes"] if p["part"] not in parts]
+            raw["skipped"] = [s for s in old["skipped"] if s["part"] not in parts]
+            raw["parts"] = sorted({p["part"] for p in raw["processes"]} | set(parts))
+            raw["earlier"] = {k: old.get(k) for k in ("command", "commit", "date", "seconds")}
+            log(f"kept {len(raw['processes'])} process(es) of part(s) {sorted({p['part'] for p in raw['processes']})} "
+                f"from {previous} (--fresh to drop them)")  # fmt: skip
     groups = [parts] if args.dry_run else [[p] for p in parts]
     for index, group in enumerate(groups):
         # an even share of what is left for each remaining part
