@@ -142,7 +142,8 @@ def plan(parts: list[str], args) -> dict[tuple[str, str], list[dict]]:
 
 def run_process(key, tasks, args, round_index: int, timeout: float) -> dict:
     """One worker process; returns {"rows": [...], "seconds", "returncode", "stderr_tail"}."""
-    spec = {"device": args.device, "dry_run": args.dry_run, "round": round_index, "tasks": tasks}
+    spec = {"device": args.device, "dry_run": args.dry_run, "round": round_index, "tasks": tasks,
+            "checkpointing": {"peftlab": args.ckpt_peftlab, "hf-peft": args.ckpt_hf}}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.dry_run:  # the CPU: torch paths (the kernels' interpreter tests are tests/kernels), one thread
         env.pop("TRITON_INTERPRET", None)
@@ -249,6 +250,9 @@ def main() -> int:
     parser.add_argument("--models-1", nargs="+", default=["llama-3.1-8b"], choices=list(MODELS))
     parser.add_argument("--models-2", nargs="+", default=["llama-3.2-1b"], choices=list(MODELS))
     parser.add_argument("--no-qlora", dest="qlora", action="store_false")
+    parser.add_argument("--ckpt-peftlab", default="none", choices=["none", "selective", "full"],
+                        help="peftlab rows' gradient checkpointing (stated in settings)")
+    parser.add_argument("--ckpt-hf", default="none", choices=["none", "full"], help="HF PEFT rows' gradient checkpointing")
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, kernels in Triton's interpreter")
     parser.add_argument("--jobs", type=int, default=None,
                         help="processes at once: 1 on a GPU (timings), default 2 in a dry run")  # fmt: skip

@@ -23,6 +23,10 @@ Methods (LoRA r = 16, alpha 32, dropout 0, all linear layers but the head, in bo
   (the embedding output requires grad), peftlab's loss; what any adapter step pays on top of;
 * ``lora`` / ``dora``: ``peftlab.wrap(model, LoraConfig(..., use_dora=...))`` vs
   ``peft.get_peft_model(model, peft.LoraConfig(...))``;
+Checkpointing (``spec["checkpointing"]``, from scale.py's ``--ckpt-peftlab`` / ``--ckpt-hf``): none by default
+(both fit an H200 at 2048 tokens); ``selective`` / ``full`` for peftlab (``peftlab.enable_gradient_checkpointing``),
+``full`` for HF PEFT (transformers' ``gradient_checkpointing_enable``, non-reentrant); stated in ``settings``.
+
 * ``qlora``: NF4 + double quantization (bitsandbytes, blocksize 64, compute bf16) of every linear but the
   head, non-quantized weights cast to fp32 (both libraries' QLoRA recipe: ``peftlab.quantize`` +
   ``peftlab.prepare_for_kbit_training`` vs bitsandbytes' ``Linear4bit`` swap + HF PEFT's
@@ -170,6 +174,16 @@ def build_train(task: dict, spec: dict):
         notes.insert(0, f"{'DoRA' if method == 'dora' else 'LoRA'} r=16 alpha=32 all-linear, dropout 0")
     if method != "floor":
         match_lora_init(model)
+    ckpt = spec.get("checkpointing", {}).get(library, "none")
+    if ckpt != "none" and method != "floor":
+        if library == "peftlab":
+            import peftlab
+
+            peftlab.enable_gradient_checkpointing(model, selective=ckpt == "selective")
+        else:  # transformers' own, as HF PEFT's docs use it (non-reentrant; inputs require grad)
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        notes[notes.index("no checkpointing")] = f"{ckpt} gradient checkpointing"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (task["batch"], task["seq"]), generator=gen).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -182,7 +196,8 @@ def build_train(task: dict, spec: dict):
             notes.append("peftlab chunked LM-head cross-entropy")
         except ImportError:
             notes.append("model(**batch).loss (peftlab.losses not found)")
-        notes.append("peftlab kernels: use_kernel=auto")
+        if method != "floor":
+            notes.append("peftlab kernels: use_kernel=auto")
     else:
         notes.append("model(**batch).loss")
     return model, loss_fn, "; ".join(notes)

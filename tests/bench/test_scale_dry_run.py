@@ -175,3 +175,22 @@ def test_merge_joins_two_calls(tmp_path):
     data = json.loads((out / "scale.json").read_text())
     assert len(data["train"]) == 2 and data["kernel"][0]["shape"] == "8x4x4" and data["device"] == "GPU X"
     assert json.loads((out / "scale-raw.json").read_text())["parts"] == ["1", "2"]
+
+
+def test_real_configs_have_the_published_parameter_counts():
+    """The inline configs are the real ones: built on the meta device (no memory), the parameter counts equal
+    the published models' (Llama-3.2-1B 1,235,814,400 with tied embeddings; Llama-3.1-8B 8,030,261,248; the
+    Qwen3-8B-shaped Llama is Qwen3-8B's 8,190,735,360 minus its 36 × 2 × 128 q/k-norm weights)."""
+    import torch
+
+    import scale
+    import scale_worker
+
+    want = {"llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "qwen3-8b-shapes": 8_190_735_360 - 36 * 2 * 128}
+    for name, count in want.items():
+        model = scale_worker.build_base(scale.MODELS[name], "meta", torch.bfloat16)
+        assert sum(p.numel() for p in model.parameters()) == count, name
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # not rounded to bf16
+    assert set(scale.TOY) == set(scale.MODELS)
+
