@@ -47,7 +47,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -160,9 +159,9 @@ def run_process(key, tasks, args, round_index: int, timeout: float) -> dict:
         code = f"killed at its cap ({timeout:.0f} s)"
     rows = []
     for line in out.splitlines():
-        if line.startswith("{"):
+        if line.startswith("SCALE_ROW "):  # scale_worker.MARK
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line[len("SCALE_ROW "):]))
             except json.JSONDecodeError:
                 pass
     return {"part": key[0], "library": key[1], "round": round_index, "rows": rows, "returncode": code,
@@ -181,7 +180,7 @@ def run_part(part: list[str], args, deadline: float, log) -> tuple[list[dict], l
 
             cap = max(1.0, deadline - time.monotonic())
             with ThreadPoolExecutor(args.jobs) as pool:
-                records = list(pool.map(lambda key: run_process(key, tasks[key], args, round_index, cap), order))
+                records = list(pool.map(lambda key, r=round_index, c=cap: run_process(key, tasks[key], args, r, c), order))
             procs += records
             for record in records:
                 log(f"part {record['part']} round {round_index} {record['library']}: {record['seconds']:.0f} s, "

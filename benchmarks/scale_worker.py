@@ -3,7 +3,7 @@ r"""One process of ``benchmarks/scale.py``: one library's tasks (train steps, de
     python benchmarks/scale_worker.py '<json spec>'     # started by scale.py, never by hand
 
 The spec names the library (``floor`` | ``peftlab`` | ``hf-peft`` | ``kernel``), the device, the dry-run
-flag and a list of tasks; every finished task prints one JSON line at once (so a process killed at its cap
+flag and a list of tasks; every finished task prints one line, "SCALE_ROW <json>", at once (so a process killed at its cap
 keeps what it finished). Between tasks the model is freed and the CUDA peak is reset, so each train row's
 ``peak_mib`` (``torch.cuda.max_memory_allocated``) is that task's alone: the model's weights plus the
 training step, measured from after the model was built.
@@ -53,8 +53,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 RANK, ALPHA = 16, 32
 
 
+#: Prefix of the worker's result lines on stdout (anything else a library prints there is ignored).
+MARK = "SCALE_ROW "
+
+
 def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
+    print(MARK + json.dumps(row), flush=True)
 
 
 def sync(device: str) -> None:
@@ -116,7 +120,7 @@ def hf_quantize_4bit(model, device: str, compute_dtype: torch.dtype):
     import peft
 
     head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, torch.nn.Linear) or child is head:
                 continue
@@ -296,7 +300,8 @@ def run_decode(task: dict, spec: dict) -> dict:
     row = {"kind": "decode", "model": task["model"], "adapters": n, "batch": task["batch"], "library": library,
            "tokens_per_s": task["batch"] * (task["new_tokens"] - 1) / delta, "deltas_s": deltas,
            "prompt": task["prompt"], "new_tokens": task["new_tokens"]}  # fmt: skip
-    del model
+    del generate
+    model = None  # the closure's cell: frees the model before the next task
     reset_peak(device)
     return row
 
@@ -322,6 +327,7 @@ def _time(fn, device: str, repeats: int, cap_s: float) -> float:
 def run_kernel(task: dict, spec: dict) -> dict:
     """base (frozen nn.Linear, dX only) vs peftlab's LoRA linear (default dispatch) vs HF PEFT's lora.Linear."""
     import peft
+
     import peftlab
 
     device = spec["device"]

@@ -111,8 +111,8 @@ def markdown(rows: list[dict], title: str, dry: bool) -> str:
         fused = get.get(("triton-fused", N, K, r))
         f_ms = fused["ms"] if fused else None
 
-        def ratio(name):
-            other = get.get((name, N, K, r))
+        def ratio(name, key=(N, K, r), f_ms=f_ms):
+            other = get.get((name, *key))
             return f"{other['ms'] / f_ms:.2f}" if f_ms and other and other["ms"] else "–"
 
         gb_s = f"{fused['gb_s']:.0f}" if fused and fused["gb_s"] else "–"

@@ -181,10 +181,9 @@ def test_real_configs_have_the_published_parameter_counts():
     """The inline configs are the real ones: built on the meta device (no memory), the parameter counts equal
     the published models' (Llama-3.2-1B 1,235,814,400 with tied embeddings; Llama-3.1-8B 8,030,261,248; the
     Qwen3-8B-shaped Llama is Qwen3-8B's 8,190,735,360 minus its 36 × 2 × 128 q/k-norm weights)."""
-    import torch
-
     import scale
     import scale_worker
+    import torch
 
     want = {"llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "qwen3-8b-shapes": 8_190_735_360 - 36 * 2 * 128}
     for name, count in want.items():
