@@ -4,9 +4,10 @@
 #      and Llama-3.2-1B with random weights on the device and writes scale.json / scale.md into DIR: train steps
 #      (floor, LoRA, DoRA, QLoRA; peftlab vs HF PEFT, 2048 tokens), one LoRA linear, 16-adapter decode. Two
 #      parts, one device call each (≤ 8 min: ~6.5 min of scale + ~40 s of this script), --scale-part 1|2:
-#        bash benchmarks/gpu.sh --only scale --scale-part 1 --out /tmp/gpu ...            # 8B train rows
-#        bash benchmarks/gpu.sh --only scale,dora-norm --scale-part 2 --out /tmp/gpu ...  # 1B, kernel, decode
-#      (the same --out on a still-warm box: part 2 keeps part 1's rows; else `scale.py --merge DIR1 DIR2`)
+#        PYTHONPATH=$PWD/.gpu_carry bash benchmarks/gpu.sh --only scale --scale-part 1 --out "$OUT/gpu1"
+#        PYTHONPATH=$PWD/.gpu_carry bash benchmarks/gpu.sh --only scale,dora-norm --scale-part 2 --out "$OUT/gpu2"
+#      then here `python benchmarks/scale.py --merge DIR1 DIR2 --out benchmarks/results/gpu/<date>_<device>`
+#      (benchmarks/README.md; the same --out on a still-warm box: part 2 keeps part 1's rows by itself)
 #   0b. dora-norm: the fused DoRA norm kernel's tests on CUDA and its microbenchmark (benchmarks/kernels/dora_norm.py)
 #   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --tar) TAR="$2"; shift ;;
     --only) ONLY=",$2,"; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE, --only STEP,STEP, --scale-part 1|2|all)" >&2; exit 2 ;;
   esac
   shift
@@ -143,11 +144,11 @@ except Exception as exc:
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
 # 0. scale (issue 32): first, on a device nothing else has touched yet. One part fits one call: the scale.py
-#    budget (400 s) bounds it, rows that do not fit are skipped and listed; 450 s cap as a last resort.
+#    budget (380 s) bounds it, rows that do not fit are skipped and listed; 430 s cap as a last resort.
 if [ "$DRY" = 1 ]; then
   step scale "$(cap 300)" "$PY" benchmarks/scale.py --dry-run --out "$OUT"
 else
-  if [ "$SCALE_PART" = all ]; then SCALE_BUDGET=800; SCALE_CAP=850; else SCALE_BUDGET=400; SCALE_CAP=450; fi
+  if [ "$SCALE_PART" = all ]; then SCALE_BUDGET=800; SCALE_CAP=850; else SCALE_BUDGET=380; SCALE_CAP=430; fi
   step scale "$SCALE_CAP" "$PY" benchmarks/scale.py --part "$SCALE_PART" --budget "$SCALE_BUDGET" --out "$OUT"
 fi
 

@@ -27,8 +27,9 @@ a process stops taking steps past its own cap (after ≥ 1 timed step). What did
 **Time estimate on an H200** (from the 2026-11-26 runs: 22-26 s per process for imports, CUDA start and a
 135M model; an 8B bf16 build on the device adds ~5 s; Triton autotuning of the four 8B projection shapes
 ~20 s once; an 8B LoRA step at 2048 tokens ~0.2-0.5 s): part 1 ≈ 2 × (floor 40 + peftlab 90 + HF PEFT
-75) ≈ 410 s, part 2 ≈ kernel 45 + 2 × (floor+base 35 + peftlab 55 + HF PEFT 55) ≈ 335 s; each within
-``--budget 420`` (rows that do not fit are skipped, never the whole part), plus ~30 s of ``gpu.sh``.
+75) ≈ 410 s, part 2 ≈ kernel 45 + 2 × (floor+base 35 + peftlab 55 + HF PEFT 55) ≈ 335 s. ``gpu.sh`` gives
+each part ``--budget 380`` (a 430 s cap), so a call stays under 8 minutes with its ~40 s of start-up: in
+part 1, round 2's last process (the floor) is the one skipped when round 1 ran long.
 
 **Output** (``--out``, default ``benchmarks/results/gpu/<date>_<device>``): ``scale.json`` with exactly
 the issue's schema (aggregated over rounds: median tokens/s and ms, max peak memory, max loss
@@ -168,11 +169,12 @@ def run_process(key, tasks, args, round_index: int, timeout: float) -> dict:
             "seconds": time.perf_counter() - t0, "stderr_tail": (err or "")[-2500:]}  # fmt: skip
 
 
-def run_part(part: list[str], args, deadline: float, log) -> tuple[list[dict], list[dict]]:
-    """All processes of the parts over ``args.rounds`` rounds within ``deadline``: (process records, skipped)."""
+def run_part(part: list[str], args, deadline: float, log, raw: dict, save) -> None:
+    """All processes of the parts over ``args.rounds`` rounds within ``deadline``, appended to ``raw["processes"]``
+    (and ``raw["skipped"]``); ``save()`` after every process, so a call killed from outside keeps what finished."""
     tasks = plan(part, args)
     keys = list(tasks)
-    procs, skipped, took = [], [], {}
+    procs, skipped, took = raw["processes"], raw["skipped"], {}
     for round_index in range(1, args.rounds + 1):
         order = keys if round_index % 2 else keys[::-1]
         if args.jobs > 1:  # dry run only: processes side by side (the CPU's imports, not timings, matter there)
@@ -182,6 +184,7 @@ def run_part(part: list[str], args, deadline: float, log) -> tuple[list[dict], l
             with ThreadPoolExecutor(args.jobs) as pool:
                 records = list(pool.map(lambda key, r=round_index, c=cap: run_process(key, tasks[key], args, r, c), order))
             procs += records
+            save()
             for record in records:
                 log(f"part {record['part']} round {round_index} {record['library']}: {record['seconds']:.0f} s, "
                     f"exit {record['returncode']}, {len(record['rows'])} row(s)")  # fmt: skip
@@ -199,12 +202,12 @@ def run_part(part: list[str], args, deadline: float, log) -> tuple[list[dict], l
             record = run_process(key, tasks[key], args, round_index, cap)
             took[key] = record["seconds"]
             procs.append(record)
+            save()
             errors = [r for r in record["rows"] if "error" in r]
             log(f"  done in {record['seconds']:.0f} s, exit {record['returncode']}, {len(record['rows'])} row(s), "
                 f"{len(errors)} error(s)" + "".join(f"\n    {e['error'][:300]}" for e in errors))  # fmt: skip
             if record["returncode"] != 0 and not record["rows"]:
                 log("  stderr: " + record["stderr_tail"][-800:])
-    return procs, skipped
 
 
 def device_name(device: str) -> str:
@@ -308,10 +311,7 @@ def main() -> int:
     for index, group in enumerate(groups):
         # an even share of what is left for each remaining part
         part_deadline = time.monotonic() + (deadline - time.monotonic()) / (len(groups) - index)
-        procs, skipped = run_part(group, args, part_deadline, log)
-        raw["processes"] += procs
-        raw["skipped"] += skipped
-        write(out, raw)  # after every part: a call cut short keeps its finished part
+        run_part(group, args, part_deadline, log, raw, save=lambda: write(out, raw))
     raw["seconds"] = time.monotonic() - start
     result = write(out, raw)
     log(f"wrote {out / 'scale.json'}: {len(result['train'])} train, {len(result['kernel'])} kernel, "
