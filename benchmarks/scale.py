@@ -128,15 +128,19 @@ def jobs(part: str, args) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+#: A dry run's processes: its time is the CPU's imports (torch, transformers, peft: ~15 s a process), so the
+#: floor's tasks share peftlab's process and the kernel rows HF PEFT's (two processes, run side by side).
+DRY_PROCESS = {"floor": "peftlab", "peftlab": "peftlab", "hf-peft": "hf-peft", "kernel": "hf-peft"}
+
+
 def plan(parts: list[str], args) -> dict[tuple[str, str], list[dict]]:
-    """{(part, library): tasks} for the parts run now. A dry run puts every part's tasks of a library into one
-    process (part "1+2": four processes instead of seven; the CPU's imports dominate its time)."""
-    if not args.dry_run or len(parts) == 1:
+    """{(part, library): tasks} for the parts run now; a dry run joins all parts into two processes (DRY_PROCESS)."""
+    if not args.dry_run:
         return {k: v for part in parts for k, v in jobs(part, args).items()}
     merged: dict[tuple[str, str], list[dict]] = {}
     for part in parts:
         for (_, library), tasks in jobs(part, args).items():
-            merged.setdefault(("+".join(parts), library), []).extend(tasks)
+            merged.setdefault(("+".join(parts), DRY_PROCESS[library]), []).extend(tasks)
     return merged
 
 
@@ -211,9 +215,9 @@ def run_part(part: list[str], args, deadline: float, log, raw: dict, save) -> No
 
 
 def device_name(device: str) -> str:
-    import torch
-
     if device.startswith("cuda"):
+        import torch
+
         return torch.cuda.get_device_name()
     return "cpu"
 
@@ -272,15 +276,27 @@ def main() -> int:
         write(out, raw)
         print(f"merged {len(raws)} run(s) into {out / 'scale.json'}")
         return 0
-    import torch
+    if args.dry_run:  # no torch in this process: a dry run's time is imports
+        import importlib.metadata
 
-    args.device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+        torch_version = importlib.metadata.version("torch")
+        args.device = "cpu"
+    else:
+        import torch
+
+        torch_version = torch.__version__
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cpu" and not args.dry_run:
         print("scale.py: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
         return 2
     args.rounds = args.rounds or (1 if args.dry_run else 2)
     args.jobs = 1 if not args.dry_run else (args.jobs or 2)
-    args.qlora = args.qlora and bnb_available()
+    if args.dry_run:  # importing bitsandbytes imports torch (seconds); the workers import it anyway
+        import importlib.util
+
+        args.qlora = args.qlora and importlib.util.find_spec("bitsandbytes") is not None
+    else:
+        args.qlora = args.qlora and bnb_available()
     parts = ["1", "2"] if args.part == "all" else [args.part]
     budget = args.budget or 420.0 * len(parts) * (3 if args.dry_run else 1)
     device = device_name(args.device)
@@ -295,7 +311,7 @@ def main() -> int:
 
     log(f"device {device}, parts {parts}, rounds {args.rounds}, budget {budget:.0f} s, QLoRA rows: {args.qlora}")
     raw = {"device": device, "date": date, "commit": commit(), "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-           "dry_run": args.dry_run, "parts": parts, "rounds": args.rounds, "budget_s": budget, "torch": torch.__version__,
+           "dry_run": args.dry_run, "parts": parts, "rounds": args.rounds, "budget_s": budget, "torch": torch_version,
            "processes": [], "skipped": []}  # fmt: skip
     previous = out / "scale-raw.json"
     if not args.dry_run and not args.fresh and previous.is_file():  # the other part's call, same device: keep it
