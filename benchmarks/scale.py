@@ -28,8 +28,9 @@ a process stops taking steps past its own cap (after ≥ 1 timed step). What did
 135M model; an 8B bf16 build on the device adds ~5 s; Triton autotuning of the four 8B projection shapes
 ~20 s once; an 8B LoRA step at 2048 tokens ~0.2-0.5 s): part 1 ≈ 2 × (floor 40 + peftlab 90 + HF PEFT
 75) ≈ 410 s, part 2 ≈ kernel 45 + 2 × (floor+base 35 + peftlab 55 + HF PEFT 55) ≈ 335 s. ``gpu.sh`` gives
-each part ``--budget 380`` (a 430 s cap), so a call stays under 8 minutes with its ~40 s of start-up: in
-part 1, round 2's last process (the floor) is the one skipped when round 1 ran long.
+part 1 ``--budget 380`` and part 2 ``--budget 350`` (its call also runs the ~60 s ``dora-norm`` step), so a
+call stays under 8 minutes with its ~40 s of start-up: round 2's last process (the floor) is the one
+skipped when round 1 ran long.
 
 **Output** (``--out``, default ``benchmarks/results/gpu/<date>_<device>``): ``scale.json`` with exactly
 the issue's schema (aggregated over rounds: median tokens/s and ms, max peak memory, max loss
