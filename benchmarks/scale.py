@@ -224,6 +224,9 @@ def device_name(device: str) -> str:
 
 
 def commit() -> str:
+    """$PEFTLAB_COMMIT if set (a lent box's copy of .git may be stale: pass the local HEAD), else git's HEAD."""
+    if os.environ.get("PEFTLAB_COMMIT"):
+        return os.environ["PEFTLAB_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
                               timeout=10).stdout.strip() or "unknown"  # fmt: skip
@@ -273,6 +276,7 @@ def main() -> int:
         raw = {**raws[0], "processes": [p for r in raws for p in r["processes"]],
                "skipped": [s for r in raws for s in r["skipped"]], "parts": sorted({p for r in raws for p in r["parts"]}),
                "merged_from": [str(d) for d in args.merge]}  # fmt: skip
+        raw["commit"] = os.environ.get("PEFTLAB_COMMIT", raw["commit"])
         out = Path(args.out or args.merge[0])
         write(out, raw)
         print(f"merged {len(raws)} run(s) into {out / 'scale.json'}")
