@@ -238,11 +238,11 @@ def write(out: Path, raw: dict) -> dict:
     """scale.json (the issue's schema), scale.md and scale-raw.json from the raw record; returns scale.json's dict."""
     result = aggregate(raw)
     problems = validate(result)
-    if problems:
-        raise SystemExit("scale.json would not match the schema:\n" + "\n".join(problems))
+    raw["schema_problems"] = problems  # never raised mid-run: the next processes still run; main() exits 1
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("scale-raw.json", json.dumps(raw, indent=1)), ("scale.json", json.dumps(result, indent=1)),
-                       ("scale.md", markdown(result, raw))):  # fmt: skip
+    files = [("scale-raw.json", json.dumps(raw, indent=1)), ("scale.md", markdown(result, raw))]
+    files.append(("scale.invalid.json" if problems else "scale.json", json.dumps(result, indent=1)))
+    for name, text in files:
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
@@ -279,6 +279,9 @@ def main() -> int:
         raw["commit"] = os.environ.get("PEFTLAB_COMMIT", raw["commit"])
         out = Path(args.out or args.merge[0])
         write(out, raw)
+        if raw["schema_problems"]:
+            print("scale.json NOT written (see scale.invalid.json): " + "; ".join(raw["schema_problems"]), file=sys.stderr)
+            return 1
         print(f"merged {len(raws)} run(s) into {out / 'scale.json'}")
         return 0
     if args.dry_run:  # no torch in this process: a dry run's time is imports
@@ -335,6 +338,9 @@ def main() -> int:
         run_part(group, args, part_deadline, log, raw, save=lambda: write(out, raw))
     raw["seconds"] = time.monotonic() - start
     result = write(out, raw)
+    if raw["schema_problems"]:
+        log("scale.json NOT written (see scale.invalid.json): " + "; ".join(raw["schema_problems"][:10]))
+        return 1
     log(f"wrote {out / 'scale.json'}: {len(result['train'])} train, {len(result['kernel'])} kernel, "
         f"{len(result['decode'])} decode row(s)")  # fmt: skip
     print((out / "scale.md").read_text())

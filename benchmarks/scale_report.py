@@ -59,7 +59,8 @@ def aggregate(raw: dict) -> dict:
     out_train = []
     for key in _order(groups, lambda k: (models.index(k[0]), METHODS.index(k[1]), k[2] != "peftlab")):
         rs = groups[key]
-        diffs = [d for d in (_loss_diff(r, train) for r in rs) if d is not None]
+        # a non-finite loss (a diverged step) has no relative difference: null here, its losses stay in scale-raw.json
+        diffs = [d for d in (_loss_diff(r, train) for r in rs) if d is not None and math.isfinite(d)]
         out_train.append({"model": key[0], "method": key[1], "library": key[2], "batch": int(rs[0]["batch"]),
                           "seq": int(rs[0]["seq"]), "settings": rs[0]["settings"],
                           "tokens_per_s": float(statistics.median(r["tokens_per_s"] for r in rs)),
@@ -203,6 +204,9 @@ def markdown(result: dict, raw: dict) -> str:
     lines += ["", "## Goals", "", "| goal | target | figure | verdict |", "|---|---|---:|---|"]
     for name, target, figure, verdict in goals(result):
         lines.append(f"| {name} | {target} | {_f(figure)} | {verdict if not dry else verdict + ' (dry run: meaningless)'} |")
+    if raw.get("schema_problems"):
+        lines += ["", "## Schema problems (scale.json not written; see scale.invalid.json)", ""]
+        lines += [f"- {p}" for p in raw["schema_problems"]]
     lines += ["", "## Processes", "", "| part | round | library | seconds | exit | rows | errors |", "|---|---:|---|---:|---|---:|---|"]
     for p in raw["processes"]:
         errors = "; ".join(r["error"][:160] for r in p["rows"] if "error" in r)

@@ -128,6 +128,20 @@ def test_aggregate_medians_max_peak_and_loss_diffs():
     assert "| m8 | lora | peftlab | 1 × 2048 | 200 | 120 | 1.82 | 0.6 | 0.02 | s |" in md  # 200/110, 120/200 (max peaks)
 
 
+def test_diverged_loss_gives_null_diff_and_write_never_raises(tmp_path):
+    import scale
+
+    rows = [_train("peftlab", "lora", 1, 2.0, 1.0, [2.0, float("nan")]), _train("hf-peft", "lora", 1, 1.0, 2.0, [2.0, 1.0])]
+    result = scale.write(tmp_path, _raw(rows))
+    assert result["train"][0]["loss_rel_diff"] is None and (tmp_path / "scale.json").is_file()
+    bad = _raw([{**_train("peftlab", "lora", 1, 2.0, 1.0, [1.0]), "batch": 0}])
+    raw = dict(bad)
+    scale.write(tmp_path / "bad", raw)  # a schema break mid-run is recorded, not raised
+    assert raw["schema_problems"] and (tmp_path / "bad" / "scale.invalid.json").is_file()
+    assert not (tmp_path / "bad" / "scale.json").exists()
+    assert "Schema problems" in (tmp_path / "bad" / "scale.md").read_text()
+
+
 def test_goals_verdicts():
     rows = [_train("peftlab", "lora", 1, 300.0, 50.0, [1.0], model="llama-3.1-8b"),
             _train("hf-peft", "lora", 1, 100.0, 100.0, [1.0], model="llama-3.1-8b"),
