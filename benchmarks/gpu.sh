@@ -1,5 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark, on a GPU box (no internet needed); ~11 min on an H200, so two calls (--only):
+#   0. scale (issue 32), FIRST, before anything else touches the device: benchmarks/scale.py builds Llama-3.1-8B
+#      and Llama-3.2-1B with random weights on the device and writes scale.json / scale.md into DIR: train steps
+#      (floor, LoRA, DoRA, QLoRA; peftlab vs HF PEFT, 2048 tokens), one LoRA linear, 16-adapter decode. Two
+#      parts, one device call each (≤ 8 min: ~6.5 min of scale + ~40 s of this script), --scale-part 1|2:
+#        PYTHONPATH=$PWD/.gpu_carry bash benchmarks/gpu.sh --only scale --scale-part 1 --out "$OUT/gpu1"
+#        PYTHONPATH=$PWD/.gpu_carry bash benchmarks/gpu.sh --only scale,dora-norm --scale-part 2 --out "$OUT/gpu2"
+#      then here `python benchmarks/scale.py --merge DIR1 DIR2 --out benchmarks/results/gpu/<date>_<device>`
+#      (benchmarks/README.md; the same --out on a still-warm box: part 2 keeps part 1's rows by itself)
+#   0b. dora-norm: the fused DoRA norm kernel's tests on CUDA and its microbenchmark (benchmarks/kernels/dora_norm.py)
 #   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
 #   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated; then
@@ -11,7 +20,7 @@
 # date in every file and a summary.md written at the end. A failing step is logged and the script
 # goes on; the exit status is the number of failed steps.
 #
-#   bash benchmarks/gpu.sh [--out DIR] [--tar FILE] [--only STEP,STEP]  # on the GPU box
+#   bash benchmarks/gpu.sh [--out DIR] [--tar FILE] [--only STEP,STEP] [--scale-part 1|2|all]  # on the GPU box
 #   bash benchmarks/gpu.sh --dry-run [--out DIR]   # CPU, toy sizes, kernels in Triton's interpreter (CI)
 #
 # --tar FILE: also pack DIR into one .tgz (a lent device returns only a few files per call: write DIR
@@ -29,19 +38,22 @@ DRY=0
 OUT=""
 TAR=""
 ONLY=""
+SCALE_PART=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --scale-part) SCALE_PART="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --tar) TAR="$2"; shift ;;
     --only) ONLY=",$2,"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE, --only STEP,STEP)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE, --only STEP,STEP, --scale-part 1|2|all)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$SCALE_PART" in 1|2|all) ;; *) echo "gpu.sh: --scale-part must be 1, 2 or all, got '$SCALE_PART'" >&2; exit 2 ;; esac
 
-STEPS="kernel-tests kernel-bench kernel-profile efficiency efficiency-variants step-profile multi-adapter"
+STEPS="scale dora-norm kernel-tests kernel-bench kernel-profile efficiency efficiency-variants step-profile multi-adapter"
 for name in $(echo "$ONLY" | tr ',' ' '); do
   [[ " $STEPS " == *" $name "* ]] || { echo "gpu.sh: unknown step '$name' in --only (valid: ${STEPS// /, })" >&2; exit 2; }
 done
@@ -111,7 +123,8 @@ if ! "$PY" -c "import peftlab.kernels" >/dev/null 2>&1; then
 fi
 
 # 0. environment. Caps from the H200 runs of 2026-11-26: every benchmark process costs 22-26 s there
-#    (imports, CUDA start, model load), so all steps need ~11 min, more than one call (10 min): run two,
+#    (imports, CUDA start, model load), so the steps after scale/dora-norm need ~11 min, more than one call
+#    (10 min): run two more after the two scale calls (header),
 #      --only kernel-tests,kernel-bench,kernel-profile,efficiency     (30 + 90 + 60 + 40 + 160 s = 6.3 min)
 #      --only efficiency-variants,step-profile,multi-adapter           (30 + 120 + 120 + 150 s = 7 min)
 step environment "$(cap 30)" "$PY" -c '
@@ -129,6 +142,23 @@ except Exception as exc:
     print("smollm2-135m not here (the efficiency steps use its shapes with random weights):", exc)
 ' $([ "$DRY" = 1 ] && echo dry)
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+# 0. scale (issue 32): first, on a device nothing else has touched yet. One part fits one call: the scale.py
+#    budget (380 s for part 1, 350 for part 2) bounds it, rows that do not fit are skipped and listed; the
+#    step's cap (50 s more) is a last resort.
+if [ "$DRY" = 1 ]; then
+  step scale "$(cap 300)" "$PY" benchmarks/scale.py --dry-run --out "$OUT"
+else
+  # part 2 leaves ~75 s of its call to dora-norm: ~40 s start-up + 350 + 75 < 8 min even when every cap is hit
+  case "$SCALE_PART" in all) SCALE_BUDGET=800; SCALE_CAP=850 ;; 1) SCALE_BUDGET=380; SCALE_CAP=430 ;; 2) SCALE_BUDGET=350; SCALE_CAP=400 ;; esac
+  step scale "$SCALE_CAP" "$PY" benchmarks/scale.py --part "$SCALE_PART" --budget "$SCALE_BUDGET" --out "$OUT"
+fi
+
+# 0b. the fused DoRA norm kernel: its tests on the device (bf16 tensor cores), then fused vs unfused timings
+#     (the benchmark runs even when a test fails; the step fails if either does)
+if [ "$DRY" = 1 ]; then DORA_ENV=""; DORA_BENCH="--dry-run"; else DORA_ENV="PEFTLAB_AUTOTUNE=0"; DORA_BENCH=""; fi
+step dora-norm "$(cap 75)" bash -c "$DORA_ENV $PYTEST -q -p no:cacheprovider -rs tests/kernels/test_dora_norm.py; t=\$?; \
+  '$PY' benchmarks/kernels/dora_norm.py $DORA_BENCH --out '$OUT/dora-norm'; b=\$?; exit \$(( t != 0 || b != 0 ))"
 
 # 1. kernel tests (bf16 runs on CUDA; the dry run takes a fast subset in the interpreter)
 if [ "$DRY" = 1 ]; then
@@ -205,7 +235,7 @@ TOTAL=$(( $(date +%s) - T0 ))
   echo "| step | status | seconds | log |"
   echo "|---|---|---|---|"
   cat "$STEPS_FILE"
-  for md in "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/step-profile/profile.md "$OUT"/multi_adapter/*.md; do
+  for md in "$OUT"/scale.md "$OUT"/dora-norm/dora_norm_*.md "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/step-profile/profile.md "$OUT"/multi_adapter/*.md; do
     [ -f "$md" ] || continue
     echo
     echo "## ${md#$OUT/}"

@@ -45,7 +45,7 @@ def test_ci_subset_compiles_without_spills_with_tensor_cores(ci_run):
     ]
     assert not bad, "\n".join(bad)
     launches = {r["launch"] for r in rows}
-    assert {"lora.fused/forward", "lora.fused/backward", "lora.thin/forward", "lora.da"} <= launches
+    assert {"lora.fused/forward", "lora.fused/backward", "lora.thin/forward", "lora.da", "dora.norm"} <= launches
     fused = [r for r in rows if r["launch"].startswith("lora.fused")]
     assert {r["tensor_core"] for r in fused if r["cc"] == 90} == {"wgmma"}
     assert {r["tensor_core"] for r in fused if r["cc"] == 80} == {"mma"}
@@ -65,5 +65,8 @@ def test_committed_full_table_is_current_and_clean(ci_run):
     for launch in {r["launch"] for r in ci_run["results"]}:
         assert {r["cc"] for r in rows if r["launch"] == launch} == {80, 90}, launch
     # and the GEMM-shaped launches in all three dtypes
-    for launch in {r["launch"] for r in rows if r["launch"].startswith("lora.fused")}:
+    for launch in {r["launch"] for r in rows if r["launch"].startswith(("lora.fused", "dora.norm"))}:
         assert {r["dtype"] for r in rows if r["launch"] == launch} == {"fp32", "bf16", "fp16"}, launch
+    # the fused DoRA norm: every (rows, rank) tile the host can pick, in every dtype, on both targets
+    dora = [r for r in rows if r["launch"] == "dora.norm"]
+    assert len({(r["dtype"], r["cc"], r["config"]) for r in dora}) == 3 * 2 * 12, len(dora)
