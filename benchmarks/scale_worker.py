@@ -32,7 +32,7 @@ Checkpointing (``spec["checkpointing"]``, from scale.py's ``--ckpt-peftlab`` / `
   ``peftlab.prepare_for_kbit_training`` vs bitsandbytes' ``Linear4bit`` swap + HF PEFT's
   ``prepare_model_for_kbit_training`` rule), no checkpointing.
 
-peftlab rows compute the loss with peftlab's chunked LM head + cross-entropy (``peftlab.losses``, no
+peftlab rows compute the loss with peftlab's chunked LM head + cross-entropy (``peftlab.training.losses``, no
 full logits) when it imports, else ``model(**batch).loss``; HF PEFT rows use ``model(**batch).loss``.
 """
 
@@ -194,12 +194,12 @@ def build_train(task: dict, spec: dict):
     loss_fn = lambda: model(**batch).loss  # noqa: E731
     if library == "peftlab":
         try:
-            from peftlab.losses import causal_lm_loss  # internal module (its path may move)
+            from peftlab.training.losses import causal_lm_loss
 
             loss_fn = lambda: causal_lm_loss(model, batch)  # noqa: E731
             notes.append("peftlab chunked LM-head cross-entropy")
         except ImportError:
-            notes.append("model(**batch).loss (peftlab.losses not found)")
+            notes.append("model(**batch).loss (peftlab.training.losses not found)")
         if method != "floor":
             notes.append("peftlab kernels: use_kernel=auto")
     else:
