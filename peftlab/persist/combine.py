@@ -171,8 +171,6 @@ def _validate(model, names, weights, how, new_name, density) -> None:
     if new_name in states:
         raise WrapError(f"an adapter named {new_name!r} already exists; pick another new_name")
     methods = {n: states[n].config.method for n in names}
-    if len(set(methods.values())) > 1:
-        raise ConfigError(f"cannot combine adapters of different methods: {methods}; combine one method at a time")
     stacked = how in ("cat", "linear")
     for n in names:
         if not get_method(methods[n]).folds_into_base or not states[n].targets:
@@ -193,6 +191,8 @@ def _validate(model, names, weights, how, new_name, density) -> None:
                     f"cannot combine adapter {n!r} ({methods[n]}): {type(slot).__name__} is not linear in its weights, "
                     f"so a weighted sum of weights is not a sum of effects; LoRA-family adapters combine"
                 )
+    if len(set(methods.values())) > 1:
+        raise ConfigError(f"cannot combine adapters of different methods: {methods}; combine one method at a time")
     target_sets = {n: set(states[n].targets) for n in names}
     first = names[0]
     for n in names[1:]:

@@ -162,6 +162,7 @@ def test_selective_checkpoint_rule_matches_cached_outputs():
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
     from peftlab.estimator.activations import block_cost
+    from peftlab.core.registry import get_method
     from peftlab.estimator.model import count
     from peftlab.training.memory import SELECTIVE_KEEPS, _keep_matmuls, checkpoint_kept_bytes
     from peftlab.util.models import auto_class
@@ -199,7 +200,7 @@ def test_selective_checkpoint_rule_matches_cached_outputs():
                 t = getattr(leaf, "val", leaf)
                 if isinstance(t, torch.Tensor) and t.numel():
                     kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    counts = count(config, "causal-lm", "lora", lora, "fp32", None)
+    counts = count(config, "causal-lm", get_method("lora").estimate, lora, "fp32", None)
     cost = block_cost(counts, 1, True, 2, 8, 4, "cpu")
     assert sum(kept.values()) == cost.gemm_outputs
     assert cost.kept("selective") == checkpoint_kept_bytes(2 * 8 * 32 * 4, sum(kept.values()), True)

@@ -115,12 +115,7 @@ def test_checkpoint_restores_the_allocator_state(runs, scenarios):
     from transformers.trainer_utils import load_sharded_checkpoint
 
     from peftlab.core.state import get_state
-    from peftlab.training.callbacks import (
-        TRAIN_STATE_NAME,
-        TRAIN_STATE_PREFIX,
-        _allocator,
-        install_adapter_checkpoints,
-    )
+    from peftlab.training.callbacks import TRAIN_STATE_NAME, TRAIN_STATE_PREFIX, install_adapter_checkpoints
 
     out, _ = runs
     checkpoint = out / "trainer" / "run" / "checkpoint-3"
@@ -131,7 +126,7 @@ def test_checkpoint_restores_the_allocator_state(runs, scenarios):
     assert ipt and all(v.abs().sum() > 0 for v in ipt.values())  # 3 steps of importance EMAs
     model, _ = scenarios.make_model("adalora")
     install_adapter_checkpoints(model)
-    allocator = _allocator(get_state(model))
+    allocator = get_state(model).live.objects["allocator"]
     assert not allocator.ipt
     load_sharded_checkpoint(model, checkpoint, strict=False)
     assert allocator.ipt.keys() == ipt.keys()
