@@ -149,6 +149,7 @@ class FolderWriter:
         self.patterns = [re.compile(p) for p in patterns]
         self.owned: set[str] = set()
         self.created: list[str] = []
+        self.retiring: list[str] = []
         self.staging: str | None = None
         self._fd: int | None = None
         self._leftovers: list[str] = []
@@ -179,7 +180,8 @@ class FolderWriter:
         self._fd = fd
         try:
             raw = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
-            self._leftovers = [n for n in raw.get("created", []) if isinstance(n, str)]
+            listed = [*raw.get("created", []), *raw.get("retiring", [])]
+            self._leftovers = [n for n in listed if isinstance(n, str)]
             if isinstance(raw.get("staging"), str):
                 self._leftovers.append(raw["staging"])
         except (ValueError, AttributeError):
@@ -187,7 +189,7 @@ class FolderWriter:
         return self
 
     def _journal(self) -> None:
-        data = json.dumps({"staging": self.staging, "created": self.created}).encode()
+        data = json.dumps({"staging": self.staging, "created": self.created, "retiring": self.retiring}).encode()
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)
@@ -197,7 +199,11 @@ class FolderWriter:
 
     def recover(self, owned: set[str]) -> None:
         """Record the files the committed state names (``owned``) and remove the journaled leftovers of a
-        killed save that are not among them."""
+        killed save that are not among them.
+
+        The files owned now are journaled as retiring: if this save is killed after its commit but before
+        it removed them, the next save finds them no longer named and removes them; if it is killed before
+        the commit, they are still named and stay."""
         self.owned = set(owned)
         for name in self._leftovers:
             if name in self.owned or not self._ours(name):
@@ -211,6 +217,7 @@ class FolderWriter:
             elif target.is_file() or target.is_symlink():
                 target.unlink(missing_ok=True)
         self._leftovers = []
+        self.retiring = sorted(n for n in self.owned if self._ours(n))
         self._journal()
 
     # -- writing --
@@ -261,6 +268,8 @@ class FolderWriter:
             if self.staging is not None:
                 shutil.rmtree(self.folder / self.staging, ignore_errors=True)
             self.staging, self.created = None, []
+            if exc_type is None:  # after a failure they stay journaled: the next save decides by what is named
+                self.retiring = []
             self._journal()
         finally:
             os.close(self._fd)  # releases the lock
