@@ -121,6 +121,9 @@ def export_peft(
     with FolderWriter(path) as w:
         previous = _previous_export(path)
         w.recover(set())
+        _check_target(path)  # every target checked before anything is written
+        for name in subs:
+            _check_target(plain_name_in(path, name, "adapter name (sub-folder)"))
         for name in subs:
             folder = plain_name_in(path, name, "adapter name (sub-folder)")
             with FolderWriter(folder) as sw:

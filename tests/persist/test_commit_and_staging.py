@@ -118,6 +118,12 @@ def test_multi_save_failing_at_the_second_folder_keeps_the_previous_state(tmp_pa
     assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before  # the new first file is gone too
     peftlab.save_adapter(model, path)
     assert versions(path) == {"a": 2.0, "b": 2.0}
+    manifest = json.loads((path / "adapters.json").read_text())  # names every sub-folder and its file
+    for name in ("a", "b"):
+        record = manifest["records"][name]
+        assert record["folder"] == name and (path / name / record["weights"]).is_file()
+        assert version(peftlab.load_adapter(tiny_model("llama"), path / name)) == 2.0  # a sub-folder loads alone
+        assert version(peftlab.load_adapter(tiny_model("llama"), path, adapter_name=name)) == 2.0
 
 
 def test_a_newer_save_wins_over_an_older_layout(tmp_path):

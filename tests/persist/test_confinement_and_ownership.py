@@ -194,6 +194,10 @@ def test_formats_never_overwrite_each_other(tmp_path):
     peftlab.save_adapter(lora(names=("a", "b")), tmp_path / "two")
     with pytest.raises(peftlab.AdapterFileError, match=r"holds a peftlab adapter"):  # our multi-adapter layout
         peftlab.export_peft(model, tmp_path / "two")
+    peftlab.save_adapter(lora(names=("b",)), tmp_path / "mixed" / "c")  # ours in the sub-folder of adapter c
+    with pytest.raises(peftlab.AdapterFileError, match=r"mixed/c holds a peftlab adapter"):
+        peftlab.export_peft(lora(names=("default", "b", "c")), tmp_path / "mixed")
+    assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == [".peftlab.lock", "c"]  # nothing written
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "adapter_config.json").write_text('{"something": "else"}')
     with pytest.raises(peftlab.AdapterFileError, match=r"not a peftlab adapter config; refusing to overwrite"):
