@@ -115,12 +115,8 @@ def test_checkpoint_restores_the_allocator_state(runs, scenarios):
     from transformers.trainer_utils import load_sharded_checkpoint
 
     from peftlab.core.state import get_state
-    from peftlab.training.callbacks import (
-        TRAIN_STATE_NAME,
-        TRAIN_STATE_PREFIX,
-        _allocator,
-        install_adapter_checkpoints,
-    )
+    from peftlab.methods.adalora.train_state import _allocator
+    from peftlab.training.callbacks import TRAIN_STATE_NAME, TRAIN_STATE_PREFIX, install_adapter_checkpoints
 
     out, _ = runs
     checkpoint = out / "trainer" / "run" / "checkpoint-3"
