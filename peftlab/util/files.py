@@ -94,7 +94,9 @@ def _write_json_file(path: str | Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _write_safetensors_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None) -> None:
+def _write_safetensors_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None
+) -> None:
     save_file(tensors, str(path), metadata=metadata)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -189,7 +191,9 @@ class FolderWriter:
         return self
 
     def _journal(self) -> None:
-        data = json.dumps({"staging": self.staging, "created": self.created, "retiring": self.retiring}).encode()
+        data = json.dumps(
+            {"staging": self.staging, "created": self.created, "retiring": self.retiring}
+        ).encode()
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)
@@ -242,7 +246,9 @@ class FolderWriter:
     def write_json(self, name: str, data: Any) -> Path:
         return self._write(name, lambda tmp: _write_json_file(tmp, data))
 
-    def write_safetensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    def write_safetensors(
+        self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+    ) -> Path:
         clean = _clean(tensors)
         return self._write(name, lambda tmp: _write_safetensors_file(tmp, clean, metadata))
 
@@ -268,7 +274,9 @@ class FolderWriter:
             if self.staging is not None:
                 shutil.rmtree(self.folder / self.staging, ignore_errors=True)
             self.staging, self.created = None, []
-            if exc_type is None:  # after a failure they stay journaled: the next save decides by what is named
+            if (
+                exc_type is None
+            ):  # after a failure they stay journaled: the next save decides by what is named
                 self.retiring = []
             self._journal()
         finally:
@@ -325,9 +333,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
     """A JSON object from ``path``; missing, invalid JSON or not an object is an :class:`AdapterFileError`."""
     path = Path(path)
     if not path.is_file():
-        raise AdapterFileError(
-            f"config file {path} does not exist (expected {path.name} in {path.parent})"
-        )
+        raise AdapterFileError(f"config file {path} does not exist (expected {path.name} in {path.parent})")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -87,7 +87,9 @@ def test_a_kill_at_every_rename_leaves_the_old_or_the_new_adapter(tmp_path, name
             outcomes.add((code, got == new))
             peftlab.save_adapter(lora(1.0, names), path)  # back to old; cleans what the kill left
             assert versions(path) == old
-    assert (9, False) in outcomes and (9, True) in outcomes and (0, True) in outcomes  # every point was reached
+    assert (
+        (9, False) in outcomes and (9, True) in outcomes and (0, True) in outcomes
+    )  # every point was reached
     assert (path / "notes.tmp").read_text() == "mine"
     leftovers = [p.name for p in path.rglob("*") if "staging" in p.name or p.name.endswith(".tmp")]
     assert leftovers == ["notes.tmp"], leftovers
@@ -115,14 +117,18 @@ def test_multi_save_failing_at_the_second_folder_keeps_the_previous_state(tmp_pa
         peftlab.save_adapter(model, path)
     monkeypatch.undo()
     assert versions(path) == {"a": 1.0, "b": 1.0}
-    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before  # the new first file is gone too
+    assert (
+        sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before
+    )  # the new first file is gone too
     peftlab.save_adapter(model, path)
     assert versions(path) == {"a": 2.0, "b": 2.0}
     manifest = json.loads((path / "adapters.json").read_text())  # names every sub-folder and its file
     for name in ("a", "b"):
         record = manifest["records"][name]
         assert record["folder"] == name and (path / name / record["weights"]).is_file()
-        assert version(peftlab.load_adapter(tiny_model("llama"), path / name)) == 2.0  # a sub-folder loads alone
+        assert (
+            version(peftlab.load_adapter(tiny_model("llama"), path / name)) == 2.0
+        )  # a sub-folder loads alone
         assert version(peftlab.load_adapter(tiny_model("llama"), path, adapter_name=name)) == 2.0
 
 
@@ -134,10 +140,16 @@ def test_a_newer_save_wins_over_an_older_layout(tmp_path):
     assert not (path / "adapter_config.json").exists()
     peftlab.save_adapter(lora(3.0, ("c",)), path)
     assert versions(path) == {"c": 3.0}
-    assert sorted(p.name for p in path.iterdir()) == [".peftlab.lock", "adapter-" + _hash(path), "adapter_config.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        ".peftlab.lock",
+        "adapter-" + _hash(path),
+        "adapter_config.json",
+    ]
     # a crash between the commit and the clean-up leaves both layouts: the newer one loads
     peftlab.save_adapter(lora(4.0, ("a", "b")), path)
-    (path / "adapter_config.json").write_text(json.dumps({**json.loads((path / "a" / "adapter_config.json").read_text()), "generation": 1}))
+    (path / "adapter_config.json").write_text(
+        json.dumps({**json.loads((path / "a" / "adapter_config.json").read_text()), "generation": 1})
+    )
     assert versions(path) == {"a": 4.0, "b": 4.0}
 
 
@@ -149,12 +161,19 @@ def _hash(path) -> str:
 def test_export_leaves_no_stale_sub_folders(tmp_path):
     path = tmp_path / "hf"
     peftlab.export_peft(lora(1.0, ("default", "b", "c")), path)
-    assert sorted(peftlab.list_adapters(peftlab.import_peft(tiny_model("llama"), path))) == ["b", "c", "default"]
+    assert sorted(peftlab.list_adapters(peftlab.import_peft(tiny_model("llama"), path))) == [
+        "b",
+        "c",
+        "default",
+    ]
     (path / "b" / "mine.txt").write_text("mine")
     peftlab.export_peft(lora(2.0), path)
     model = peftlab.import_peft(tiny_model("llama"), path)
     assert peftlab.list_adapters(model) == ["default"] and version(model) == 2.0
-    assert not (path / "c").exists() and sorted(p.name for p in (path / "b").iterdir()) == [".peftlab.lock", "mine.txt"]
+    assert not (path / "c").exists() and sorted(p.name for p in (path / "b").iterdir()) == [
+        ".peftlab.lock",
+        "mine.txt",
+    ]
 
 
 def _two_adapter_model_state(model):
@@ -209,7 +228,10 @@ def test_a_load_that_fails_at_adapter_n_attaches_none(tmp_path, monkeypatch, fmt
     if base == "plain":
         assert not hasattr(model, "peftlab_adapters")
     else:
-        assert peftlab.list_adapters(model) == adapters_before and peftlab.active_adapters(model) == active_before
+        assert (
+            peftlab.list_adapters(model) == adapters_before
+            and peftlab.active_adapters(model) == active_before
+        )
     load(model, tmp_path / "s")  # and then it loads, adding the three inactive beside what was there
     names = ["default", "b", "c"] if fmt == "hf" else ["a", "b", "c"]
     assert peftlab.list_adapters(model) == adapters_before + names

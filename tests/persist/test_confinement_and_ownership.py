@@ -112,7 +112,9 @@ def test_crafted_manifest_lists_no_outside_folder(tmp_path):
 def test_hf_sub_folders_are_confined(tmp_path):
     peftlab.export_peft(lora(), tmp_path / "outside")
     peftlab.export_peft(lora(), tmp_path / "hf")
-    (tmp_path / "hf" / "peftlab_export.json").unlink()  # as peft's own save_pretrained writes it: sub-folders scanned
+    (
+        tmp_path / "hf" / "peftlab_export.json"
+    ).unlink()  # as peft's own save_pretrained writes it: sub-folders scanned
     (tmp_path / "hf" / "sneaky").symlink_to(tmp_path / "outside", target_is_directory=True)
     model = tiny_model("llama")
     with pytest.raises(peftlab.AdapterFileError, match=CONFINED):
@@ -178,7 +180,9 @@ def test_formats_never_overwrite_each_other(tmp_path):
         want = model(input_ids=IDS).logits
     peftlab.save_adapter(model, tmp_path / "ours")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()}
-    with pytest.raises(peftlab.AdapterFileError, match=r"holds a peftlab adapter.*sub-folder, e\.g\. .*ours/peft"):
+    with pytest.raises(
+        peftlab.AdapterFileError, match=r"holds a peftlab adapter.*sub-folder, e\.g\. .*ours/peft"
+    ):
         peftlab.export_peft(model, tmp_path / "ours")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()} == before
     fresh = peftlab.load_adapter(tiny_model("llama"), tmp_path / "ours")
@@ -188,11 +192,15 @@ def test_formats_never_overwrite_each_other(tmp_path):
     peftlab.import_peft(tiny_model("llama"), tmp_path / "ours" / "peft")
 
     peftlab.export_peft(model, tmp_path / "hf")
-    with pytest.raises(peftlab.AdapterFileError, match=r"holds a HF PEFT adapter.*sub-folder, e\.g\. .*hf/peftlab"):
+    with pytest.raises(
+        peftlab.AdapterFileError, match=r"holds a HF PEFT adapter.*sub-folder, e\.g\. .*hf/peftlab"
+    ):
         peftlab.save_adapter(model, tmp_path / "hf")
     peftlab.import_peft(tiny_model("llama"), tmp_path / "hf")
     peftlab.save_adapter(lora(names=("a", "b")), tmp_path / "two")
-    with pytest.raises(peftlab.AdapterFileError, match=r"holds a peftlab adapter"):  # our multi-adapter layout
+    with pytest.raises(
+        peftlab.AdapterFileError, match=r"holds a peftlab adapter"
+    ):  # our multi-adapter layout
         peftlab.export_peft(model, tmp_path / "two")
     peftlab.save_adapter(lora(names=("b",)), tmp_path / "mixed" / "c")  # ours in the sub-folder of adapter c
     with pytest.raises(peftlab.AdapterFileError, match=r"mixed/c holds a peftlab adapter"):
@@ -200,7 +208,9 @@ def test_formats_never_overwrite_each_other(tmp_path):
     assert sorted(p.name for p in (tmp_path / "mixed").iterdir()) == [".peftlab.lock", "c"]  # nothing written
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "adapter_config.json").write_text('{"something": "else"}')
-    with pytest.raises(peftlab.AdapterFileError, match=r"not a peftlab adapter config; refusing to overwrite"):
+    with pytest.raises(
+        peftlab.AdapterFileError, match=r"not a peftlab adapter config; refusing to overwrite"
+    ):
         peftlab.save_adapter(model, tmp_path / "foreign")
     assert os.path.getsize(tmp_path / "foreign" / "adapter_config.json") == len('{"something": "else"}')
 
@@ -209,7 +219,9 @@ def test_format_version_is_checked(tmp_path):
     peftlab.save_adapter(lora(), tmp_path / "ad")
     for bad in (99, 3, "2", True, None):
         edit(tmp_path / "ad" / "adapter_config.json", format_version=bad)
-        with pytest.raises(peftlab.AdapterFileError, match=r"format_version .* valid versions: 1, 2. Upgrade peftlab"):
+        with pytest.raises(
+            peftlab.AdapterFileError, match=r"format_version .* valid versions: 1, 2. Upgrade peftlab"
+        ):
             peftlab.load_adapter(tiny_model("llama"), tmp_path / "ad")
     peftlab.save_adapter(lora(names=("a", "b")), tmp_path / "two")
     edit(tmp_path / "two" / "adapters.json", format_version=99)

@@ -16,7 +16,9 @@ IDS = torch.randint(1, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 def test_checkpoint_of_a_merged_model_reloads_exactly(tmp_path, dora):
     from transformers import Trainer, TrainingArguments
 
-    model = peftlab.wrap(tiny_model("llama"), peftlab.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=dora))
+    model = peftlab.wrap(
+        tiny_model("llama"), peftlab.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=dora)
+    )
     perturb(model, 0.2)
     with torch.no_grad():
         want = model(input_ids=IDS).logits
