@@ -250,6 +250,7 @@ def _save_multi(model: nn.Module, path: Path, names: list[str], tensors: dict) -
             folder = plain_name_in(path, name, "adapter name (sub-folder)")
             sw = stack.enter_context(FolderWriter(folder, (WEIGHTS_PATTERN,)))
             sub_old = committed_state(folder)
+            sub_old.owned |= _manifest_weights(old.index, name)  # named by the committed manifest: ours too
             sw.recover(sub_old.owned)
             weights = _weights_name(tensors[name], folder, sw.owned)
             sw.write_safetensors(weights, tensors[name], {"format": "pt"})
@@ -277,6 +278,13 @@ def _save_multi(model: nn.Module, path: Path, names: list[str], tensors: dict) -
             _remove_sub_folders(path, old.index, keep=set(names))
 
 
+def _manifest_weights(index: dict | None, name: str) -> set[str]:
+    """The weights file a manifest names for adapter ``name`` (a set of at most one of our names)."""
+    record = _index_entries(index).get(name, {}).get("record") if index else None
+    weights = (record or {}).get("weights")
+    return {weights} if isinstance(weights, str) and _WEIGHTS.fullmatch(weights) else set()
+
+
 def _remove_sub_folders(path: Path, index: dict, keep) -> None:
     """Remove the files of an older manifest's sub-folders (not in ``keep``) that our saves wrote."""
     for name, entry in _index_entries(index).items():
@@ -290,10 +298,7 @@ def _remove_sub_folders(path: Path, index: dict, keep) -> None:
             continue
         try:
             with FolderWriter(folder, (WEIGHTS_PATTERN,)) as sw:
-                sub_old = committed_state(folder)
-                sw.recover(sub_old.owned)
-                if entry["record"] and _WEIGHTS.fullmatch(str(entry["record"].get("weights", ""))):
-                    sw.owned.add(entry["record"]["weights"])
+                sw.recover(committed_state(folder).owned | _manifest_weights(index, name))
                 sw.remove(sw.owned)
         except AdapterFileError:  # not ours after all: leave it
             continue

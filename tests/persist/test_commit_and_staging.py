@@ -276,3 +276,38 @@ def test_a_peft_config_with_every_default_imports(tmp_path):
     config.write_text(json.dumps(full))
     model = peftlab.import_peft(tiny_model("llama"), tmp_path / "hf")
     assert version(model) == 1.0
+
+
+def test_a_kill_before_the_sub_folder_configs_then_a_failed_save_keeps_the_manifest_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "two"
+    model = lora(1.0, ("a", "b"))
+    peftlab.save_adapter(model, path)
+    set_version(model, 2.0)
+    assert kill_during_save(model, path, kill_at=3, after=True) == 9  # renames: 2 weights, the manifest; configs not yet
+    assert versions(path) == {"a": 2.0, "b": 2.0}
+    set_version(model, 3.0)
+    monkeypatch.setattr(files.FolderWriter, "write_json", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        peftlab.save_adapter(model, path)
+    monkeypatch.undo()
+    assert versions(path) == {"a": 2.0, "b": 2.0}  # the committed manifest's files were kept
+
+
+def test_nan_in_any_adapter_refuses_the_whole_save(tmp_path):
+    model = lora(1.0, ("a", "b"))
+    with torch.no_grad():
+        slots(model, "LoraSlot", "b")[0].lora_A[0, 0] = float("inf")
+    with pytest.raises(peftlab.AdapterFileError, match=r"refusing to save adapter 'b': tensor .*lora_A has 1 NaN/inf"):
+        peftlab.save_adapter(model, tmp_path / "two")
+    assert not list((tmp_path / "two").rglob("*.safetensors")) and not (tmp_path / "two" / "adapters.json").exists()
+
+
+def test_an_older_manifest_without_records_still_loads(tmp_path):
+    peftlab.save_adapter(lora(3.0, ("a", "b")), tmp_path / "two")
+    index = tmp_path / "two" / "adapters.json"
+    raw = json.loads(index.read_text())
+    index.write_text(json.dumps({k: raw[k] for k in ("peftlab_version", "adapters", "active")}))
+    assert versions(tmp_path / "two") == {"a": 3.0, "b": 3.0}
+    peftlab.save_adapter(lora(4.0, ("a", "b")), tmp_path / "two")  # and a save over it replaces it cleanly
+    assert versions(tmp_path / "two") == {"a": 4.0, "b": 4.0}
+    assert len(list((tmp_path / "two").rglob("adapter-*.safetensors"))) == 2
