@@ -45,7 +45,7 @@ from ..core.tensors import adapter_state_dict
 from ..persist.format import CONFIG_NAME, save_adapter
 from ..persist.hf_peft import export_peft
 from ..util.dist import gather_state_dict
-from ..util.files import atomic_save_safetensors, atomic_write_json, plain_name_in, read_json
+from ..util.files import FolderWriter, plain_name_in, read_json
 
 TRAIN_STATE_NAME = "peftlab_train_state.safetensors"
 TRAIN_STATE_PREFIX = "peftlab_train_state."
@@ -119,20 +119,24 @@ def save_checkpoint_files(
             export_peft(model, folder / PEFT_SUBFOLDER, name)
         resume.update(gather_state_dict(_named_adapter_tensors(model, name)))
     resume.update(train_state_tensors(model))
-    atomic_save_safetensors(out / TRAIN_STATE_NAME, resume, {"format": "pt"})
-    atomic_write_json(
-        out / INDEX_NAME,
-        {
-            "metadata": {
-                "format": "peftlab-adapter",
-                "note": "adapter-only checkpoint written by peftlab.PeftlabCallback: load it with "
-                "peftlab.load_adapter(base_model, this_folder); the base model's weights are not here. "
-                f"{TRAIN_STATE_NAME} holds the trainable tensors and allocator state for trainer.train(resume_from_checkpoint)",
-            },
-            "weight_map": dict.fromkeys(resume, TRAIN_STATE_NAME),
-        },
-    )
+    with FolderWriter(out) as writer:  # staged + renamed, under the folder's lock; a killed save's temporaries go
+        writer.recover(set())
+        writer.write_safetensors(TRAIN_STATE_NAME, resume, {"format": "pt"})
+        writer.write_json(INDEX_NAME, _resume_index(resume))
     return out
+
+
+def _resume_index(resume: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``model.safetensors.index.json`` that points the Trainer's resume loader to the train-state file."""
+    return {
+        "metadata": {
+            "format": "peftlab-adapter",
+            "note": "adapter-only checkpoint written by peftlab.PeftlabCallback: load it with "
+            "peftlab.load_adapter(base_model, this_folder); the base model's weights are not here. "
+            f"{TRAIN_STATE_NAME} holds the trainable tensors and allocator state for trainer.train(resume_from_checkpoint)",
+        },
+        "weight_map": dict.fromkeys(resume, TRAIN_STATE_NAME),
+    }
 
 
 def _adapter_save_pretrained(self, save_directory, *args: Any, is_main_process: bool = True, **kwargs: Any):

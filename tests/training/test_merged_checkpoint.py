@@ -31,6 +31,8 @@ def test_checkpoint_of_a_merged_model_reloads_exactly(tmp_path, dora):
     for folder in (tmp_path / "final", tmp_path / "checkpoint"):
         names = {p.name for p in folder.iterdir()}
         assert "adapter_config.json" in names and "model.safetensors" not in names, names
+        assert {"peftlab_train_state.safetensors", "model.safetensors.index.json"} <= names  # what resuming reads
+        assert not [n for n in names if "staging" in n or "tmp" in n], names
         fresh = peftlab.load_adapter(tiny_model("llama"), folder)
         with torch.no_grad():
             torch.testing.assert_close(fresh(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
