@@ -158,6 +158,8 @@ class FolderWriter:
 
     # -- lock and journal --
     def __enter__(self) -> FolderWriter:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise AdapterFileError(f"{self.folder} exists and is not a folder; save into a folder (new or existing)")
         self.folder.mkdir(parents=True, exist_ok=True)
         lock = self.folder / LOCK_NAME
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)

@@ -227,3 +227,12 @@ def test_format_version_is_checked(tmp_path):
     edit(tmp_path / "two" / "adapters.json", format_version=99)
     with pytest.raises(peftlab.AdapterFileError, match=r"format_version 99.*valid versions: 1, 2"):
         peftlab.load_adapter(tiny_model("llama"), tmp_path / "two")
+
+
+def test_a_file_where_the_folder_should_be_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(peftlab.AdapterFileError, match="exists and is not a folder"):
+        peftlab.save_adapter(lora(), tmp_path / "file")
+    with pytest.raises(peftlab.AdapterFileError, match="exists and is not a folder"):
+        peftlab.export_peft(lora(), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
