@@ -236,3 +236,16 @@ def test_a_file_where_the_folder_should_be_is_a_clear_error(tmp_path):
     with pytest.raises(peftlab.AdapterFileError, match="exists and is not a folder"):
         peftlab.export_peft(lora(), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_save_merged_never_writes_into_an_adapter_folder(tmp_path):
+    model = lora(0.1)
+    peftlab.save_adapter(model, tmp_path / "ours")
+    peftlab.export_peft(model, tmp_path / "hf")
+    for folder in ("ours", "hf"):
+        before = sorted(p.name for p in (tmp_path / folder).iterdir())
+        with pytest.raises(peftlab.AdapterFileError, match="holds an adapter.*another folder"):
+            peftlab.save_merged(model, tmp_path / folder)
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == before
+    peftlab.save_merged(model, tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
