@@ -14,7 +14,7 @@ from ..core.activation import active_adapters
 from ..core.registry import get_method
 from ..core.state import adapter_layers, adapters, get_state, wrapped_layers
 from ..util.dist import is_sharded
-from ..util.errors import MergeError
+from ..util.errors import AdapterFileError, MergeError
 from .sharded import save_merged_sharded
 
 
@@ -48,10 +48,17 @@ def save_merged(model: nn.Module, path: str | Path, **save_kwargs: Any) -> Path:
     """Save the model with the active adapters merged, as a plain ``save_pretrained`` checkpoint.
 
     The wrapped model is left as it was (adapters merged only for the duration of the save).
-    Refused, with the reason: a quantized (bitsandbytes) base (merging then unmerging would
+    Refused, with the reason: a folder that holds an adapter (ours or HF PEFT's), a quantized (bitsandbytes) base (merging then unmerging would
     requantize it twice), and adapters that cannot live in the base weights (prefix tuning,
     bottleneck adapters), which a plain checkpoint would silently drop.
     """
+    target = Path(path)
+    for name in ("adapter_config.json", "adapters.json"):
+        if (target / name).exists() or (target / name).is_symlink():
+            raise AdapterFileError(
+                f"{target} holds an adapter ({name}); a merged checkpoint there would overwrite files beside it and "
+                f"from_pretrained would read the folder as an adapter. Save the merged model into another folder"
+            )
     if is_sharded(model):  # every rank gathers; rank 0 rebuilds unsharded, merges and writes
         return save_merged_sharded(model, path, save_merged, **save_kwargs)
 

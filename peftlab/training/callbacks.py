@@ -17,7 +17,9 @@
 
 How: when the Trainer is built the callback replaces ``save_pretrained`` on that model instance with an
 adapter writer (the Trainer saves through ``model.save_pretrained``, as it does for HF PEFT models). A model
-that is merged, or no longer wrapped, saves normally. ``peftlab.save_merged`` still writes the full merged
+that is no longer wrapped saves normally. A merged adapter is saved as its own tensors (merging never
+changes them), so a checkpoint of a merged model reloads exactly; the full-model save it used to fall back
+to wrote wrapper keys that a plain model cannot load. ``peftlab.save_merged`` still writes the full merged
 model. The index is the one file the Trainer's resume path needs besides the adapter; without a
 ``config.json`` ``from_pretrained(checkpoint)`` fails loudly instead of silently dropping the adapter.
 
@@ -26,7 +28,6 @@ This module imports ``transformers.TrainerCallback``; ``peftlab`` loads it lazil
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import types
@@ -37,14 +38,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..api import is_merged, on_train_step
+from ..api import on_train_step
 from ..core.registry import get_method
 from ..core.state import adapters
 from ..core.tensors import adapter_state_dict
 from ..persist.format import CONFIG_NAME, save_adapter
 from ..persist.hf_peft import export_peft
 from ..util.dist import gather_state_dict
-from ..util.files import atomic_save_safetensors, atomic_write_json
+from ..util.files import FolderWriter, plain_name_in, read_json
 
 TRAIN_STATE_NAME = "peftlab_train_state.safetensors"
 TRAIN_STATE_PREFIX = "peftlab_train_state."
@@ -88,8 +89,9 @@ def _train_state_pre_hook(module, state_dict, prefix, local_metadata, strict, mi
 
 
 def adapter_weights_name(folder: str | Path) -> str:
-    """The weights file a saved peftlab adapter's config points to."""
-    return json.loads((Path(folder) / CONFIG_NAME).read_text()).get("weights", "adapter.safetensors")
+    """The weights file a saved peftlab adapter's config points to (a plain name inside ``folder``)."""
+    name = read_json(Path(folder) / CONFIG_NAME).get("weights", "adapter.safetensors")
+    return plain_name_in(folder, name, "weights file name").name
 
 
 def _named_adapter_tensors(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -117,27 +119,30 @@ def save_checkpoint_files(
             export_peft(model, folder / PEFT_SUBFOLDER, name)
         resume.update(gather_state_dict(_named_adapter_tensors(model, name)))
     resume.update(train_state_tensors(model))
-    atomic_save_safetensors(out / TRAIN_STATE_NAME, resume, {"format": "pt"})
-    atomic_write_json(
-        out / INDEX_NAME,
-        {
-            "metadata": {
-                "format": "peftlab-adapter",
-                "note": "adapter-only checkpoint written by peftlab.PeftlabCallback: load it with "
-                "peftlab.load_adapter(base_model, this_folder); the base model's weights are not here. "
-                f"{TRAIN_STATE_NAME} holds the trainable tensors and allocator state for trainer.train(resume_from_checkpoint)",
-            },
-            "weight_map": dict.fromkeys(resume, TRAIN_STATE_NAME),
-        },
-    )
+    with FolderWriter(out) as writer:  # staged + renamed, under the folder's lock; a killed save's temporaries go
+        writer.recover(set())
+        writer.write_safetensors(TRAIN_STATE_NAME, resume, {"format": "pt"})
+        writer.write_json(INDEX_NAME, _resume_index(resume))
     return out
+
+
+def _resume_index(resume: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``model.safetensors.index.json`` that points the Trainer's resume loader to the train-state file."""
+    return {
+        "metadata": {
+            "format": "peftlab-adapter",
+            "note": "adapter-only checkpoint written by peftlab.PeftlabCallback: load it with "
+            "peftlab.load_adapter(base_model, this_folder); the base model's weights are not here. "
+            f"{TRAIN_STATE_NAME} holds the trainable tensors and allocator state for trainer.train(resume_from_checkpoint)",
+        },
+        "weight_map": dict.fromkeys(resume, TRAIN_STATE_NAME),
+    }
 
 
 def _adapter_save_pretrained(self, save_directory, *args: Any, is_main_process: bool = True, **kwargs: Any):
     """``save_pretrained`` of a model trained with PeftlabCallback: the adapter files only."""
     original = getattr(self, _ORIGINAL)
-    states = adapters(self)
-    if not states or any(is_merged(self, name) for name in states):
+    if not adapters(self):  # unwrapped since: a plain model saves normally
         return original(save_directory, *args, is_main_process=is_main_process, **kwargs)
     callback = getattr(self, "_peftlab_callback", None)
     if is_main_process:

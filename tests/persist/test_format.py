@@ -36,8 +36,9 @@ def test_roundtrip_equal_outputs_and_config_content(tiny, tmp_path):
     model = saved_llama(tiny, tmp_path)
     out = model(input_ids=ids()).logits
     files = sorted(p.name for p in (tmp_path / "ad").iterdir())
-    assert len(files) == 2 and files[1] == "adapter_config.json"  # no temp files left behind
-    assert files[0].startswith("adapter-") and files[0].endswith(".safetensors")
+    assert len(files) == 3 and files[0] == ".peftlab.lock" and files[2] == "adapter_config.json"  # no temp files
+    assert files[1].startswith("adapter-") and files[1].endswith(".safetensors")
+    assert not list(tmp_path.glob(".*lock"))  # the lock lives inside the folder it guards
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["method"] == "lora" and cfg["peftlab_version"] == peftlab.__version__
     assert cfg["config"]["r"] == 4 and len(cfg["targets"]) == 6

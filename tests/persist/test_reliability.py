@@ -62,7 +62,7 @@ def test_kill_9_mid_save_leaves_old_or_new_adapter(tmp_path):
         assert loaded_version(path) in (1.0, 2.0)
     peftlab.save_adapter(model, path)  # the next save cleans up what the kills left
     files = sorted(p.name for p in path.iterdir())
-    assert len(files) == 2 and "adapter_config.json" in files, files
+    assert len(files) == 3 and {"adapter_config.json", ".peftlab.lock"} <= set(files), files
 
 
 def test_concurrent_saves_into_one_folder_never_mix(tmp_path):
@@ -109,8 +109,13 @@ def test_nan_adapter_is_refused_on_load_import_and_merge(tmp_path):
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     with torch.no_grad():
         layer.slots["default"].lora_B[0, 0] = float("nan")
-    peftlab.save_adapter(model, tmp_path / "ours")
-    peftlab.export_peft(model, tmp_path / "hf")
+    with pytest.raises(peftlab.AdapterFileError, match=r"refusing to save adapter 'default': tensor .*q_proj\.lora_B"):
+        peftlab.save_adapter(model, tmp_path / "ours")
+    with pytest.raises(peftlab.AdapterFileError, match=r"refusing to export adapter 'default': tensor .*q_proj"):
+        peftlab.export_peft(model, tmp_path / "hf")
+    assert not list((tmp_path / "ours").glob("adapter*")) and not list((tmp_path / "hf").glob("adapter*"))
+    peftlab.save_adapter(model, tmp_path / "ours", check_finite=False)
+    peftlab.export_peft(model, tmp_path / "hf", check_finite=False)
     with pytest.raises(peftlab.AdapterFileError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_B has 1 NaN/inf"):
         peftlab.load_adapter(tiny_model("llama"), tmp_path / "ours")
     with pytest.raises(peftlab.AdapterFileError, match="NaN/inf"):

@@ -51,14 +51,34 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
     })
 
 
+#: HF PEFT LoraConfig fields that from_peft_config maps onto ours
+PEFT_MAPPED = frozenset({
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "rank_pattern", "alpha_pattern",
+    "modules_to_save", "use_dora", "init_lora_weights", "loftq_config",
+})  # fmt: skip
+#: fields that do not change what the adapter computes: bookkeeping, runtime settings, the layout of Conv1D
+#: weights (found from the module itself), and options that only matter together with a refused one
+PEFT_IGNORED = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "fan_in_fan_out", "layers_pattern", "megatron_core", "qalora_group_size",
+})  # fmt: skip
+
+
 def from_peft_config(data: dict[str, Any]) -> LoraConfig:
+    # every other field (exclude_modules, lora_bias, trainable_token_indices, layer_replication, aLoRA's
+    # alora_invocation_tokens, use_qalora, target_parameters, layers_to_transform, megatron_config, ... and any
+    # field a newer peft adds) is refused by name when set: peftlab does not implement it, and loading the
+    # weights without it would compute something else
     unsupported = {
-        k: data[k]
-        for k in ("layers_to_transform", "megatron_config")
-        if data.get(k) not in (None, False, [], {})
-    }
+        k: v for k, v in data.items()
+        if k not in PEFT_MAPPED and k not in PEFT_IGNORED and v not in (None, False, [], {}, "")
+    }  # fmt: skip
     if unsupported:
-        raise ConfigError(f"HF PEFT LoRA options not supported by peftlab: {unsupported}")
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
+        raise ConfigError(
+            f"HF PEFT LoRA option(s) not supported by peftlab: {listed}. peftlab implements only "
+            f"{', '.join(sorted(PEFT_MAPPED))}; an adapter that needs the others cannot be loaded as plain LoRA"
+        )
     targets = data.get("target_modules")
     if isinstance(targets, (list, set, tuple)):
         targets = sorted(targets)
