@@ -34,7 +34,7 @@ from ...core.state import base_layer_of, get_state, slots_of
 from ...core.structure import is_linear
 from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
-from ..lora.interop import PEFT_PREFIX
+from ..lora.interop import PEFT_IGNORED, PEFT_PREFIX
 from ..lora.slot import LowRankTensors, adapter_tensor_kwargs
 from . import estimate
 from .allocator import RankAllocator
@@ -275,7 +275,27 @@ def to_peft_config(config: AdaLoraConfig, state) -> dict[str, Any]:
     }
 
 
+#: HF PEFT AdaLoRA fields we read, and those that cannot change what the adapter computes; any other field set
+#: to a non-default value is refused by name (see :func:`from_peft_config`)
+PEFT_MAPPED = frozenset({
+    "init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+    "orth_reg_weight", "total_step", "rank_pattern", "target_modules", "modules_to_save",
+})  # fmt: skip
+PEFT_DEFAULTS = {"r": 8, "bias": "none", "init_lora_weights": True}  # LoRA fields AdaLoRA inherits, unused
+
+
 def from_peft_config(data: dict[str, Any]) -> AdaLoraConfig:
+    unsupported = {
+        k: v for k, v in data.items()
+        if k not in PEFT_MAPPED and k not in PEFT_IGNORED and v not in (None, False, [], {}, "")
+        and not (k in PEFT_DEFAULTS and v == PEFT_DEFAULTS[k])
+    }  # fmt: skip
+    if unsupported:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
+        raise ConfigError(
+            f"HF PEFT AdaLoRA option(s) not supported by peftlab: {listed}. peftlab implements only "
+            f"{', '.join(sorted(PEFT_MAPPED))}; an adapter that needs the others cannot be loaded as AdaLoRA"
+        )
     pattern = data.get("rank_pattern")
     if pattern:
         pattern = {k[: -len(".lora_E")] if k.endswith(".lora_E") else k: v for k, v in pattern.items()}
