@@ -20,7 +20,7 @@ def test_every_default_imports():
     assert (config.init_r, config.target_r, config.total_steps) == (12, 8, 10)
 
 
-@pytest.mark.parametrize("option", [{"use_dora": True}, {"use_rslora": True}, {"layers_to_transform": [0]}])
+@pytest.mark.parametrize("option", [{"lora_bias": True}, {"use_rslora": True}, {"layers_to_transform": [0]}])
 def test_unsupported_option_is_refused_by_name(option):
     name = next(iter(option))
     with pytest.raises(peftlab.ConfigError, match=rf"AdaLoRA option\(s\) not supported by peftlab: {name}="):
