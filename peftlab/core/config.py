@@ -17,16 +17,50 @@ from ..util.errors import ConfigError
 from .registry import config_class, method_names
 
 ADAPTER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+ADAPTER_NAME_MAX = 64
 RESERVED_NAMES = ("__base__", "base_layer", "weight", "bias")
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
 
 
+def _attribute_names() -> frozenset[str]:
+    """Names an adapter may not take: attributes of the dicts and modules its tensors live in."""
+    from torch import nn
+
+    names: set[str] = set()
+    for cls in (nn.Module, nn.ModuleDict, nn.ParameterDict):
+        names.update(dir(cls))
+    names.update(("training", "forward", "keys", "items", "values", "update", "pop", "clear", "slots", "active"))
+    names.update(("weights", "disabled", "merged_stack", "router", "base_layer"))
+    return frozenset(n for n in names if not n.startswith("__"))
+
+
+_ATTRIBUTE_NAMES: frozenset[str] | None = None
+
+
 def check_adapter_name(name: Any) -> str:
-    """A valid adapter name: letters, digits, ``_`` and ``-``, not starting with a digit, not reserved."""
-    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
+    """A valid adapter name: 1-64 letters, digits, ``_`` and ``-``, not starting with a digit, not reserved,
+    and not an attribute of the modules that hold adapter tensors (``forward``, ``keys``, ``training``...)."""
+    global _ATTRIBUTE_NAMES
+    if _ATTRIBUTE_NAMES is None:
+        _ATTRIBUTE_NAMES = _attribute_names()
+    rule = (
+        f"use 1-{ADAPTER_NAME_MAX} letters, digits, '_' and '-', starting with a letter or '_' "
+        f"(e.g. 'sst2_lora')"
+    )
+    if not isinstance(name, str):
+        raise ConfigError(f"invalid adapter name {name!r} ({type(name).__name__}): a name is a string; {rule}")
+    if not name or len(name) > ADAPTER_NAME_MAX:
+        raise ConfigError(f"invalid adapter name {name[:80]!r}: {len(name)} characters; {rule}")
+    if not ADAPTER_NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid adapter name {name!r}: {rule} (no '.', '/', spaces or other characters)")
+    if name in RESERVED_NAMES or name.startswith("__"):
         raise ConfigError(
-            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (not starting with a digit, "
-            f"no '.'), and none of {', '.join(RESERVED_NAMES)}"
+            f"invalid adapter name {name!r}: reserved ({', '.join(RESERVED_NAMES)} and '__' names); {rule}"
+        )
+    if name in _ATTRIBUTE_NAMES:
+        raise ConfigError(
+            f"invalid adapter name {name!r}: it is an attribute name of the modules that hold adapter tensors "
+            f"(like forward, keys, training, to, state_dict); choose another name, e.g. {name + '_adapter'!r}"
         )
     return name
 
