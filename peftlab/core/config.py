@@ -103,6 +103,16 @@ def check_bool(owner: str, name: str, value: Any) -> None:
         raise ConfigError(f"{owner} {name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"{what} {pattern!r} is not a valid regular expression ({exc}); give a module name such as 'q_proj' "
+            f"or a regex such as r'.*\\.q_proj' (escape '(', '[', '.' with a backslash)"
+        ) from None
+
+
 @dataclass
 class PeftConfig:
     """Fields every method has.
@@ -152,6 +162,15 @@ class PeftConfig:
             if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
                 raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         check_adapter_name(self.adapter_name)
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            _check_regex("target_modules", self.target_modules)
+        for f in dataclasses.fields(self):  # per-module overrides keyed by name or regex (rank_pattern...)
+            value = getattr(self, f.name, None)
+            if f.name.endswith("_pattern") and isinstance(value, dict):
+                for key in value:
+                    if not isinstance(key, str) or not key:
+                        raise ConfigError(f"{f.name} keys must be module names or regexes (strings), got {key!r}")
+                    _check_regex(f"{f.name} key", key)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with a ``method`` key."""
@@ -165,6 +184,8 @@ class PeftConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> PeftConfig:
         """Rebuild a config from :meth:`to_dict` output; unknown keys are an error that names them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an adapter config is a JSON object with a 'method' key, got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", None)
         if method is None:
@@ -176,7 +197,15 @@ class PeftConfig:
             raise ConfigError(
                 f"unknown keys for method {method!r}: {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError:
+            raise
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:  # a value of the wrong type, hand-edited
+            raise ConfigError(
+                f"adapter config for method {method!r} has a value of the wrong type ({type(exc).__name__}: {exc}); "
+                f"valid keys: {', '.join(sorted(names))}"
+            ) from None
 
     def replace(self, **changes: Any) -> PeftConfig:
         """A copy with some fields changed (validated again)."""
