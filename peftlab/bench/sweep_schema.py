@@ -72,6 +72,8 @@ def _mapping(value: Any, key: str, example: str) -> dict:
 
 def _train_value(key: str, name: str, value: Any) -> Any:
     value = number(value)
+    if value is None:  # null: the default
+        return value
     if name in INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name.endswith("limit") else 1):
             raise ConfigError(f"{key}: must be a whole number{' ≥ 1' if not name.endswith('limit') else ' ≥ 0'}, got {value!r}")
@@ -84,7 +86,7 @@ def _train_value(key: str, name: str, value: Any) -> Any:
     elif name in CHOICES:
         if value not in CHOICES[name]:
             raise ConfigError(f"{key}: must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    elif value is not None and not isinstance(value, str):
+    elif not isinstance(value, str):
         raise ConfigError(f"{key}: must be a string, got {value!r}")
     return value
 

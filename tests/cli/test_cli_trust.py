@@ -49,7 +49,7 @@ def test_sweep_schema_errors_name_the_key_and_its_valid_form(change, message):
 def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(
-        "models: [minilm-l6]\ntasks: [sst2]\nseeds: [0]\ntrain: {lr: 1e-3}\n"
+        "models: [minilm-l6]\ntasks: [sst2]\nseeds: [0]\ntrain: {lr: 1e-3, max_steps: null}\n"
         "methods:\n  - {method: lora, params: {r: 4, alpha: 1e1}, train: {lr: [1e-3, 2e-3]}}\n"
     )
     specs = expand(load_sweep(path))
