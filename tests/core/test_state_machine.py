@@ -20,12 +20,18 @@ import tempfile
 
 import pytest
 import torch
-from helpers import tiny_model
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import peftlab
+from helpers import tiny_model
 from peftlab import ConfigError, MergeError, PeftlabError, TargetError, WrapError
 
 SEED = int(os.environ.get("PEFTLAB_STATE_SEED") or random.randrange(2**31))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb, tiny_model
 
 import peftlab
+from helpers import perturb, tiny_model
 from peftlab import ConfigError, MergeError
 from peftlab.core.layer import AdapterLayer
 
