@@ -14,7 +14,7 @@ from torch import nn
 
 from .backends.quant.model import dequantize_model, logical_numel
 from .core.activation import _check_names, active_adapters, set_active_adapters, set_adapters_enabled
-from .core.config import PeftConfig, check_adapter_name
+from .core.config import PeftConfig
 from .core.inject import inject, train_extra_keys
 from .core.merging import check_merge, merge_all, merged_weights, unmerge_all
 from .core.merging import is_merged as _is_merged
@@ -41,9 +41,9 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
     The base weights are frozen; only the new adapter's parameters (and its copies of
     ``modules_to_save``) are trainable, and it becomes the active adapter. A model that already
     has adapters gets one more, named ``config.adapter_name``: a wrapped module gets a new slot,
-    never a second wrapper. Adapters that are merged stay active beside it (their update is in the
-    base weights); the other adapters are switched off. The model remains a plain ``transformers`` model, so ``Trainer``,
-    ``accelerate`` and ``generate`` work unchanged.
+    never a second wrapper. Adapters that are merged stay active beside it, with their weights (their
+    update is in the base weights); the other adapters are switched off. The model remains a plain
+    ``transformers`` model, so ``Trainer``, ``accelerate`` and ``generate`` work unchanged.
 
     If anything fails, the model is left exactly as it was.
 
@@ -57,8 +57,7 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
             f"wrap() needs a peftlab config (e.g. peftlab.LoraConfig), got {type(config).__name__}"
         )
     previous = active_adapters(model)
-    if not isinstance(getattr(config, "adapter_name", None), str) or config.adapter_name not in adapters(model):
-        check_adapter_name(config.adapter_name)
+    previous_weights = _active_weights(model, previous)
     merged = merged_weights(model)
     txn = inject(model, config, get_method(config.method))
     name = config.adapter_name
@@ -71,7 +70,7 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
     except BaseException:
         txn.rollback()
         if adapters(model):
-            set_active_adapters(model, previous)  # the other adapters' method hooks follow too
+            set_active_adapters(model, previous, previous_weights)  # the other adapters' method hooks follow too
         else:
             uninstall_routing(model)
         raise

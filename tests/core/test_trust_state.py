@@ -278,3 +278,23 @@ def test_bad_combine_arguments_are_refused_and_change_nothing(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         peftlab.combine(model, **args)
     assert_same(model, before)
+
+
+def test_a_wrap_failing_late_keeps_the_active_weights_and_merges(monkeypatch):
+    model = two_lora()
+    peftlab.set_active_adapters(model, ["a", "b"], [0.5, 2.0])
+    peftlab.merge(model, "a")
+    before = snapshot(model)
+    with pytest.raises(peftlab.TargetError):
+        peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["nope_proj"], adapter_name="c"))
+    assert_same(model, before)
+
+    def broken(model):
+        raise RuntimeError("routing failed")
+
+    import peftlab.api
+
+    monkeypatch.setattr(peftlab.api, "install_routing", broken)  # fails after the new adapter was activated
+    with pytest.raises(RuntimeError, match="routing failed"):
+        peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["k_proj"], adapter_name="c"))
+    assert_same(model, before)
