@@ -3,6 +3,15 @@
 Orchestration only: everything here works through the slot protocol of :mod:`peftlab.core.layer`, the
 activation rules of :mod:`peftlab.core.activation` and the hooks a method registers
 (:mod:`peftlab.core.registry`); nothing here knows LoRA from a bottleneck adapter.
+
+Two rules hold for every function here:
+
+* **All or nothing.** An operation on several adapters or layers checks everything first, then changes
+  the model; if a step still fails, what was done is undone, and the model is exactly as before.
+* **Merged state is never hidden.** A merged adapter always counts as active, with the weight it was merged
+  with. A call that would switch it off, give it another weight, disable it or delete it unmerges it first
+  (:func:`disable_adapters` merges it again on exit); merging an inactive adapter activates it (weight 1.0);
+  :func:`wrap` keeps merged adapters active beside the new one.
 """
 
 from __future__ import annotations

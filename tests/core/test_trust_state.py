@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import peftlab
+import peftlab.api as api_module
 from helpers import perturb, tiny_model
 from peftlab import ConfigError, MergeError
 from peftlab.core.layer import AdapterLayer
@@ -292,9 +293,7 @@ def test_a_wrap_failing_late_keeps_the_active_weights_and_merges(monkeypatch):
     def broken(model):
         raise RuntimeError("routing failed")
 
-    import peftlab.api
-
-    monkeypatch.setattr(peftlab.api, "install_routing", broken)  # fails after the new adapter was activated
+    monkeypatch.setattr(api_module, "install_routing", broken)  # fails after the new adapter was activated
     with pytest.raises(RuntimeError, match="routing failed"):
         peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["k_proj"], adapter_name="c"))
     assert_same(model, before)
