@@ -1,7 +1,7 @@
 """A stateful property test of the multi-adapter API (issue 29).
 
 Random sequences of: wrap (add an adapter), set_active with weights, merge (all or one), unmerge (all or
-one), delete, combine, save + load into a fresh model, and operations that must fail. After every step the
+one), delete, combine, disable (a context), save + load into a fresh model, and operations that must fail. After every step the
 model's logits equal an independent reference: the base model with ``W + Σ wᵢ·ΔWᵢ`` written into its
 weights for the active adapters, where each ΔWᵢ = (α/r)·BᵢAᵢ is computed here from the tensors this test
 put into the adapter (a combination: Σ wⱼ ΔWⱼ of its inputs), never read back from peftlab's merge. An
@@ -243,6 +243,18 @@ class AdapterMachine(RuleBasedStateMachine):
         kwargs = {"rank": {"rank": 0, "how": "svd"}, "weights": {"weights": "1"}, "names": {"names": names[0]}}[bad]
         args = {"names": names, "weights": [1.0], "new_name": "zz"} | kwargs
         self.expect_failure(ConfigError, lambda: peftlab.combine(self.model, **args))
+
+    @precondition(lambda self: self.deltas)
+    @rule()
+    def disable_all(self) -> None:
+        before = self.observed()
+        with peftlab.disable_adapters(self.model):
+            inside = self.observed()
+            torch.testing.assert_close(inside[0], _BASE_LOGITS, rtol=1e-4, atol=1e-4)
+            assert not any(inside[3].values())  # merged adapters are unmerged inside
+        after = self.observed()
+        torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-4)
+        assert after[1:] == before[1:]
 
     @precondition(lambda self: self.deltas)
     @rule()
