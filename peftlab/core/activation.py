@@ -46,7 +46,10 @@ def _check_names(model: nn.Module, names: Sequence[str], what: str = "adapter") 
 
 
 def check_weights(weights, count: int, what: str = "adapters") -> list[float]:
-    """One finite real number per adapter, as a list or tuple (a string is refused, not read per character)."""
+    """One finite real number per adapter, as a list or tuple (or a 1-d array or tensor); a string is refused,
+    not read one character at a time."""
+    if hasattr(weights, "tolist") and getattr(weights, "ndim", None) == 1:  # numpy array, torch tensor
+        weights = weights.tolist()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, (list, tuple)):
         raise ConfigError(
             f"weights must be a list of numbers, one per adapter (e.g. [1.0, 0.5]), got {weights!r} "

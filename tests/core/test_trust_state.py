@@ -297,3 +297,11 @@ def test_a_wrap_failing_late_keeps_the_active_weights_and_merges(monkeypatch):
     with pytest.raises(RuntimeError, match="routing failed"):
         peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["k_proj"], adapter_name="c"))
     assert_same(model, before)
+
+
+def test_weights_as_an_array_or_tensor_are_read_as_numbers():
+    model = two_lora()
+    expected = alone(model, ["a", "b"], [0.5, 2.0])
+    torch.testing.assert_close(alone(model, ["a", "b"], torch.tensor([0.5, 2.0])), expected, rtol=0, atol=0)
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(alone(model, ["a", "b"], np.array([0.5, 2.0])), expected, rtol=0, atol=0)
