@@ -3,6 +3,15 @@
 Orchestration only: everything here works through the slot protocol of :mod:`peftlab.core.layer`, the
 activation rules of :mod:`peftlab.core.activation` and the hooks a method registers
 (:mod:`peftlab.core.registry`); nothing here knows LoRA from a bottleneck adapter.
+
+Two rules hold for every function here:
+
+* **All or nothing.** An operation on several adapters or layers checks everything first, then changes
+  the model; if a step still fails, what was done is undone, and the model is exactly as before.
+* **Merged state is never hidden.** A merged adapter always counts as active, with the weight it was merged
+  with. A call that would switch it off, give it another weight, disable it or delete it unmerges it first
+  (:func:`disable_adapters` merges it again on exit); merging an inactive adapter activates it (weight 1.0);
+  :func:`wrap` keeps merged adapters active beside the new one.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from .backends.quant.model import dequantize_model, logical_numel
 from .core.activation import _check_names, active_adapters, set_active_adapters, set_adapters_enabled
 from .core.config import PeftConfig
 from .core.inject import inject, train_extra_keys
+from .core.merging import check_merge, merge_all, merged_weights, unmerge_all
+from .core.merging import is_merged as _is_merged
 from .core.registry import get_method
 from .core.state import (
     ACTIVE_ATTR,
@@ -39,8 +50,9 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
     The base weights are frozen; only the new adapter's parameters (and its copies of
     ``modules_to_save``) are trainable, and it becomes the active adapter. A model that already
     has adapters gets one more, named ``config.adapter_name``: a wrapped module gets a new slot,
-    never a second wrapper. The model remains a plain ``transformers`` model, so ``Trainer``,
-    ``accelerate`` and ``generate`` work unchanged.
+    never a second wrapper. Adapters that are merged stay active beside it, with their weights (their
+    update is in the base weights); the other adapters are switched off. The model remains a plain
+    ``transformers`` model, so ``Trainer``, ``accelerate`` and ``generate`` work unchanged.
 
     If anything fails, the model is left exactly as it was.
 
@@ -54,16 +66,20 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
             f"wrap() needs a peftlab config (e.g. peftlab.LoraConfig), got {type(config).__name__}"
         )
     previous = active_adapters(model)
+    previous_weights = _active_weights(model, previous)
+    merged = merged_weights(model)
     txn = inject(model, config, get_method(config.method))
     name = config.adapter_name
     try:
-        set_active_adapters(model, [name], trainable=[name])
+        # merged adapters stay active with their weight: their update is in the base weights
+        keep = [n for n in previous if n in merged]
+        set_active_adapters(model, keep + [name], [merged[n] for n in keep] + [1.0], trainable=[name])
         install_routing(model)  # model(..., adapter_names=[...]) / generate(..., adapter_names=[...]): one per row
         train_extra_keys(model, txn.state)
     except BaseException:
         txn.rollback()
         if adapters(model):
-            set_active_adapters(model, previous)  # the other adapters' method hooks follow too
+            set_active_adapters(model, previous, previous_weights)  # the other adapters' method hooks follow too
         else:
             uninstall_routing(model)
         raise
@@ -76,12 +92,15 @@ def wrap(model: nn.Module, config: PeftConfig) -> nn.Module:
 def delete_adapter(model: nn.Module, adapter_name: str, force: bool = False) -> nn.Module:
     """Remove one adapter (its slots, head copies, hooks and live objects); the others stay.
 
-    A merged adapter is unmerged first (later merges are undone and redone).
+    A merged adapter is unmerged first (later merges are undone and redone), as every call that changes
+    a merged adapter does. Everything is checked before anything changes.
 
     Raises:
         WrapError: unknown name; or the adapter has gradients not yet applied by an optimizer
             step (pass ``force=True`` to delete anyway, after ``optimizer.zero_grad()``).
     """
+    if not isinstance(adapter_name, str):
+        raise ConfigError(f"delete_adapter() takes one adapter name (a string), got {adapter_name!r}")
     _check_names(model, [adapter_name])
     get_state(model, adapter_name)  # raises for an unknown adapter
     tensors = adapter_tensors(model, adapter_name)
@@ -92,13 +111,22 @@ def delete_adapter(model: nn.Module, adapter_name: str, force: bool = False) -> 
             f"e.g. {pending[0]}): an optimizer step is pending. Call optimizer.step() and optimizer.zero_grad(), "
             f"or delete_adapter(..., force=True)"
         )
-    if is_merged(model, adapter_name):
-        unmerge(model, adapter_name)
-    _remove(model, adapter_name)
     remaining = [n for n in active_adapters(model) if n != adapter_name]
-    if adapters(model):
-        set_active_adapters(model, remaining)
+    weights = _active_weights(model, remaining)
+    # switch it off first (this unmerges it, all or nothing); then nothing that can fail is left
+    set_active_adapters(model, remaining, weights)
+    _remove(model, adapter_name)
     return model
+
+
+def _active_weights(model: nn.Module, names: list[str]) -> list[float]:
+    """The current weight of each active adapter in ``names``."""
+    table = {n: 1.0 for n in names}
+    for _, layer in adapter_layers(model):
+        for n in names:
+            if n in layer.weights:
+                table[n] = layer.weights[n]
+    return [table[n] for n in names]
 
 
 def _remove(model: nn.Module, adapter_name: str) -> None:
@@ -134,41 +162,40 @@ def _remove(model: nn.Module, adapter_name: str) -> None:
 
 def _merge_targets(model: nn.Module, adapter_name: str | None) -> list[str]:
     if adapter_name is not None:
-        return _check_names(model, [adapter_name])
-    active = active_adapters(model)
-    return active or [get_state(model).name]
+        if not isinstance(adapter_name, str):
+            raise ConfigError(f"adapter_name must be one adapter name (a string) or None, got {adapter_name!r}")
+        names = _check_names(model, [adapter_name])
+        return names
+    return active_adapters(model) or [get_state(model).name]
 
 
 def merge(model: nn.Module, adapter_name: str | None = None, safe: bool = True) -> nn.Module:
     """Fold adapters into the base weights: ``W <- slot.merged(W, w)`` per layer.
 
+    All or nothing: every adapter is checked first (known, active, not merged yet, foldable, and with
+    ``safe`` no NaN/inf in any merged weight); if a step still fails, the adapters merged so far are
+    unmerged, so the model is left as it was.
+
     Args:
-        adapter_name: one adapter; default: every active adapter (each with its active weight).
+        adapter_name: one adapter (an inactive one becomes active with weight 1.0, since a merged
+            adapter always counts as active); default: every active adapter (each with its active weight).
         safe: check every merged weight for NaN/inf before anything is written (default); a broken
             adapter then raises :class:`MergeError` and the model is unchanged. ``safe=False`` skips it.
     """
-    for name in _merge_targets(model, adapter_name):
-        state = get_state(model, name)
-        method = get_method(state.config.method)
-        if method.merge is not None:
-            method.merge(model, state)
-            continue
-        layers = [layer for _, layer in wrapped_layers(model, name)]
-        if any(layer.is_merged(name) for layer in layers):
-            raise MergeError(f"adapter {name!r} is already merged; call unmerge() first")
-        unmergeable = [layer for layer in layers if not layer.slots[name].mergeable and not layer.slots[name].replaces_base]
-        if unmergeable:
-            slot = unmergeable[0].slots[name]
-            raise MergeError(
-                f"{state.config.method} adapter {name!r} cannot be merged into the base weights "
-                f"({type(slot).__name__} is not linear in the input); keep it unmerged for inference"
-            )
-        mergeable = [layer for layer in layers if layer.slots[name].mergeable]
-        if safe:  # check every layer before touching any weight, so a failure leaves the model as it was
-            for layer in mergeable:
-                layer.check_merge(name)
-        for layer in mergeable:
-            layer.merge(name, safe=False)
+    names = _merge_targets(model, adapter_name)
+    active = active_adapters(model)
+    if all(n in active for n in names):
+        merge_all(model, names, safe)
+        return model
+    # merging an inactive adapter makes it active (weight 1.0): a merged adapter always shows as active
+    weights = _active_weights(model, active)
+    check_merge(model, names, safe)
+    set_active_adapters(model, active + [n for n in names if n not in active], weights + [1.0])
+    try:
+        merge_all(model, names, safe)
+    except BaseException:
+        set_active_adapters(model, active, weights)
+        raise
     return model
 
 
@@ -176,40 +203,25 @@ _merge_adapters = merge  # for unwrap(), whose ``merge`` parameter shadows the f
 
 
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Undo merges: one adapter, or (default) every merged adapter in LIFO order."""
-    names = [adapter_name] if adapter_name is not None else list(adapters(model))
+    """Undo merges: one adapter, or (default) every merged adapter in LIFO order. All or nothing."""
     if adapter_name is not None:
-        _check_names(model, names)
-    done = False
-    for name in names:
-        state = get_state(model, name)
-        method = get_method(state.config.method)
-        if method.unmerge is not None:
-            if method.is_merged(state):
-                method.unmerge(model, state)
-                done = True
-            continue
-    layers = [layer for _, layer in adapter_layers(model)]
-    for layer in layers:
-        if adapter_name is None:
-            while layer.merged_stack:
-                layer.unmerge()
-                done = True
-        elif layer.is_merged(adapter_name):
-            layer.unmerge(adapter_name)
-            done = True
-    if not done:
-        what = f"adapter {adapter_name!r} is" if adapter_name else "no adapter is"
-        raise MergeError(f"{what} not merged; nothing to unmerge")
+        if not isinstance(adapter_name, str):
+            raise ConfigError(f"adapter_name must be one adapter name (a string) or None, got {adapter_name!r}")
+        _check_names(model, [adapter_name])
+        if not _is_merged(model, adapter_name):
+            raise MergeError(f"adapter {adapter_name!r} is not merged; nothing to unmerge")
+        unmerge_all(model, [adapter_name])
+        return model
+    get_state(model)
+    if not merged_weights(model):
+        raise MergeError("no adapter is merged; nothing to unmerge")
+    unmerge_all(model)
     return model
 
 
 def is_merged(model: nn.Module, adapter_name: str | None = None) -> bool:
-    state = get_state(model, adapter_name)
-    method = get_method(state.config.method)
-    if method.is_merged is not None:
-        return method.is_merged(state)
-    return any(layer.is_merged(state.name) for _, layer in wrapped_layers(model, state.name))
+    """Whether the adapter (default: the only or active one) is merged into the base weights."""
+    return _is_merged(model, get_state(model, adapter_name).name)
 
 
 def on_train_step(model: nn.Module, step: int) -> None:
@@ -230,6 +242,9 @@ def unwrap(
 ) -> nn.Module:
     """Remove the adapter(s) and return the plain model (the same object).
 
+    Everything is checked before anything changes: with ``merge=True`` an adapter that cannot be folded
+    (a bottleneck adapter, a prefix) is refused before any other is merged or removed.
+
     Args:
         merge: fold the adapter(s) into the base weights first (the active weights apply). With
             ``merge=False`` merged adapters are unmerged, so the base weights are restored.
@@ -237,8 +252,8 @@ def unwrap(
         dequantize: replace quantized (bitsandbytes) base layers by full-precision ones first,
             so that ``merge=True`` gives a plain full-precision merged model.
     """
-    if dequantize:
-        dequantize_model(model)
+    if adapter_name is not None and not isinstance(adapter_name, str):
+        raise ConfigError(f"adapter_name must be one adapter name (a string) or None, got {adapter_name!r}")
     names = [adapter_name] if adapter_name else list(adapters(model))[::-1]
     if not names:
         get_state(model)  # raises the "not wrapped" error
@@ -251,17 +266,21 @@ def unwrap(
                     f"{method.name} adapter {name!r} can't be folded into the base weights; unwrap(merge=False) "
                     f"removes the adapter, or keep it wrapped for inference"
                 )
-    for name in names:
-        state = get_state(model, name)
-        method = get_method(state.config.method)
-        merged = is_merged(model, name)
-        if merge and not merged:
-            _merge_adapters(model, name)
-        elif not merge and merged:
-            unmerge(model, name)
-        if merge:
+        to_merge = [n for n in names[::-1] if not _is_merged(model, n)]
+        check_merge(model, to_merge)
+    if dequantize:
+        dequantize_model(model)
+    if merge:
+        merge_all(model, to_merge)
+        for name in names:
             _commit_merge(model, name)
+    else:
+        unmerge_all(model, names)
+    for name in names:
         _remove(model, name)
+    if adapters(model):
+        remaining = [n for n in active_adapters(model) if n in adapters(model)]
+        set_active_adapters(model, remaining, _active_weights(model, remaining))
     return model
 
 
@@ -282,22 +301,21 @@ def _commit_merge(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module, adapter_name: str | Sequence[str] | None = None) -> Iterator[nn.Module]:
     """Context manager: inside it the given adapters (default: all) contribute nothing.
 
-    With every adapter disabled the model computes exactly the base model. A merged adapter cannot
-    be disabled (its update lives in the base weights): unmerge first.
+    With every adapter disabled the model computes exactly the base model. A merged adapter is unmerged
+    on entry (its update lives in the base weights) and merged again on exit.
     """
     names = list(adapters(model)) if adapter_name is None else _check_names(model, adapter_name)
     if not names:
         get_state(model)
-    for name in names:
-        if is_merged(model, name):
-            raise MergeError(
-                f"adapter {name!r} is merged into the base weights; unmerge() before disabling it"
-            )
+    merged = merged_weights(model)
+    unmerged = unmerge_all(model, [n for n in names if n in merged])  # all or nothing
     set_adapters_enabled(model, False, names)
     try:
         yield model
     finally:
         set_adapters_enabled(model, True, names)
+        if unmerged:
+            merge_all(model, [n for n in merged if n in unmerged], safe=False)
 
 
 # ---- counting -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ class UsageError(PeftlabError, ValueError):
 
 #: Exceptions reported as one line (exit status 2) rather than a traceback: peftlab's own errors, and
 #: the OSError / ValueError that transformers and the file system raise for a bad path, file or model.
-USER_ERRORS = (PeftlabError, OSError, ValueError)
+USER_ERRORS = (PeftlabError, OSError, ValueError, re.error)
 
 
 def _method_config(method: str, options: list[str]):
@@ -177,7 +178,7 @@ def cmd_bench(args) -> int:
         check_train_config(spec["train"])
     for model in sorted({s["model"] for s in specs}):
         _check_model(model)
-    out = Path(args.out or f"runs/{sweep['name']}")
+    out = Path(args.out or f"runs/{sweep['name']}")  # the name is checked by expand(): a plain folder name
     mine = _sweep_part(args.part, specs)
     print(f"sweep {sweep['name']!r}: {len(mine)} runs{f' (part {args.part} of {len(specs)})' if args.part else ''} -> {out}")
     records = run_sweep(mine, out, timeout=args.timeout)
@@ -192,13 +193,37 @@ def cmd_bench(args) -> int:
     return 0 if ok else 1
 
 
+def _saved_adapter_names(path: str) -> list[str]:
+    """The adapter names a saved folder of several adapters lists ([] for a one-adapter folder)."""
+    from .persist.format import CONFIG_NAME, INDEX_NAME
+    from .util.files import read_json
+
+    folder = Path(path)
+    if (folder / INDEX_NAME).is_file() and not (folder / CONFIG_NAME).is_file():
+        index = read_json(folder / INDEX_NAME)
+        names = index.get("adapters") if isinstance(index, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"{folder / INDEX_NAME} does not list adapter names; it was not written by peftlab")
+        return names
+    return []
+
+
 def cmd_merge(args) -> int:
     import peftlab
 
     _check_out(args.out)
     _check_model(args.model)
+    names = _saved_adapter_names(args.adapter)
+    chosen = getattr(args, "adapter_name", None)
+    if chosen is None and len(names) > 1:
+        raise UsageError(
+            f"--adapter {args.adapter} holds {len(names)} adapters ({', '.join(names)}); choose the one to merge "
+            f"with --adapter-name NAME"
+        )
+    if chosen is not None and names and chosen not in names:
+        raise UsageError(f"--adapter-name {chosen!r}: {args.adapter} has no such adapter; it has: {', '.join(names)}")
     model, tokenizer = peftlab.load_model(args.model, kind=args.kind)
-    peftlab.load_adapter(model, args.adapter)
+    peftlab.load_adapter(model, args.adapter, adapter_name=chosen)
     peftlab.save_merged(model, args.out)
     tokenizer.save_pretrained(args.out)
     print(f"merged model written to {Path(args.out).resolve()}")
@@ -275,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kind", default="seq-cls", choices=kinds)
         p.add_argument("--adapter", required=True)
         p.add_argument("--out", required=True)
+        if name == "merge":
+            p.add_argument("--adapter-name", help="with a folder of several adapters: the one to merge")
         p.set_defaults(func=func)
     from .estimate_cli import add_parser as add_estimate_parser
 

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+
+from .util.errors import ConfigError
+
+#: a memory size: a number (one decimal point at most) and an optional unit, e.g. 24GB, 24GiB, 800MB, 1.5G
+_SIZE = re.compile(r"\s*(\d+(\.\d*)?|\.\d+)\s*([kKmMgGtT]i?)?[bB]?\s*")
 
 METHODS = ("full", "lora", "qlora", "adalora", "houlsby", "pfeiffer", "parallel", "prefix")
 
@@ -79,6 +85,10 @@ def run(args) -> int:
         device=args.device, loss=args.loss,
     )  # fmt: skip
     if args.fit:
+        if not _SIZE.fullmatch(args.fit):
+            raise ConfigError(
+                f"--fit {args.fit!r} is not a memory size; write a number and a unit, e.g. 24GB, 24GiB, 800MB, 1.5G"
+            )
         budget = parse_size(args.fit)
         what = "batch_size" if args.fit_what == "batch" else "seq_len"
         value, est = fit(budget, args.fit_what, **{k: v for k, v in kwargs.items() if k != what})

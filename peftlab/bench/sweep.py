@@ -12,6 +12,10 @@ methods:
   - {method: lora, params: {r: [4, 8], alpha: 16}}   # a list is a grid axis
 ```
 
+Every key is checked against a schema first (:mod:`peftlab.bench.sweep_schema`): an error names the key
+and its valid form; numbers YAML reads as strings (``lr: 1e-3``) are read as numbers; ``name`` is a plain
+folder name (``runs/<name>``).
+
 Lists in ``params`` and ``train`` are grid axes, except for parameters whose value is itself a
 list (``target_modules``, ``modules_to_save``...): give those as a list of lists to sweep them.
 """
@@ -29,6 +33,7 @@ import yaml
 
 from ..util.errors import ConfigError
 from .providers import PROVIDERS
+from .sweep_schema import safe_stem, validate
 from .tasks import TASKS
 
 SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device", "order"}
@@ -101,10 +106,10 @@ def run_id(spec: dict) -> str:
 
 def expand(sweep: dict) -> list[dict]:
     """Validate a sweep dict and expand it into run specs."""
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"a sweep is a mapping with keys {sorted(SWEEP_KEYS)}, got {type(sweep).__name__}")
     _unknown(set(sweep), SWEEP_KEYS, "the sweep")
-    for key in ("models", "tasks", "methods"):
-        if not sweep.get(key):
-            raise ConfigError(f"the sweep needs a non-empty '{key}' list")
+    sweep = validate(sweep, TRAIN_KEYS, TASK_KEYS, METHOD_KEYS)
     base_train = {**TRAIN_DEFAULTS, **(sweep.get("train") or {})}
     _unknown(set(base_train), TRAIN_KEYS, "train")
     specs = []
@@ -162,7 +167,7 @@ def load_sweep(path: str | Path) -> dict:
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping with keys {sorted(SWEEP_KEYS)}")
-    data.setdefault("name", path.stem)
+    data.setdefault("name", safe_stem(path.stem))
     return data
 
 

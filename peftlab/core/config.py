@@ -17,16 +17,50 @@ from ..util.errors import ConfigError
 from .registry import config_class, method_names
 
 ADAPTER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+ADAPTER_NAME_MAX = 64
 RESERVED_NAMES = ("__base__", "base_layer", "weight", "bias")
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
 
 
+def _attribute_names() -> frozenset[str]:
+    """Names an adapter may not take: attributes of the dicts and modules its tensors live in."""
+    from torch import nn
+
+    names: set[str] = set()
+    for cls in (nn.Module, nn.ModuleDict, nn.ParameterDict):
+        names.update(dir(cls))
+    names.update(("training", "forward", "keys", "items", "values", "update", "pop", "clear", "slots", "active"))
+    names.update(("weights", "disabled", "merged_stack", "router", "base_layer"))
+    return frozenset(n for n in names if not n.startswith("__"))
+
+
+_ATTRIBUTE_NAMES: frozenset[str] | None = None
+
+
 def check_adapter_name(name: Any) -> str:
-    """A valid adapter name: letters, digits, ``_`` and ``-``, not starting with a digit, not reserved."""
-    if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
+    """A valid adapter name: 1-64 letters, digits, ``_`` and ``-``, not starting with a digit, not reserved,
+    and not an attribute of the modules that hold adapter tensors (``forward``, ``keys``, ``training``...)."""
+    global _ATTRIBUTE_NAMES
+    if _ATTRIBUTE_NAMES is None:
+        _ATTRIBUTE_NAMES = _attribute_names()
+    rule = (
+        f"use 1-{ADAPTER_NAME_MAX} letters, digits, '_' and '-', starting with a letter or '_' "
+        f"(e.g. 'sst2_lora')"
+    )
+    if not isinstance(name, str):
+        raise ConfigError(f"invalid adapter name {name!r} ({type(name).__name__}): a name is a string; {rule}")
+    if not name or len(name) > ADAPTER_NAME_MAX:
+        raise ConfigError(f"invalid adapter name {name[:80]!r}: {len(name)} characters; {rule}")
+    if not ADAPTER_NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid adapter name {name!r}: {rule} (no '.', '/', spaces or other characters)")
+    if name in RESERVED_NAMES or name.startswith("__"):
         raise ConfigError(
-            f"invalid adapter name {name!r}: use letters, digits, '_' and '-' (not starting with a digit, "
-            f"no '.'), and none of {', '.join(RESERVED_NAMES)}"
+            f"invalid adapter name {name!r}: reserved ({', '.join(RESERVED_NAMES)} and '__' names); {rule}"
+        )
+    if name in _ATTRIBUTE_NAMES:
+        raise ConfigError(
+            f"invalid adapter name {name!r}: it is an attribute name of the modules that hold adapter tensors "
+            f"(like forward, keys, training, to, state_dict); choose another name, e.g. {name + '_adapter'!r}"
         )
     return name
 
@@ -67,6 +101,16 @@ def check_number(
 def check_bool(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{owner} {name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"{what} {pattern!r} is not a valid regular expression ({exc}); give a module name such as 'q_proj' "
+            f"or a regex such as r'.*\\.q_proj' (escape '(', '[', '.' with a backslash)"
+        ) from None
 
 
 @dataclass
@@ -118,6 +162,15 @@ class PeftConfig:
             if not isinstance(self.modules_to_save, list) or not all(isinstance(m, str) and m for m in self.modules_to_save):
                 raise ConfigError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         check_adapter_name(self.adapter_name)
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            _check_regex("target_modules", self.target_modules)
+        for f in dataclasses.fields(self):  # per-module overrides keyed by name or regex (rank_pattern...)
+            value = getattr(self, f.name, None)
+            if f.name.endswith("_pattern") and isinstance(value, dict):
+                for key in value:
+                    if not isinstance(key, str) or not key:
+                        raise ConfigError(f"{f.name} keys must be module names or regexes (strings), got {key!r}")
+                    _check_regex(f"{f.name} key", key)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with a ``method`` key."""
@@ -131,6 +184,8 @@ class PeftConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> PeftConfig:
         """Rebuild a config from :meth:`to_dict` output; unknown keys are an error that names them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"an adapter config is a JSON object with a 'method' key, got {type(data).__name__}")
         data = dict(data)
         method = data.pop("method", None)
         if method is None:
@@ -142,7 +197,15 @@ class PeftConfig:
             raise ConfigError(
                 f"unknown keys for method {method!r}: {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ConfigError:
+            raise
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:  # a value of the wrong type, hand-edited
+            raise ConfigError(
+                f"adapter config for method {method!r} has a value of the wrong type ({type(exc).__name__}: {exc}); "
+                f"valid keys: {', '.join(sorted(names))}"
+            ) from None
 
     def replace(self, **changes: Any) -> PeftConfig:
         """A copy with some fields changed (validated again)."""

@@ -29,11 +29,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..api import delete_adapter, wrap
+from ..core.activation import active_adapters, check_weights, set_active_adapters
+from ..core.config import check_adapter_name, check_int, check_number
+from ..core.merging import merged_weights
 from ..core.registry import get_method
-from ..core.state import adapters, get_state, slots_of
+from ..core.state import adapters, get_state, slots_of, wrapped_layers
+from ..core.tensors import adapter_tensors, load_adapter_tensors
 from ..methods.lora.config import LoraConfig
 from ..util.errors import ConfigError, WrapError
-from .format import wrap_and_load
 
 MODES = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -53,14 +57,17 @@ def combine(
     Args:
         names, weights: the adapters and one weight each.
         how: one of :data:`MODES`.
-        rank: k for the SVD modes (default: the largest input rank).
-        density: fraction of entries kept, for ties/dare/magnitude_prune (required there).
-        seed: seeds DARE's random drop (reproducible).
+        rank: k for the SVD modes, an integer ≥ 1 (default: the largest input rank).
+        density: fraction of entries kept, in (0, 1], for ties/dare/magnitude_prune (required there).
+        seed: seeds DARE's random drop (reproducible), an integer ≥ 0.
 
-    Returns the new adapter's name. The model's active adapters do not change; the new adapter is
+    All or nothing: every argument is checked first (weights: a list of finite numbers, one per name); if
+    anything fails the model is left as it was. Merged adapters stay merged.
+
+    Returns the new adapter's name. The model's active adapters and their weights do not change; the new adapter is
     frozen (activate or train it with :func:`peftlab.set_active_adapters`).
     """
-    names, weights = list(names), [float(w) for w in weights]
+    names, weights = _check_inputs(model, names, weights, how, new_name, rank, density, seed)
     _validate(model, names, weights, how, new_name, density)
     slot_maps = [_target_slots(model, n) for n in names]
     targets = list(slot_maps[0])
@@ -90,8 +97,54 @@ def combine(
         alpha_pattern={p: float(k) for p, k in pattern.items()},
         adapter_name=new_name,
     )
-    wrap_and_load(model, config, tensors)
+    _attach(model, config, tensors)
     return new_name
+
+
+def _attach(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Add the combined adapter frozen and inactive; the active set, weights and merges stay as they were.
+    On any failure the model is left as it was."""
+    active = active_adapters(model)
+    weights = [merged_weights(model).get(n, _weight(model, n)) for n in active]
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    wrap(model, config)
+    try:
+        load_adapter_tensors(model, tensors, config.adapter_name)
+        set_active_adapters(model, active, weights)
+        params = dict(model.named_parameters())
+        for n, flag in grads.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+        for tensor in adapter_tensors(model, config.adapter_name).values():
+            if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                tensor.requires_grad_(False)
+    except BaseException:
+        delete_adapter(model, config.adapter_name, force=True)
+        set_active_adapters(model, active, weights)
+        raise
+
+
+def _weight(model: nn.Module, name: str) -> float:
+    for _, layer in wrapped_layers(model, name):
+        if name in layer.weights:
+            return layer.weights[name]
+    return 1.0
+
+
+def _check_inputs(model, names, weights, how, new_name, rank, density, seed) -> tuple[list[str], list[float]]:
+    """Types and ranges of combine()'s arguments, each error naming the argument and its valid form."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"combine() names must be a list of adapter names, e.g. ['a', 'b'], got {names!r}")
+    if not isinstance(how, str):
+        raise ConfigError(f"combine() how must be one of {', '.join(MODES)}, got {how!r}")
+    check_adapter_name(new_name)
+    if rank is not None:
+        check_int("combine()", "rank", rank, low=1)
+    if density is not None:
+        check_number("combine()", "density", density, low=0, high=1, low_open=True)
+    if seed is not None:
+        check_int("combine()", "seed", seed, low=0)
+    return list(names), check_weights(weights, len(names))
 
 
 def _target_slots(model: nn.Module, name: str) -> dict:

@@ -102,8 +102,27 @@ def make_accelerator(
         mixed,
     ):
         AcceleratorState._reset_state()
-    cpu = device is not None and str(device) == "cpu"
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    # no CUDA: a CPU accelerator, which joins the process group torchrun launched (gloo); without cpu=True
+    # accelerate would see one process per launch and each process would train a model of its own
+    cpu = (device is not None and str(device) == "cpu") or (device is None and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    check_world(acc)
+    return acc
+
+
+def check_world(accelerator) -> None:
+    """Raise when the launcher started several processes (``WORLD_SIZE``) but ``accelerator`` sees fewer: each
+    process would then train a model of its own, silently."""
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}) but the accelerator sees "
+            f"{accelerator.num_processes}: each process would train a separate model. On a CPU pass device='cpu' "
+            f"or accelerator=Accelerator(cpu=True); on GPUs launch with torchrun or accelerate launch"
+        )
 
 
 def split_batches(
@@ -221,12 +240,18 @@ def train(
         precision: fp32 | bf16 | fp16 (fp16 needs CUDA; on a CPU use bf16).
         grad_accum: micro-batches per optimizer step.
         distributed: None (one process, or DDP when launched with several), ``"ddp"`` or ``"fsdp"`` (FSDP2).
-        accelerator: an existing ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
+        accelerator: an existing ``accelerate.Accelerator`` (default: :func:`make_accelerator`, a CPU one when
+            there is no CUDA, so that under ``torchrun`` on a CPU every process joins one process group).
+
+    Under a launcher (``WORLD_SIZE`` > 1) every process must be part of the accelerator's group, else this
+    raises :class:`ConfigError` rather than train independent models. The loop writes no file; saving
+    (``save_adapter``, ``save_merged``) writes on rank 0 only.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; wrap it with peftlab.wrap or unfreeze it")
     acc = accelerator or make_accelerator(precision, grad_accum, device)
+    check_world(acc)
     if acc.gradient_accumulation_steps != grad_accum:
         raise ConfigError(
             f"the accelerator accumulates {acc.gradient_accumulation_steps} micro-batches but grad_accum={grad_accum}"
@@ -342,6 +367,7 @@ __all__ = [
     "gather_predictions",
     "evaluate_sharded",
     "make_accelerator",
+    "check_world",
     "check_precision",
     "default_loss",
     "linear_schedule",
