@@ -120,6 +120,8 @@ def read_table(path: str | Path, keep_in_memory: bool = True):
     except Exception as exc:  # noqa: BLE001 - datasets wraps pandas / pyarrow errors in its own types
         line = _first_bad_json_line(path) if fmt == "json" else None
         detail = line or _cause(exc)
+        if "corresponds to no data" in detail:  # datasets' words for a file without rows
+            raise DataError(f"{path}: no rows (a header only, or an empty file)") from None
         raise DataError(f"{path}: cannot read it as {fmt.upper()}: {detail}") from None
     finally:
         datasets.utils.logging.set_verbosity(quiet)
