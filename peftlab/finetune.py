@@ -70,20 +70,13 @@ def method_config(
     """The peftlab config of ``method`` (None for ``full``); ``params`` overrides any config field."""
     import peftlab
 
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    check_method_args(method, r, alpha, target_modules, params)
     params = dict(params or {})
     heads = head_names(model) if task_kind in ("seq-cls", "token-cls") else []
     if method == "full":
-        if r is not None or alpha is not None or target_modules is not None or params:
-            raise ConfigError("method 'full' trains every parameter: --r, --alpha, --target and --set do not apply")
         return None
-    if method in ("prefix", "houlsby", "pfeiffer", "parallel") and (r is not None or alpha is not None):
-        raise ConfigError(f"--r / --alpha apply to lora, dora, qlora and adalora, not {method!r}")
     common = {"modules_to_save": heads or None}
     if target_modules is not None:
-        if method == "prefix":
-            raise ConfigError("--target does not apply to prefix tuning (it prefixes every attention layer)")
         common["target_modules"] = target_modules
     if method in ("lora", "dora", "qlora"):
         rank = r if r is not None else 8
@@ -106,11 +99,36 @@ def method_config(
         kwargs, cls = {"num_virtual_tokens": 20, "projection_dim": 32}, peftlab.PrefixConfig
     else:
         kwargs, cls = {"style": method, "reduction_factor": 16}, peftlab.AdapterConfig
-    fields = set(cls.__dataclass_fields__)
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ConfigError(f"--set {', '.join(unknown)}: not a field of {method}; valid: {', '.join(sorted(fields - {'extra'}))}")
     return cls(**{**common, **kwargs, **params})
+
+
+def config_class(method: str):
+    """The peftlab config class of ``method`` (None for ``full``)."""
+    import peftlab
+
+    if method == "full":
+        return None
+    if method in ("lora", "dora", "qlora"):
+        return peftlab.LoraConfig
+    return {"adalora": peftlab.AdaLoraConfig, "prefix": peftlab.PrefixConfig}.get(method, peftlab.AdapterConfig)
+
+
+def check_method_args(method: str, r=None, alpha=None, target_modules=None, params: dict | None = None) -> None:
+    """The options given fit ``method`` (before anything is loaded); else one ConfigError naming them."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method == "full":
+        if r is not None or alpha is not None or target_modules is not None or params:
+            raise ConfigError("method 'full' trains every parameter: --r, --alpha, --target and --set do not apply")
+        return
+    if method in ("prefix", "houlsby", "pfeiffer", "parallel") and (r is not None or alpha is not None):
+        raise ConfigError(f"--r / --alpha apply to lora, dora, qlora and adalora, not {method!r}")
+    if method == "prefix" and target_modules is not None:
+        raise ConfigError("--target does not apply to prefix tuning (it prefixes every attention layer)")
+    fields = set(config_class(method).__dataclass_fields__) - {"extra", "method"}
+    unknown = sorted(set(params or {}) - fields)
+    if unknown:
+        raise ConfigError(f"--set {', '.join(unknown)}: not a field of {method}; valid: {', '.join(sorted(fields))}")
 
 
 def build_model(model_name: str, data, method: str, total_steps: int, device: str, **method_kwargs) -> nn.Module:
@@ -214,8 +232,7 @@ def finetune(
 
     if task not in peftlab_data.TASKS:
         raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(peftlab_data.TASKS)}")
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    check_method_args(method, r, alpha, target_modules, params)
     if max_steps is not None and epochs is not None:
         raise ConfigError("give either max_steps or epochs, not both")
     for name, value in (("batch_size", batch_size), ("max_steps", max_steps)):
@@ -363,4 +380,4 @@ def _save_full(model: nn.Module, tokenizer, target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["METHODS", "DEFAULT_LR", "HF_PEFT_METHODS", "finetune", "method_config", "build_model", "head_names"]
+__all__ = ["METHODS", "DEFAULT_LR", "HF_PEFT_METHODS", "finetune", "method_config", "build_model", "head_names", "check_method_args", "config_class"]

@@ -139,8 +139,11 @@ def _set_options(items: list[str]) -> dict:
 
 def run_train(args) -> int:
     """Run ``peftlab train`` from parsed ``args``; prints the metrics' summary. Returns 0."""
+    import transformers
+
     from .finetune import finetune
 
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars; training has its own
     target = args.target
     if target is not None and len(target) == 1:
         target = target[0] if target[0] == "all-linear" else [t for t in target[0].split(",") if t]
