@@ -347,7 +347,7 @@ def finetune(
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100 * trainable / total,
         "steps": steps, "resumed_from_step": done or None, "batch_size": batch_size, "lr": lr, "seed": seed,
         "train_rows": len(prepared.train), "eval_rows": len(prepared.eval) if prepared.eval is not None else 0,
-        "final_train_loss": sum(result.losses[-10:]) / len(result.losses[-10:]) if result and result.losses else None,
+        "final_train_loss": sum(result.losses[-20:]) / len(result.losses[-20:]) if result and result.losses else None,
         "first_train_loss": result.losses[0] if result and result.losses and not done else None,
         "train_seconds": result.train_seconds if result else 0.0, "wall_seconds": time.perf_counter() - start,
         "peak_memory_mb": peak_memory_mb(device), "device": device, "evals": evals, "notes": notes,

@@ -18,6 +18,7 @@ import torch
 from .collate import Collator, ExampleDataset, eval_batches
 from .columns import check_known, label_set, label_value, pick_column, row_numbers, texts
 from .errors import DataError
+from .metrics import macro_f1
 
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "review", "content", "question")
 LABEL_COLUMNS = ("label", "labels")
@@ -74,17 +75,6 @@ def encode(
     examples = [{**{k: enc[k][i] for k in keys}, "labels": ids[values[i]]} for i in range(len(first))]
     lengths = [len(t.split()) + (len(second[i].split()) if second else 0) for i, t in enumerate(first)]
     return ExampleDataset(examples, lengths, [{"label": values[i]} for i in range(len(first))]), labels
-
-
-def macro_f1(predictions: list[int], references: list[int]) -> float:
-    """Mean per-class F1 over the classes present in ``references`` or ``predictions``."""
-    scores = []
-    for c in sorted(set(references) | set(predictions)):
-        tp = sum(p == c and r == c for p, r in zip(predictions, references))
-        fp = sum(p == c and r != c for p, r in zip(predictions, references))
-        fn = sum(p != c and r == c for p, r in zip(predictions, references))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / len(scores)
 
 
 @torch.no_grad()

@@ -149,7 +149,7 @@ def encode(
             r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
             ids, labels = join_prompt(p_ids, r_ids, max_length)
             encoded.append((ids, labels, {"prompt_ids": p_ids[-(max_length - 1) :], "reference": response.strip()}))
-    for (ids, labels, _), row in zip(encoded, rows):
+    for (_, labels, _), row in zip(encoded, rows):
         if all(x == IGNORE_INDEX for x in labels):
             raise DataError(
                 f"{where(source, row)}: no response token within max_length={max_length} tokens; raise --max-length"

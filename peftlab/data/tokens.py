@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..bench.metrics import entity_f1
 from .collate import IGNORE_INDEX, Collator, ExampleDataset, eval_batches
 from .columns import check_known, label_set, label_value, pick_column, row_numbers
 from .errors import DataError, short, where
+from .metrics import entity_f1
 
 WORD_COLUMNS = ("tokens", "words")
 TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
@@ -25,7 +25,7 @@ TAG_COLUMNS = ("ner_tags", "tags", "labels", "label")
 
 def _rows(table, source: str, word_col: str, tag_col: str) -> tuple[list[list[str]], list[list]]:
     words, tags = [], []
-    for i, (w, t, row) in enumerate(zip(table[word_col], table[tag_col], row_numbers(table))):
+    for w, t, row in zip(table[word_col], table[tag_col], row_numbers(table)):
         if not isinstance(w, list) or not w or not all(isinstance(x, str) for x in w):
             raise DataError(
                 f"{where(source, row, word_col)}: {short(w)}; each row needs a non-empty list of words "

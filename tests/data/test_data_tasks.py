@@ -122,3 +122,41 @@ def test_unseen_eval_label_is_named(tmp_path, bert_tokenizer):
     evalset = jsonl(tmp_path / "b.jsonl", [{"text": "c", "label": "pos"}, {"text": "d", "label": "neutral"}])
     with pytest.raises(DataError, match=r"b.jsonl: row 2, column 'label': label 'neutral' does not occur.*'neg', 'pos'"):
         D.prepare("classify", bert_tokenizer, train, evalset)
+
+
+def test_entity_metrics_score_spans():
+    from peftlab.data.metrics import entities, entity_f1, macro_f1
+
+    assert entities(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5)}
+    scores = entity_f1([["B-PER", "I-PER", "O"], ["O", "B-LOC"]], [["B-PER", "O", "O"], ["O", "B-LOC"]])
+    assert scores == {"precision": 0.5, "recall": 0.5, "f1": 0.5}
+    assert macro_f1([0, 0, 1, 1], [0, 1, 1, 1]) == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+@torch.no_grad()
+def test_token_eval_maps_predictions_back_to_words(tmp_path, bert_tokenizer):
+    """A model that predicts the gold tag on every first sub-word scores F1 1; truncated words count as O."""
+    rows = [{"tokens": ["Angela", "Merkel", "visited", "Paris"], "ner_tags": ["B-PER", "I-PER", "O", "B-LOC"]},
+            {"tokens": ["nothing", "here"], "ner_tags": ["O", "O"]}]  # fmt: skip
+    data = D.prepare("tokens", bert_tokenizer, jsonl(tmp_path / "t.jsonl", rows), jsonl(tmp_path / "e.jsonl", rows))
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.gold = {tuple(e["input_ids"]): e["labels"] for e in data.eval.examples}
+
+        def forward(self, input_ids, **_):
+            logits = torch.zeros(*input_ids.shape, len(data.labels))
+            for b, ids in enumerate(input_ids.tolist()):
+                gold = next(v for k, v in self.gold.items() if list(k) == ids[: len(k)])
+                for t, y in enumerate(gold):
+                    logits[b, t, max(y, 0)] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    scores = data.evaluate(Oracle())
+    assert scores["f1"] == 1.0 and scores["token_accuracy"] == 1.0
+    short = D.prepare("tokens", bert_tokenizer, jsonl(tmp_path / "t.jsonl", rows), jsonl(tmp_path / "e.jsonl", rows), max_length=4)
+    data = short  # the first sentence keeps two words: "visited" and "Paris" are scored as O
+    scores = short.evaluate(Oracle())
+    assert scores["recall"] == 0.5 and scores["precision"] == 1.0

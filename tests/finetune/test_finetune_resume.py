@@ -100,8 +100,10 @@ def test_outputs_and_rerun(tmp_path, tiny_bert_dir, rows_file):
     assert data.evaluate(model) == second["eval"]
 
 
-@pytest.mark.parametrize("method", ["dora", "houlsby", "prefix"])
+@pytest.mark.parametrize("method", ["dora", "adalora", "qlora", "houlsby", "prefix"])
 def test_other_methods_train_and_report_the_export(tmp_path, tiny_bert_dir, rows_file, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     m = finetune(tiny_bert_dir, rows_file, "classify", method, tmp_path / method, eval_split=0.25, max_steps=3,
                  batch_size=8, save_every=0, progress=False)  # fmt: skip
     assert (tmp_path / method / "adapter" / "adapter_config.json").is_file()

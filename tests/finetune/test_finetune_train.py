@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("datasets")
 
