@@ -350,11 +350,13 @@ def finetune(
         "final_train_loss": sum(result.losses[-20:]) / len(result.losses[-20:]) if result and result.losses else None,
         "first_train_loss": result.losses[0] if result and result.losses and not done else None,
         "train_seconds": result.train_seconds if result else 0.0, "wall_seconds": time.perf_counter() - start,
-        "peak_memory_mb": peak_memory_mb(device), "device": device, "evals": evals, "notes": notes,
-        "examples": final.get("examples"),
+        "peak_memory_mb": peak_memory_mb(device), "device": device,
+        "peak_memory_kind": "torch.cuda.max_memory_allocated" if str(device).startswith("cuda") else "process peak RSS",
+        "evals": evals, "notes": notes, "examples": final.get("examples"),
     }  # fmt: skip
     _record(out, mine, "metrics.json")
     write_json(out / "metrics.json", metrics)
+    ckpt.remove()  # finished: the outputs are written, the training state is stale
     return metrics
 
 

@@ -8,7 +8,8 @@ A checkpoint after global step k (1-based count of finished optimizer steps) hol
 * ``state.json``: the step, those three file names, the optimizer's hyper-parameters and the run's
   fingerprint (the settings that must match to resume). It is written last and atomically: it is the
   commit point, so a crash leaves the previous complete checkpoint. Then the files of the previous
-  checkpoint (named in its state.json) are removed; nothing else in the folder is touched.
+  checkpoint (named in its state.json) are removed; nothing else in the folder is touched. When the run
+  finishes, the checkpoint is removed the same way (:meth:`Checkpointer.remove`).
 
 Resuming at step k of N restores parameters, optimizer moments and RNG, skips the first k batches, and
 continues the same linear schedule: checkpoints are taken only after warm-up (k ≥ W), where
@@ -155,6 +156,23 @@ class Checkpointer:
             for name in previous.get("files", {}).values():
                 if name not in files.values() and "/" not in name and (self.folder / name).is_file():
                     (self.folder / name).unlink()
+
+
+    def remove(self) -> None:
+        """Delete the committed checkpoint (the files its state.json names, then state.json and the folder if
+        empty): called when the run finished, so a rerun starts over instead of resuming a stale state."""
+        path = self.folder / STATE
+        if not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        for name in state.get("files", {}).values():
+            if "/" not in name and (self.folder / name).is_file():
+                (self.folder / name).unlink()
+        path.unlink()
+        try:
+            self.folder.rmdir()
+        except OSError:  # something else is in the folder: leave it
+            pass
 
 
 def resumed_lr(lr: float, step: int, total: int, warmup: int) -> float:

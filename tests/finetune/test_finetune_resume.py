@@ -40,24 +40,25 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, tiny_bert_dir, ro
     class Crash(Exception):
         pass
 
-    def crash_at_7(step):
-        if step == 7:
+    def crash_at_10(step):
+        if step == 10:
             raise Crash
 
     with pytest.raises(Crash):
-        run(tiny_bert_dir, rows_file, tmp_path / "b", step_callback=crash_at_7)
-    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 4 and not (tmp_path / "b" / "adapter").exists()
+        run(tiny_bert_dir, rows_file, tmp_path / "b", step_callback=crash_at_10)
+    checkpoint = tmp_path / "b" / "checkpoint"
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == 8 and not (tmp_path / "b" / "adapter").exists()
+    # only the last checkpoint's files are kept (step 4's were removed when step 8 committed)
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert files == ["optimizer-0000008.safetensors", "rng-0000008.safetensors", "state.json", "trainable-0000008.safetensors"]
     resumed = run(tiny_bert_dir, rows_file, tmp_path / "b")
-    assert resumed["resumed_from_step"] == 4
+    assert resumed["resumed_from_step"] == 8
     a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert resumed["eval"] == straight["eval"]
-    # only the last checkpoint's files are kept
-    files = sorted(p.name for p in (tmp_path / "b" / "checkpoint").iterdir())
-    assert files == ["optimizer-0000008.safetensors", "rng-0000008.safetensors", "state.json", "trainable-0000008.safetensors"]
+    assert not checkpoint.exists()  # a finished run leaves no stale training state
 
 
 def test_a_checkpoint_of_another_run_is_refused(tmp_path, tiny_bert_dir, rows_file):
