@@ -30,7 +30,7 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> str:
-    """A 2-layer, 64-wide Llama with SmolLM2's tokenizer, saved as a model folder."""
+    """A 2-layer, 64-wide Llama (tied embeddings) with SmolLM2's tokenizer, saved as a model folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -39,6 +39,7 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> str:
     config = LlamaConfig(
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
         vocab_size=len(tok), max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)

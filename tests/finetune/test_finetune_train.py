@@ -69,25 +69,28 @@ def test_tokens_jsonl_trains(tmp_path, tiny_bert_dir):
     assert any("full fine-tuning" in n for n in m["notes"])
 
 
-def test_sft_smollm2_learns_the_answer_format(tmp_path, sst2_dir):
-    """SmolLM2-135M, 6 LoRA steps on SST-2 instructions: response loss falls and exact match rises."""
-    with open(sst2_dir / "train.tsv", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:120]
-    word = {"0": "negative", "1": "positive"}
-    lines = [json.dumps({"prompt": f"Review: {r['sentence'].strip()}\nSentiment?", "response": word[r["label"]]}) for r in rows]
-    (tmp_path / "train.jsonl").write_text("\n".join(lines[:104]) + "\n")
-    (tmp_path / "eval.jsonl").write_text("\n".join(lines[104:]) + "\n")
+def test_sft_jsonl_learns_the_answers(tmp_path, tiny_llama_dir):
+    """SFT from JSONL on a tiny Llama (full fine-tuning): the response loss falls and the greedy answers
+    become exact matches (each answer follows from the prompt's last word)."""
+    import random
+
+    rng = random.Random(0)
+    answer = {"good": "positive", "great": "positive", "bad": "negative", "awful": "negative"}
+    fillers = ["the", "film", "plot", "was", "rather", "quite"]
+    rows = [{"prompt": " ".join(rng.sample(fillers, 3)) + f" verdict {w}", "response": answer[w]} for w in list(answer) * 30]
+    rng.shuffle(rows)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:100]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[100:]))
     import peftlab.data as D
 
-    model, tok = peftlab.load_model("smollm2-135m")
-    before = D.prepare("sft", tok, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", max_length=48).evaluate(model)
-    del model
-    m = finetune("smollm2-135m", tmp_path / "train.jsonl", "sft", "lora", tmp_path / "out", eval_data=tmp_path / "eval.jsonl",
-                 r=8, target_modules="all-linear", max_steps=4, batch_size=8, lr=1e-3, max_length=48, progress=False)  # fmt: skip
+    model, tok = peftlab.load_model(tiny_llama_dir)
+    before = D.prepare("sft", tok, tmp_path / "train.jsonl", tmp_path / "eval.jsonl").evaluate(model)
+    m = finetune(tiny_llama_dir, tmp_path / "train.jsonl", "sft", "full", tmp_path / "out", eval_data=tmp_path / "eval.jsonl",
+                 max_steps=40, batch_size=16, lr=1e-2, progress=False)  # fmt: skip
     after = m["eval"]
-    assert after["response_loss"] < 0.5 * before["response_loss"], (before, after)
-    assert after["exact_match"] > before["exact_match"] + 0.2, (before, after)
-    assert after["reference_max_tokens"] == 1 and after["response_tokens"] == 2 * 16  # the word and EOS
+    assert after["response_loss"] < 0.2 * before["response_loss"], (before, after)
+    assert before["exact_match"] == 0.0 and after["exact_match"] >= 0.9, (before, after)
+    assert after["reference_max_tokens"] == 1 and after["response_tokens"] == 2 * 20  # the word and EOS
 
 
 def test_lm_text_lowers_perplexity(tmp_path, tiny_llama_dir):
