@@ -97,6 +97,6 @@ def test_lm_text_lowers_perplexity(tmp_path, tiny_llama_dir):
     text = "the quick brown fox jumps over the lazy dog. "
     (tmp_path / "t.csv").write_text("text\n" + "".join(f'"{text * 3}"\n' for _ in range(40)))
     m = finetune(tiny_llama_dir, tmp_path / "t.csv", "lm", "full", tmp_path / "out", eval_split=0.1,
-                 max_steps=30, batch_size=8, lr=3e-3, progress=False)  # fmt: skip
+                 max_steps=30, batch_size=8, lr=1e-2, progress=False)  # fmt: skip
     assert m["final_train_loss"] < 0.5 * m["first_train_loss"]
     assert m["eval"]["perplexity"] < 20 and m["kind"] == "causal-lm"
