@@ -281,13 +281,14 @@ PEFT_MAPPED = frozenset({
     "init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
     "orth_reg_weight", "total_step", "rank_pattern", "target_modules", "modules_to_save",
 })  # fmt: skip
-PEFT_DEFAULTS = {"r": 8, "bias": "none", "init_lora_weights": True}  # LoRA fields AdaLoRA inherits, unused
+PEFT_DEFAULTS = {"bias": "none", "init_lora_weights": True}  # LoRA fields AdaLoRA inherits, unused
+PEFT_UNUSED = frozenset({"r"})  # HF PEFT's AdaLoRA starts every layer at init_r whatever r says
 
 
 def from_peft_config(data: dict[str, Any]) -> AdaLoraConfig:
     unsupported = {
         k: v for k, v in data.items()
-        if k not in PEFT_MAPPED and k not in PEFT_IGNORED and v not in (None, False, [], {}, "")
+        if k not in PEFT_MAPPED | PEFT_IGNORED | PEFT_UNUSED and v not in (None, False, [], {}, "")
         and not (k in PEFT_DEFAULTS and v == PEFT_DEFAULTS[k])
     }  # fmt: skip
     if unsupported:
