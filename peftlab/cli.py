@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .estimate_cli import add_parser as add_estimate_parser
 
     add_estimate_parser(sub)
+    from .finetune_cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -7,7 +7,7 @@
 Steps: read and encode the data (:func:`peftlab.data.prepare`); load the model with the task's head
 (classify: sequence classification with the data's label set; tokens: token classification; sft / lm:
 causal LM); wrap it with ``method`` (the head trains fully through ``modules_to_save``); train with
-peftlab's loop (:func:`peftlab.train.train`, a tqdm bar, linear warm-up and decay); evaluate; write
+peftlab's loop (:func:`peftlab.training.loop.train`, a tqdm bar, linear warm-up and decay); evaluate; write
 
 * ``OUT/adapter``: peftlab's format (:func:`peftlab.save_adapter`); ``OUT/model`` for ``method="full"``;
 * ``OUT/peft``: Hugging Face PEFT's format (:func:`peftlab.export_peft`), when the method has an HF
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError
 from .finetune_checkpoint import Checkpointer, resumed_lr, write_json
+from .util.errors import ConfigError
 
 METHODS = ("lora", "dora", "adalora", "houlsby", "pfeiffer", "parallel", "prefix", "qlora", "full")
 #: default learning rate per method (short CPU budgets on small models; override with lr=)
@@ -228,7 +228,7 @@ def finetune(
     import peftlab
 
     from . import data as peftlab_data
-    from .train import train
+    from .training.loop import train
 
     if task not in peftlab_data.TASKS:
         raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(peftlab_data.TASKS)}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError
+from .util.errors import ConfigError
 
 STATE = "state.json"
 
@@ -108,7 +108,7 @@ class Checkpointer:
             torch.cuda.set_rng_state(rng["cuda"])
 
     def optimizer_factory(self, make, lr: float, state: dict | None):
-        """A ``params -> optimizer`` callable for :func:`peftlab.train.train`: ``make(params, lr)`` with the saved
+        """A ``params -> optimizer`` callable for :func:`peftlab.training.loop.train`: ``make(params, lr)`` with the saved
         moments of ``state`` loaded and its base lr set to ``lr``; the optimizer is kept for saving."""
 
         def build(params):

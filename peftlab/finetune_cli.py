@@ -123,7 +123,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _set_options(items: list[str]) -> dict:
-    from .errors import ConfigError
+    from .util.errors import ConfigError
 
     params = {}
     for item in items:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m peftlab.finetune_cli ...``: the ``train`` command alone (same errors and exit codes)."""
     import os
 
-    from .errors import PeftlabError
+    from .util.errors import PeftlabError
 
     parser = argparse.ArgumentParser(prog="peftlab")
     sub = parser.add_subparsers(dest="command", required=True)

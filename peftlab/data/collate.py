@@ -5,7 +5,7 @@ An example is a dict of token-level lists (``input_ids``: (T,), ``attention_mask
 on positions that carry no loss. :class:`Collator` turns a list of B examples into tensors
 (B, T_max), right-padded; it is a ``transformers.Trainer`` ``data_collator`` as it is
 (``Trainer(..., train_dataset=ds, data_collator=collator)``), and :func:`batches` feeds
-:func:`peftlab.train.train`.
+:func:`peftlab.training.loop.train`.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def batches(
     group_by_length: bool = True,
     skip: int = 0,
 ) -> Iterator[dict]:
-    """Endless training batches for :func:`peftlab.train.train`: epoch e is ordered by :func:`batch_order`
+    """Endless training batches for :func:`peftlab.training.loop.train`: epoch e is ordered by :func:`batch_order`
     with seed ``seed * 1000 + e``; the first ``skip`` batches (a resumed run's) are skipped unbuilt."""
     epoch, seen = 0, 0
     while True:

@@ -3,7 +3,7 @@
     data = peftlab.data.prepare("classify", tokenizer, "reviews.csv", eval_split=0.1)
     model, _ = peftlab.load_model("minilm-l6", kind=data.kind, **data.model_kwargs())
     # transformers.Trainer:  Trainer(model, args, train_dataset=data.train, data_collator=data.collator)
-    # peftlab's loop:        peftlab.train.train(model, data.batches(batch_size=32), steps, lr)
+    # peftlab's loop:        peftlab.training.loop.train(model, data.batches(batch_size=32), steps, lr)
     print(data.evaluate(model))
 
 Tasks: ``classify`` (:mod:`.classify`), ``tokens`` (:mod:`.tokens`), ``sft`` (:mod:`.sft`), ``lm`` (:mod:`.lm`).
@@ -57,7 +57,7 @@ class TaskData:
         }
 
     def batches(self, batch_size: int, seed: int = 0, group_by_length: bool = True, skip: int = 0) -> Iterator[dict]:
-        """Endless shuffled training batches for :func:`peftlab.train.train` (see :func:`.collate.batches`)."""
+        """Endless shuffled training batches for :func:`peftlab.training.loop.train` (see :func:`.collate.batches`)."""
         return batches(self.train, self.collator, batch_size, seed, group_by_length, skip)
 
     def evaluate(self, model, dataset: ExampleDataset | None = None, batch_size: int = 32) -> dict:

@@ -65,7 +65,7 @@ def test_prompt_tokens_carry_no_loss(tmp_path, tokenizer, tiny_lm):
     assert torch.allclose(out.loss, only_response, atol=1e-6)
     assert not torch.allclose(out.loss, everything, atol=1e-3)  # the prompt would change it
     # peftlab's own (fused) loss, which the training loop uses, agrees
-    from peftlab.train import default_loss
+    from peftlab.training.loop import default_loss
 
     assert torch.allclose(default_loss(tiny_lm, batch), only_response, atol=1e-5)
 
