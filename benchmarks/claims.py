@@ -18,7 +18,9 @@ of every pipe table (header -> cell text); a ``.csv`` file likewise; a ``.jsonl`
   spread_of      (median, min, max) over several keys' values
   ratio    keys[0] / keys[1];  inverse: 1 / value
   resolved two [min, max] ranges (keys[0], keys[1]): "no resolved difference" if they overlap, else "resolved"
-  span_resolved  one per-round spread (key) against 1: "no resolved difference" if min <= 1 <= max
+  ratios_range   (min, max) of keys[0]/keys[1], keys[2]/keys[3], ...
+  ci_resolved    an interval cell "[lo, hi]" of a difference: "no resolved difference" if it holds 0
+  span_resolved  per-round ratios (one key's list, or one key per round) against 1: "no resolved difference" if min <= 1 <= max
 ``format``: a str.format string applied to the computed value (a tuple is spread into the fields).
 """
 
@@ -138,6 +140,9 @@ def compute(claim: dict):
     if how == "paired_ratio":
         rs = [_num(a) / _num(b) for a, b in zip(vals[0], vals[1], strict=True)]
         return (statistics.median(rs), min(rs), max(rs))
+    if how == "ci_resolved":  # a "[lo, hi]" interval cell of a difference: resolved when it excludes 0
+        lo, hi = (float(t) for t in re.findall(r"[-+]?\d+(?:\.\d+)?", str(vals[0])))
+        return "no resolved difference" if lo <= 0 <= hi else "resolved"
     xs = [_num(v) for v in vals]
     if how == "spread_of":
         return (statistics.median(xs), min(xs), max(xs))
@@ -154,8 +159,12 @@ def compute(claim: dict):
     if how == "resolved":
         (a0, a1), (b0, b1) = vals
         return "no resolved difference" if a0 <= b1 and b0 <= a1 else "resolved"
-    if how == "span_resolved":
-        lo, hi = min(vals[0]), max(vals[0])
+    if how == "ratios_range":  # keys: numerator, denominator, numerator, denominator, ...
+        rs = [xs[i] / xs[i + 1] for i in range(0, len(xs), 2)]
+        return (min(rs), max(rs))
+    if how == "span_resolved":  # one key holding the per-round list, or one key per round
+        xs = [_num(x) for x in (vals[0] if len(vals) == 1 else vals)]
+        lo, hi = min(xs), max(xs)
         return "no resolved difference" if lo <= 1 <= hi else "resolved"
     raise ValueError(f"unknown compute {how!r}")
 
