@@ -97,7 +97,7 @@ MUTATIONS = [
              "b = torch.cat([w * f[2] * f[1].detach().float()", "b = torch.cat([f[2] * f[1].detach().float()",
              (f"{COMBINE}::test_cat_and_linear_are_exact",)),
     Mutation("combine-svd-ignores-weights", "peftlab.persist.combine:combine_deltas",
-             "return (w * stack).sum(0)", "return stack.sum(0)", (f"{COMBINE}::test_svd_error_is_the_discarded_spectrum",)),
+             "return (w * stack).sum(0)", "return stack.sum(0)", (f"{COMBINE}::test_svd_in_half_precision",)),
     Mutation("ties-sign-flipped", "peftlab.persist.combine:combine_deltas",
              "torch.where(stack.sum(0) >= 0, 1.0, -1.0)", "torch.where(stack.sum(0) >= 0, -1.0, 1.0)",
              (f"{COMBINE}::test_ties_and_magnitude_prune_equal_hf_peft",)),
