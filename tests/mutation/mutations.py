@@ -1,0 +1,117 @@
+"""Named mutations of peftlab's core, each with the tests that must catch it (issue 35's mutation check).
+
+A mutation replaces one exact snippet (``old``, which must occur once) in the source of one function
+(``module:qualname``) with ``new``; the plugin recompiles that function and swaps its code object in place, so
+every reference to it (imports, methods, autograd Functions) runs the mutant. ``targets``: pytest node ids, the
+only tests run for that mutation. ``survives``: a known gap (the suite does not catch it yet, issue number in the
+reason); the runner then requires it to survive, so closing the gap flips the entry.
+Add a mutation whenever a bug is fixed that the suite had missed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LORA = "tests/methods/lora/test_lora.py"
+VARIANTS = "tests/methods/lora/test_lora_variants.py"
+MIXED = "tests/serving/test_mixed_batch.py"
+COMBINE = "tests/core/test_multi_adapter.py"
+FILES = "tests/persist/test_reliability.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    where: str  # "module:qualname" of a function, a method, or an autograd Function's staticmethod
+    old: str
+    new: str
+    targets: tuple[str, ...]
+    survives: str | None = None
+    tags: tuple[str, ...] = field(default=())
+
+
+OPS = "peftlab.backends.lora_ops"
+MUTATIONS = [
+    # ---- scaling ---------------------------------------------------------------------------------------
+    Mutation("lora-scaling-off-by-one", "peftlab.methods.lora.config:LoraConfig.scaling",
+             "else alpha / r", "else alpha / (r + 1)", ("tests/persist/test_hf_peft_interop.py::test_import_adapter_trained_by_peft_gpt2_conv1d",)),
+    Mutation("rslora-ignored", "peftlab.methods.lora.config:LoraConfig.scaling",
+             "alpha / math.sqrt(r) if self.use_rslora else", "alpha / r if self.use_rslora else",
+             (f"{LORA}::test_rslora_bias_and_patterns",)),
+    Mutation("forward-scaling-dropped", f"{OPS}:LoraLinearFunction.forward",
+             "alpha=scaling)", "alpha=1.0)", (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("dropout-rescale-missing", f"{OPS}:_lora_down",
+             "scaling = scaling / (1.0 - _effective_p(p))", "scaling = scaling",
+             (f"{LORA}::test_lean_autograd_matches_reference", f"{LORA}::test_branch_autograd_matches_reference_and_saves_no_dropped_copy")),
+    Mutation("branch-scaling-dropped", f"{OPS}:LoraBranchFunction.forward",
+             ".mul_(scaling)", ".mul_(1.0)", (f"{LORA}::test_branch_autograd_matches_reference_and_saves_no_dropped_copy",)),
+    # ---- gradients -------------------------------------------------------------------------------------
+    Mutation("grad-B-unscaled", f"{OPS}:_lora_grads",
+             "grad_B = _as((g_lora.t() @ xa).mul_(s), b_dtype)", "grad_B = _as((g_lora.t() @ xa), b_dtype)",
+             (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("grad-gb-unscaled", f"{OPS}:_lora_grads",
+             "gb = (g_lora @ lora_B).mul_(s)", "gb = (g_lora @ lora_B)",
+             (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("grad-bias-halved", f"{OPS}:LoraLinearFunction.backward",
+             "grad_bias = g.sum(0)", "grad_bias = g.sum(0) * 0.5", (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("grad-x-base-term-dropped", f"{OPS}:LoraLinearFunction.backward",
+             "grad_x = torch.addmm(grad_lora_x, g, weight)", "grad_x = grad_lora_x.clone()",
+             (f"{LORA}::test_lean_autograd_matches_reference",)),
+    # ---- dropout masks ---------------------------------------------------------------------------------
+    Mutation("dropout-rate-halved", f"{OPS}:_dropout_drop",
+             "threshold = round(p * _MASK_LEVELS) - (1 << 15)", "threshold = round(p * _MASK_LEVELS / 2) - (1 << 15)",
+             (f"{LORA}::test_dropout_mask_rate_reproducible_and_odd_shapes",)),
+    Mutation("backward-mask-other-seed", f"{OPS}:_lora_grads",
+             "drop = _dropout_drop(x2.shape, ctx.p, ctx.seed, x2.device)",
+             "drop = _dropout_drop(x2.shape, ctx.p, ctx.seed + 1, x2.device)",
+             (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("grad-A-ignores-mask", f"{OPS}:_lora_grads",
+             "xin = xin.masked_fill(drop, 0)", "xin = xin", (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("grad-x-ignores-mask", f"{OPS}:_lora_grads",
+             "grad_lora_x.masked_fill_(drop, 0)", "grad_lora_x.mul_(1)", (f"{LORA}::test_lean_autograd_matches_reference",)),
+    # ---- DoRA norms and gradients ------------------------------------------------------------------------
+    Mutation("dora-norm-cross-term", "peftlab.methods.lora.dora:lora_row_norm",
+             "beta=2.0 * scaling", "beta=scaling", (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
+    Mutation("dora-norm-squared", "peftlab.methods.lora.dora:lora_row_norm",
+             "(wn + (b * inner).sum(1)).clamp_min_(0).sqrt_()", "(wn + (b * inner).sum(1)).clamp_min_(0)",
+             (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
+    Mutation("dora-magnitude-grad", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
+             "grad_m = (gy * inv).to(magnitude.dtype)", "grad_m = gy.to(magnitude.dtype)",
+             (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
+    Mutation("dora-input-grad-unscaled", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
+             "s = scale.to(g.dtype)", "s = torch.ones_like(scale).to(g.dtype)",
+             (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
+    Mutation("dora-bias-grad", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
+             "grad_b = (g_sum * (1.0 - scale)).to(bias.dtype)", "grad_b = (g_sum * (1.0 - scale) * 0.01).to(bias.dtype)",
+             (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",),
+             survives="issue 35: DoRA with a trainable bias (bias='lora_only') has no test"),
+    # ---- mixed-batch routing -----------------------------------------------------------------------------
+    Mutation("router-rows-shuffled", "peftlab.serving.router:_lora_torch",
+             "per_row = tables.for_router(router)[1]", "per_row = tables.for_router(router)[1].flip(0)",
+             (f"{MIXED}::test_forward_rows_equal_single_adapter_runs",)),
+    Mutation("router-segments-misplaced", "peftlab.serving.router:_lora_torch",
+             "out3.index_add_(0, rows, delta.to(out3.dtype))", "out3.index_add_(0, rows.flip(0), delta.to(out3.dtype))",
+             (f"{MIXED}::test_forward_rows_equal_single_adapter_runs", f"{MIXED}::test_cost_does_not_grow_with_the_number_of_adapters")),
+    # ---- combine modes -------------------------------------------------------------------------------------
+    Mutation("combine-linear-ignores-weights", "peftlab.persist.combine:combine",
+             "b = torch.cat([w * f[2] * f[1].detach().float()", "b = torch.cat([f[2] * f[1].detach().float()",
+             (f"{COMBINE}::test_cat_and_linear_are_exact",)),
+    Mutation("combine-svd-ignores-weights", "peftlab.persist.combine:combine_deltas",
+             "return (w * stack).sum(0)", "return stack.sum(0)", (f"{COMBINE}::test_svd_in_half_precision",)),
+    Mutation("ties-sign-flipped", "peftlab.persist.combine:combine_deltas",
+             "torch.where(stack.sum(0) >= 0, 1.0, -1.0)", "torch.where(stack.sum(0) >= 0, -1.0, 1.0)",
+             (f"{COMBINE}::test_ties_and_magnitude_prune_equal_hf_peft",)),
+    Mutation("trim-keeps-smallest", "peftlab.persist.combine:trim",
+             ".topk(k).indices", ".topk(k, largest=False).indices", (f"{COMBINE}::test_ties_and_magnitude_prune_equal_hf_peft",)),
+    Mutation("dare-not-rescaled", "peftlab.persist.combine:drop",
+             "return delta * keep / density", "return delta * keep", (f"{COMBINE}::test_dare_is_seeded_and_unbiased",)),
+    # ---- atomic files and locks -------------------------------------------------------------------------------
+    Mutation("write-in-place-no-rename", "peftlab.util.files:_atomic",
+             "write(tmp)\n        os.chmod(tmp, _umask_mode())\n        os.replace(tmp, path)",
+             "write(str(path))\n        os.chmod(path, _umask_mode())",
+             (f"{FILES}::test_kill_9_mid_save_leaves_old_or_new_adapter", f"{FILES}::test_concurrent_saves_into_one_folder_never_mix")),
+    Mutation("lock-is-a-no-op", "peftlab.util.files:folder_lock",
+             "fcntl.flock(f.fileno(), fcntl.LOCK_EX)", "fcntl.LOCK_EX", (f"{FILES}::test_concurrent_saves_into_one_folder_never_mix",)),
+    Mutation("umask-ignored", "peftlab.util.files:_atomic",
+             "os.chmod(tmp, _umask_mode())", "os.chmod(tmp, 0o600)", (f"{FILES}::test_saved_files_honour_the_umask",)),
+]
