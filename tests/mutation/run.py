@@ -1,4 +1,4 @@
-"""Mutation check (issue 35): every named mutation must make one of its target tests fail.
+"""Mutation check: every named mutation must make one of its target tests fail.
 
     .venv/bin/python tests/mutation/run.py [NAME ...] [--list] [--jobs=N]   (N children at once, default 2)
 
