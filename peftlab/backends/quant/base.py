@@ -322,7 +322,7 @@ def set_and_measure(module: nn.Module, dense: torch.Tensor) -> None:
     if backend.lossy_merge(module) and report["max_abs"] > 0 and not getattr(_LOCAL, "quiet", False):
         label = "int8 (LLM.int8)" if scheme == "int8" and backend.name == "bitsandbytes" else f"{backend.name} {scheme}"
         warnings.warn(
-            f"merging into an {label} base layer {list(target.shape)} is not exact: requantizing "
+            f"merging into {'an' if label.startswith('int8') else 'a'} {label} base layer {list(target.shape)} is not exact: requantizing "
             f"W + ΔW changed the layer outputs on a Gaussian probe batch by max {report['max_abs']:.3g}, "
             f"mean {report['mean_abs']:.3g} ({100 * report['rel']:.2f}% of the mean output). Unmerge restores "
             f"the original weights exactly; peftlab.unwrap(model, merge=True, dequantize=True) gives an exact "

@@ -93,8 +93,11 @@ class BitsAndBytesBackend(QuantBackend):
         absmax = _absmax(state)
         n = d_out * d_in
         scale = absmax.repeat_interleave(state.blocksize)[:n].view(d_out, d_in)
-        levels, order = state.code.float().sort()
-        module._peftlab_level_order = order  # indices into the sorted levels -> the format's code indices
+        code = state.code.float()
+        levels = code.unique()  # sorted; FP4's +0 / -0 collapse into one level
+        # index into the sorted levels -> the first code index holding that value
+        order = (code[None, :] == levels[:, None]).float().argmax(1)
+        module._peftlab_level_order = order
         return scale, levels
 
     def write_levels(self, module, codes):

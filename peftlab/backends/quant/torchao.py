@@ -2,8 +2,8 @@ r"""The torchao backend: PyTorch's own quantized tensors as frozen LoRA bases.
 
 Schemes (``peftlab.quantize(model, backend="torchao", scheme=...)``):
 
-* ``"int8"``: int8 weight-only, ``Int8WeightOnlyConfig``: per-row symmetric, ``Ŵ_ij = q_ij · s_i``
-  (8 bits + 32/d_in bits per weight). CPU and CUDA.
+* ``"int8"``: int8 weight-only, ``Int8WeightOnlyConfig``: per-row symmetric, ``Ŵ_ij = q_ij · s_i``, q in
+  [−128, 127] (8 bits + 40/d_in bits per weight: an fp32 scale and an int8 zero point per row). CPU and CUDA.
 * ``"int4"``: int4 weight-only, groups of ``group_size`` along d_in with a scale and a zero point each
   (``Ŵ = (q − 8) · s + z``, tinygemm's asymmetric form; 4 bits + 64/group_size bits per weight). On a CPU
   the packed layout of ``aten._weight_int4pack_mm_for_cpu`` (torchao's ``Int4OpaqueTensor``); on CUDA
@@ -183,10 +183,10 @@ class TorchAoBackend(QuantBackend):
         scale = weight.scale.float().expand(weight.shape) if weight.scale.dim() == 2 else None
         if scale is None:
             return None
-        return scale, torch.arange(-127, 128, dtype=torch.float32, device=scale.device)
+        return scale, torch.arange(-128, 128, dtype=torch.float32, device=scale.device)  # torchao: [-128, 127]
 
     def write_levels(self, module, codes):
-        module.weight.qdata.copy_((codes - 127).to(torch.int8))
+        module.weight.qdata.copy_((codes - 128).to(torch.int8))
 
     def weight_bytes(self, module):
         weight = module.weight
@@ -196,7 +196,9 @@ class TorchAoBackend(QuantBackend):
 
     def bytes_for(self, d_out, d_in, scheme, group_size=64, **opts):
         n = d_out * d_in
-        if scheme in ("int8", "float8"):
+        if scheme == "int8":
+            return n + 5 * d_out  # fp32 row scale and an int8 row zero point (0: symmetric)
+        if scheme == "float8":
             return n + 4 * d_out
         return -(-n // 2) + d_out * -(-d_in // group_size) * 2 * 4
 
