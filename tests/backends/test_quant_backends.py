@@ -321,3 +321,17 @@ def test_estimator_bytes_equal_what_each_backend_stores(quant, backend, scheme):
         assert measured == expected
     report = memory_report(nn.Sequential(layer))
     assert report["quantized_linear"]["modules"] == 1 and report["quantized_linear"]["params"] == 256 * 384
+
+
+def test_torchao_cpu_int4_unpacking_equals_reading_the_weight_through_its_kernel(monkeypatch):
+    pytest.importorskip("torchao")
+    from peftlab.backends.quant import torchao as ao
+
+    backend = get_backend("torchao")
+    for d_out, d_in, group in [(80, 128, 64), (192, 64, 32)]:  # a short last row block, and full ones
+        layer = backend.quantize_linear(torch.randn(d_out, d_in), None, "int4", {"device": "cpu", "group_size": group})
+        unpacked = backend.dequantize(layer)
+        with monkeypatch.context() as m:
+            m.setattr(ao, "_cpu_int4_block_n", lambda: None)  # the fallback: I · Ŵᵀ through the packed kernel
+            through_kernel = backend.dequantize(layer)
+        assert torch.equal(unpacked, through_kernel)

@@ -8,8 +8,10 @@ Schemes (``peftlab.quantize(model, backend="torchao", scheme=...)``):
   (``Ŵ = (q − 8) · s + z``, tinygemm's asymmetric form; 4 bits + 64/group_size bits per weight). On a CPU
   the packed layout of ``aten._weight_int4pack_mm_for_cpu`` (torchao's ``Int4OpaqueTensor``); on CUDA
   ``Int4WeightOnlyConfig`` (tile-packed, bf16). The CPU layout has no dequantize and no backward in torchao, so
-  :meth:`TorchAoBackend.dequantize` reads the dense weight through the packed kernel itself: ``Ŵᵀ = I · Ŵᵀ``
-  (exact: each output is one weight times 1 plus zeros), a temporary costing one d_in × d_in × d_out GEMM.
+  :meth:`TorchAoBackend.dequantize` unpacks it itself (:func:`_unpack_cpu_int4`; the row-block size, which
+  depends on the CPU's vector width, is found once by packing a probe), or, if no known layout fits, reads
+  the dense weight through the packed kernel: ``Ŵᵀ = I · Ŵᵀ`` (exact: each output is one weight times 1 plus
+  zeros), a temporary costing one d_in × d_in × d_out GEMM.
 * ``"float8"``: float8 e4m3 weights with per-row scales and dynamically quantized float8 activations
   (``Float8DynamicActivationFloat8WeightConfig``). CUDA with compute capability 8.9 or later only (H100, L4,
   RTX 40xx); refused elsewhere with a clear error. Not tested on this project's CPU runners.
@@ -89,6 +91,40 @@ def _config(scheme: str, group_size: int, device: torch.device):
     return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
+def _unpack_cpu_int4(packed: torch.Tensor, n: int, k: int, block_n: int) -> torch.Tensor:
+    """The (n, k) int4 values 0..15 of ``aten._convert_weight_to_int4pack_for_cpu``'s layout: rows in blocks of
+    ``block_n`` (the CPU's vector width: 64 with AVX-512, 32 with AVX2), each stored column-major with row d in
+    the low and row d + block_n/2 in the high nibble; a last, shorter block pairs rows (2d, 2d + 1)."""
+    flat = packed.reshape(-1)
+    full = n // block_n
+    parts = []
+    if full:
+        blk = flat[: full * k * block_n // 2].view(full, k, block_n // 2)
+        vals = torch.cat([blk & 15, blk >> 4], dim=-1)  # (full, k, block_n)
+        parts.append(vals.permute(0, 2, 1).reshape(full * block_n, k))
+    rest = n - full * block_n
+    if rest:
+        blk = flat[full * k * block_n // 2 : full * k * block_n // 2 + k * rest // 2].view(k, rest // 2)
+        parts.append(torch.stack([blk & 15, blk >> 4], dim=-1).view(k, rest).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_int4_block_n() -> int | None:
+    """The row-block size of this CPU's int4 packing, found by packing a probe once; None if no known layout fits
+    (then :meth:`TorchAoBackend.dequantize` reads the weight through the kernel instead)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (160, 64), dtype=torch.int32, generator=gen)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block_n in (64, 32, 16):
+        try:
+            if torch.equal(_unpack_cpu_int4(packed, 160, 64, block_n).to(torch.int32), probe):
+                return block_n
+        except RuntimeError:
+            continue
+    return None
+
+
 class TorchAoBackend(QuantBackend):
     name = "torchao"
     schemes = ("int8", "int4", "float8")
@@ -120,6 +156,8 @@ class TorchAoBackend(QuantBackend):
         from torchao.quantization import quantize_
 
         d_out, d_in = dense.shape
+        if scheme == "int4" and d_out % 16:
+            raise ConfigError(f"torchao int4 needs out_features divisible by 16, got {d_out}; skip the layer (skip_modules)")
         if scheme == "int4" and d_in % group_size:
             raise ConfigError(
                 f"torchao int4 needs in_features divisible by group_size: {d_in} is not a multiple of {group_size}; "
@@ -158,6 +196,14 @@ class TorchAoBackend(QuantBackend):
         if _int4_cpu(weight):
             d_out, d_in = weight.shape
             dtype = weight.scale_and_zero.dtype
+            block_n = _cpu_int4_block_n()
+            if block_n is not None and weight.act_pre_scale is None:
+                q = _unpack_cpu_int4(weight.qdata, weight.qdata.shape[0], d_in, block_n)[:d_out]
+                group = weight.block_size[1]
+                sz = weight.scale_and_zero[:, :d_out].float()  # (d_in / group, d_out, 2): scale, zero
+                scale = sz[..., 0].t().repeat_interleave(group, 1)
+                zero = sz[..., 1].t().repeat_interleave(group, 1)
+                return torch.addcmul(zero, q.float() - 8, scale).to(dtype)  # the kernel's own fused multiply-add
             eye = torch.eye(d_in, dtype=dtype, device=weight.qdata.device)
             cols = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 eye, weight.qdata, weight.block_size[1], weight.scale_and_zero
