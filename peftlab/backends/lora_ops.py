@@ -35,7 +35,7 @@ from torch import nn
 
 from ..core.layer import is_conv1d
 from ..kernels import lora_linear_or_none, triton_available
-from .quant.bnb import dequantize_weight, fusable_4bit
+from .quant.base import backend_of
 
 _MASK_LEVELS = 1 << 16  # dropout decisions are 16-bit: P(drop) = round(p · 2¹⁶) / 2¹⁶
 
@@ -225,7 +225,10 @@ class LoraBranchFunction(torch.autograd.Function):
 
 
 class DequantLoraLinearFunction(torch.autograd.Function):
-    """y = x·deq(W)ᵀ + b + s·(D(x) Aᵀ) Bᵀ for a frozen 4-bit (NF4/FP4) base, in one autograd function.
+    """y = x·deq(W)ᵀ + b + s·(D(x) Aᵀ) Bᵀ for a frozen quantized base, in one autograd function.
+
+    The base term and its input gradient come from the base's backend (:mod:`peftlab.backends.quant.base`:
+    ``forward`` and ``input_grad``; bitsandbytes 4-bit, torchao, FP8 block-scaled), never a library type.
 
     The dense W (d_out, d_in) exists only inside forward and inside backward (dequantized again there, as
     bitsandbytes' own backward does), so no dense weight outlives a layer. Against the generic path
@@ -240,11 +243,9 @@ class DequantLoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, scaling: float, p: float, seed: int, base):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        dtype = getattr(base, "compute_dtype", None) or x.dtype
-        weight = dequantize_weight(base).to(dtype)
-        bias = None if base.bias is None else base.bias.to(dtype)
-        y = torch.nn.functional.linear(x2.to(dtype), weight, bias)
-        del weight
+        backend = backend_of(base)
+        dtype = backend.compute_dtype(base, x)
+        y = backend.forward(base, x2.to(dtype))
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
         if y.dtype == xa.dtype:
             y.addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)
@@ -252,6 +253,7 @@ class DequantLoraLinearFunction(torch.autograd.Function):
             y = y.float().add_((xa @ lora_B.t()).float(), alpha=scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.base, ctx.dtype, ctx.in_shape = scaling, p, seed, base, dtype, shape
+        ctx.backend = backend
         return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -264,12 +266,11 @@ class DequantLoraLinearFunction(torch.autograd.Function):
         grad_lora_x, grad_A, grad_B = _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need[0], need[1], need[2])
         grad_x = None
         if need[0]:
-            weight = dequantize_weight(ctx.base).to(ctx.dtype)
-            gc = g.to(ctx.dtype)
-            if grad_lora_x.dtype == gc.dtype:
-                grad_x = torch.addmm(grad_lora_x, gc, weight)
+            base_grad = ctx.backend.input_grad(ctx.base, g.to(ctx.dtype))
+            if grad_lora_x.dtype == base_grad.dtype:
+                grad_x = base_grad.add_(grad_lora_x)
             else:
-                grad_x = (gc @ weight).float().add_(grad_lora_x.float())
+                grad_x = base_grad.float().add_(grad_lora_x.float())
             grad_x = grad_x.to(x2.dtype).reshape(ctx.in_shape)
         return grad_x, grad_A, grad_B, None, None, None, None
 
@@ -277,7 +278,7 @@ class DequantLoraLinearFunction(torch.autograd.Function):
 def _plain_weight(base: nn.Module) -> torch.Tensor | None:
     """(out, in) weight of a plain float linear whose weight is frozen; None otherwise."""
     weight = getattr(base, "weight", None)
-    if type(base) is nn.Linear or is_conv1d(base):
+    if (type(base) is nn.Linear and backend_of(base) is None) or is_conv1d(base):  # not a torchao tensor
         if weight is not None and weight.is_floating_point() and not weight.requires_grad:
             return weight.t() if is_conv1d(base) else weight
     return None
@@ -295,7 +296,16 @@ def _use_triton(slot, x: torch.Tensor) -> bool:
 
 
 def _fusable_4bit(base: nn.Module) -> bool:
-    return fusable_4bit(base)
+    """True for a frozen quantized base whose backend runs the fused training function (bitsandbytes 4-bit,
+    torchao, FP8 block-scaled; not bitsandbytes int8, which keeps its own autograd)."""
+    backend = backend_of(base)
+    return backend is not None and backend.fusable(base)
+
+
+def _native_inference(base: nn.Module, x: torch.Tensor) -> bool:
+    """False when a quantized base's own forward cannot run on x's device (FP8 kernels on a CPU)."""
+    backend = backend_of(base)
+    return backend is None or backend.native_inference(base, x)
 
 
 def lora_forward(slot, x: torch.Tensor) -> torch.Tensor:
@@ -322,8 +332,11 @@ def lora_forward(slot, x: torch.Tensor) -> torch.Tensor:
         return LoraLinearFunction.apply(
             x, weight, base.bias, slot.lora_A, slot.lora_B, slot.scaling, p, seed
         )
-    if weight is None and slot.training and torch.is_grad_enabled() and _fusable_4bit(base):
-        # QLoRA training: dequantize inside one function (inference keeps bitsandbytes' own 4-bit kernels)
+    if weight is None and _fusable_4bit(base) and (
+        (slot.training and torch.is_grad_enabled()) or not _native_inference(base, x)
+    ):
+        # quantized base in training: the backend's frozen forward and input gradient inside one function
+        # (inference keeps the library's own kernels, e.g. bitsandbytes' 4-bit gemv, where they run)
         return DequantLoraLinearFunction.apply(x, slot.lora_A, slot.lora_B, slot.scaling, p, seed, base)
     # generic path (int8, trainable or other bases): the base layer's own forward + the LoRA branch
     result = base(x)

@@ -22,14 +22,42 @@ from torch import nn
 
 from ..util.errors import MergeError, WrapError
 
-# (predicate, getter, setter): getter(module) -> dense weight (out, in) in a float dtype;
-# setter(module, dense_weight) writes it back (requantizing where needed).
-_WEIGHT_HANDLERS: list[tuple[Callable, Callable, Callable]] = []
+# (predicate, getter, setter, snapshot, restore): getter(module) -> dense weight (out, in) in a float dtype;
+# setter(module, dense_weight) writes it back (requantizing where needed); snapshot(module) -> an opaque
+# record of the stored weight (packed data and quantization state), restore(module, record) puts it back.
+_WEIGHT_HANDLERS: list[tuple[Callable, Callable, Callable, Callable | None, Callable | None]] = []
 
 
-def register_weight_handler(predicate: Callable, getter: Callable, setter: Callable) -> None:
-    """Register weight access for a base-layer type (checked before the plain handlers)."""
-    _WEIGHT_HANDLERS.insert(0, (predicate, getter, setter))
+def register_weight_handler(
+    predicate: Callable,
+    getter: Callable,
+    setter: Callable,
+    snapshot: Callable | None = None,
+    restore: Callable | None = None,
+) -> None:
+    """Register weight access for a base-layer type (checked before the plain handlers).
+
+    A lossy (quantized) type also gives ``snapshot`` / ``restore``: a merge then keeps the stored weight
+    it replaced, and the matching unmerge restores it bit for bit instead of requantizing W' − ΔW.
+    """
+    _WEIGHT_HANDLERS.insert(0, (predicate, getter, setter, snapshot, restore))
+
+
+def snapshot_base_weight(module: nn.Module) -> Any:
+    """The stored weight of a lossy base (what :func:`restore_base_weight` puts back); None for exact bases."""
+    for pred, _, _, snapshot, _ in _WEIGHT_HANDLERS:
+        if pred(module):
+            return snapshot(module) if snapshot is not None else None
+    return None
+
+
+def restore_base_weight(module: nn.Module, record: Any) -> None:
+    """Put back a weight recorded by :func:`snapshot_base_weight`."""
+    for pred, _, _, _, restore in _WEIGHT_HANDLERS:
+        if pred(module):
+            restore(module, record)
+            return
+    raise MergeError(f"no weight handler can restore a {type(module).__name__} base")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -56,7 +84,7 @@ def weight_shape(module: nn.Module) -> list[int]:
 
 def get_base_weight(module: nn.Module) -> torch.Tensor:
     """Dense (out, in) weight of a linear-like base layer (a view for plain layers)."""
-    for pred, getter, _ in _WEIGHT_HANDLERS:
+    for pred, getter, *_ in _WEIGHT_HANDLERS:
         if pred(module):
             return getter(module)
     if is_conv1d(module):
@@ -66,7 +94,7 @@ def get_base_weight(module: nn.Module) -> torch.Tensor:
 
 def set_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
     """Write a dense (out, in) weight back into ``module`` (requantizing if needed)."""
-    for pred, _, setter in _WEIGHT_HANDLERS:
+    for pred, _, setter, *_ in _WEIGHT_HANDLERS:
         if pred(module):
             setter(module, dense)
             return
@@ -282,8 +310,20 @@ class AdapterLayer(nn.Module):
                     f"({type(self.base_layer).__name__} {weight_shape(self.base_layer)}); the adapter is broken. "
                     f"Nothing was written (pass safe=False to merge anyway)"
                 )
+            record = snapshot_base_weight(self.base_layer)
             set_base_weight(self.base_layer, new.to(current.dtype) if current.is_floating_point() else new)
+        self._keep_snapshot(name, record)
         self.merged_stack.append((name, weight))
+
+    def _keep_snapshot(self, name: str, record: Any) -> None:
+        """Keep the stored weight a merge of ``name`` replaced (lossy bases), dropping records of adapters
+        no longer merged (e.g. folded away by unwrap)."""
+        kept = self.__dict__.setdefault("_merge_snapshots", {})
+        merged = {n for n, _ in self.merged_stack}
+        for stale in [n for n in kept if n not in merged]:
+            del kept[stale]
+        if record is not None:
+            kept[name] = record
 
     def check_merge(self, name: str) -> None:
         """Raise MergeError if merging ``name`` would write NaN/inf (touches nothing)."""
@@ -311,11 +351,15 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             while True:
                 top, weight = self.merged_stack.pop()
-                current = get_base_weight(self.base_layer)
-                restored = self.slots[top].unmerged(current.float(), weight)
-                set_base_weight(
-                    self.base_layer, restored.to(current.dtype) if current.is_floating_point() else restored
-                )
+                record = self.__dict__.get("_merge_snapshots", {}).pop(top, None)
+                if record is not None:  # a lossy base: put back the very weight the merge replaced
+                    restore_base_weight(self.base_layer, record)
+                else:
+                    current = get_base_weight(self.base_layer)
+                    restored = self.slots[top].unmerged(current.float(), weight)
+                    set_base_weight(
+                        self.base_layer, restored.to(current.dtype) if current.is_floating_point() else restored
+                    )
                 if top == name:
                     break
                 redo.append((top, weight))

@@ -8,10 +8,14 @@ block is treated: ``frozen``, ``full`` or ``adapted`` (with its rank and the met
 :class:`~peftlab.core.registry.EstimateRules`), quantized or not. Every method-specific count comes from the
 method's rules; nothing here knows one method from another.
 
-Quantized storage per weight of shape (d_out, d_in), n = d_out·d_in (bitsandbytes, :mod:`peftlab.backends.quant.bnb`):
+Quantized storage per weight of shape (d_out, d_in), n = d_out·d_in, from each backend's ``bytes_for``
+(:mod:`peftlab.backends.quant`):
 
-    NF4/FP4:  n/2 packed bytes + absmax: n/64 · 4  (double quant: n/64 · 1 + n/(64·256) · 4 + 256·4 code)
-    int8:     n bytes + d_out · 4 (row scales)
+    nf4 / fp4 (bitsandbytes):  n/2 packed bytes + absmax: n/64 · 4  (double quant: n/64 · 1 + n/(64·256) · 4 + 256·4)
+    int8 (bitsandbytes):       n bytes + d_out · 4 (row scales)
+    torchao-int8:              n bytes + d_out · 5 (row scales and int8 zero points)
+    torchao-int4:              n/2 bytes + d_out · d_in/64 · 8 (a scale and a zero point per group of 64)
+    fp8 (block-scaled e4m3):   n bytes + ⌈d_out/128⌉ · ⌈d_in/128⌉ · 4
 """
 
 from __future__ import annotations
@@ -69,7 +73,12 @@ FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "bert": "ber
 #: Block path of each family: group 1 = layer index, group 2 = the module path inside the block.
 BLOCK_RE = {"llama": r".*layers\.(\d+)\.(.+)", "bert": r".*encoder\.layer\.(\d+)\.(.+)"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTS = (None, "nf4", "fp4", "int8")
+#: quant name -> (backend, scheme); the estimator's ``quant=`` accepts these.
+QUANT_SCHEMES = {
+    "nf4": ("bitsandbytes", "nf4"), "fp4": ("bitsandbytes", "fp4"), "int8": ("bitsandbytes", "int8"),
+    "torchao-int8": ("torchao", "int8"), "torchao-int4": ("torchao", "int4"), "fp8": ("fp8", "fp8"),
+}  # fmt: skip
+QUANTS = (None, *QUANT_SCHEMES)
 
 
 def load_config(model_or_path: Any):
@@ -119,13 +128,11 @@ def meta_model(config, kind: str) -> nn.Module:
 
 
 def quantized_bytes(d_out: int, d_in: int, quant: str, double_quant: bool = True, blocksize: int = 64) -> int:
-    """Bytes of one bitsandbytes weight (module docstring)."""
-    n = d_out * d_in
-    if quant == "int8":
-        return n + 4 * d_out
-    blocks = -(-n // blocksize)
-    absmax = blocks + 4 * -(-blocks // 256) + 256 * 4 if double_quant else 4 * blocks
-    return -(-n // 2) + absmax
+    """Bytes of one quantized weight (module docstring), as its backend stores it."""
+    from ..backends.quant.base import get_backend
+
+    backend, scheme = QUANT_SCHEMES[quant]
+    return get_backend(backend).bytes_for(d_out, d_in, scheme, double_quant=double_quant, blocksize=blocksize)
 
 
 @dataclass
@@ -238,7 +245,7 @@ def count(config, kind: str, rules, peft_config, precision: str, quant: str | No
             if is_linear:
                 lin = targets.get(path) or Linear(p.shape[1], p.shape[0], "full" if trains else "frozen")
                 lin.quantized = quantized
-                lin.four_bit = quantized and quant != "int8"
+                lin.four_bit = quantized and quant != "int8"  # every backend but bitsandbytes int8 runs fused
                 m = block_re.fullmatch(path)
                 if m:
                     out.blocks[int(m.group(1))][m.group(2)] = lin

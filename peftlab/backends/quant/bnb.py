@@ -11,8 +11,8 @@ Two storage formats (Dettmers et al.):
   quantization stores the absmax values themselves in 8 bit (blocks of 256, fp32 scale), so
   the constants cost 8/64 + 32/(64·256) ≈ 0.127 instead of 32/64 = 0.5 bits per weight.
 
-Also registers the weight handlers of :mod:`peftlab.core.layer`, so merging an adapter into a
-quantized base dequantizes, adds and requantizes, and records the rounding error.
+The backend interface over these layers is :class:`peftlab.backends.quant.bitsandbytes.BitsAndBytesBackend`;
+merging goes through :mod:`peftlab.backends.quant.base` (requantize, measure, keep the replaced weight).
 """
 
 from __future__ import annotations
@@ -20,29 +20,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
-import threading
-import warnings
 
 import torch
 from torch import nn
 
-from ...core.layer import register_weight_handler
-from ...util.errors import ConfigError, PeftlabError
+from ...util.errors import ConfigError
+from .base import PROBE_ROWS, MissingDependencyError, QuantizationError  # noqa: F401 (re-exported)
+from .base import quiet_merge_warnings as _quiet_merge_warnings
 
 INSTALL_HINT = "pip install 'peftlab[quant]' (or pip install bitsandbytes)"
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-#: Rows of the fixed Gaussian probe batch used to measure a layer's merge rounding error.
-PROBE_ROWS = 16
-
-
-class MissingDependencyError(PeftlabError, ImportError):
-    """An optional dependency (bitsandbytes) is not installed."""
-
-
-class QuantizationError(PeftlabError, RuntimeError):
-    """Quantizing is impossible in the current state (e.g. the model is already quantized)."""
-
 
 @functools.lru_cache(maxsize=1)
 def bnb_available() -> bool:
@@ -249,58 +237,6 @@ def to_float_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Li
     return linear.train(layer.training)
 
 
-# ---- merge handlers with measured rounding error ----------------------------------------------------
+# ---- merge: requantize with the measured error (the shared handler of :mod:`peftlab.backends.quant.base`) ----
 
-_LOCAL = threading.local()
-
-
-def _probe(d_in: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1234)
-    return torch.randn(PROBE_ROWS, d_in, generator=gen).to(device)
-
-
-@torch.no_grad()
-def _set_and_measure(layer: nn.Module, dense: torch.Tensor) -> None:
-    """Requantize ``dense`` into ``layer`` and record how far the stored weight lands from it.
-
-    The error is measured on the layer's output for a fixed Gaussian probe batch
-    X (16, d_in): ``E = X (Ŵ_new - W_target)ᵀ``; stored as ``layer.peftlab_merge_error =
-    {"max_abs", "mean_abs", "rel"}`` (rel = mean |E| / mean |X W_targetᵀ|).
-    """
-    target = dense.float()
-    requantize_weight(layer, dense)
-    stored = dequantize_weight(layer).float()
-    x = _probe(target.shape[1], target.device)
-    ref = x @ target.t()
-    err = (x @ stored.t() - ref).abs()
-    report = {
-        "max_abs": err.max().item(),
-        "mean_abs": err.mean().item(),
-        "rel": err.mean().item() / max(ref.abs().mean().item(), 1e-12),
-        "bits": quant_bits(layer),
-    }
-    layer.peftlab_merge_error = report
-    if report["bits"] == 8 and report["max_abs"] > 0 and not getattr(_LOCAL, "quiet", False):
-        warnings.warn(
-            f"merging into an int8 (LLM.int8) base layer {list(target.shape)} is not exact: requantizing "
-            f"W + ΔW changed the layer outputs on a Gaussian probe batch by max {report['max_abs']:.3g}, "
-            f"mean {report['mean_abs']:.3g} ({100 * report['rel']:.2f}% of the mean output). Use "
-            f"peftlab.unwrap(model, merge=True, dequantize=True) for an exact full-precision merge.",
-            stacklevel=4,
-        )
-
-
-def quiet_merge_warnings(flag: bool) -> bool:
-    """Silence the per-layer int8 merge warning (model-level reports warn once); returns the old flag."""
-    old = getattr(_LOCAL, "quiet", False)
-    _LOCAL.quiet = flag
-    return old
-
-
-def _register() -> None:
-    register_weight_handler(is_bnb_linear, dequantize_weight, _set_and_measure)
-
-
-_register()
-
-
+quiet_merge_warnings = _quiet_merge_warnings

@@ -25,7 +25,8 @@ from ...util.checkpoints import (
     safetensors_files,
 )
 from ...util.models import auto_class, resolve_model_path
-from .bnb import check_quant_args, make_4bit_linear, make_8bit_linear, require_bnb
+from .base import get_backend
+from .bnb import check_quant_args, require_bnb
 
 KINDS = ("causal-lm", "seq-cls", "token-cls", "base")
 
@@ -94,24 +95,42 @@ def plan_linears(model: nn.Module, skip_modules: list[str] | None) -> dict[str, 
 def quantized_linear(
     module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, opts: dict
 ) -> nn.Module:
-    """The bitsandbytes replacement of float ``module`` with ``weight`` (d_out, d_in); Conv1D transposed."""
+    """The quantized replacement of float ``module`` with ``weight`` (d_out, d_in); Conv1D transposed.
+
+    ``opts["backend"]`` (default bitsandbytes) builds it with ``opts["scheme"]`` (bitsandbytes: from
+    ``bits`` / ``quant_type``).
+    """
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(module, Conv1D):
         weight = weight.t()
-    device = opts["device"]
-    if opts["bits"] == 4:
-        return make_4bit_linear(
-            weight, bias, quant_type=opts["quant_type"], double_quant=opts["double_quant"],
-            compute_dtype=opts["compute_dtype"], blocksize=opts["blocksize"], device=device,
-        )  # fmt: skip
-    return make_8bit_linear(
-        weight,
-        bias,
-        threshold=opts["int8_threshold"],
-        device=device,
-        bias_dtype=opts["compute_dtype"] or opts["dtype"],
-    )
+    backend = get_backend(opts.get("backend", "bitsandbytes"))
+    return backend.quantize_linear(weight, bias, resolve_scheme(opts), opts)
+
+
+def resolve_scheme(opts: dict) -> str:
+    """The backend scheme of quantization options: ``scheme`` when given, else from ``bits`` / ``quant_type``."""
+    if opts.get("scheme"):
+        return opts["scheme"]
+    backend = opts.get("backend", "bitsandbytes")
+    if backend == "fp8":
+        return "fp8"
+    if opts.get("bits", 4) == 8:
+        return "int8"
+    return opts.get("quant_type", "nf4") if backend == "bitsandbytes" else "int4"
+
+
+def check_backend_args(opts: dict) -> None:
+    """Validate backend, scheme and its options (ConfigError says what is valid); the library must import."""
+    name = opts.get("backend", "bitsandbytes")
+    backend = get_backend(name)
+    if name == "bitsandbytes":
+        if opts.get("scheme") and opts["scheme"] not in backend.schemes:
+            backend.check_options(opts["scheme"], opts)
+        check_quant_args(opts.get("bits", 4), opts.get("quant_type", "nf4"), opts.get("blocksize", 64))
+        require_bnb()
+        return
+    backend.check_options(resolve_scheme(opts), opts)
 
 
 def load_quantized(
@@ -126,9 +145,12 @@ def load_quantized(
     dtype: torch.dtype = torch.float32,
     blocksize: int = 64,
     int8_threshold: float = 6.0,
+    backend: str = "bitsandbytes",
+    scheme: str | None = None,
+    group_size: int = 64,
     **config_kwargs,
 ) -> nn.Module:
-    """Load a transformers model with its linear layers in bitsandbytes int8 or 4-bit.
+    """Load a transformers model with its linear layers quantized (bitsandbytes int8 / 4-bit by default).
 
     Args:
         name_or_path: packaged short name (``"smollm2-135m"``) or a local folder with a
@@ -142,6 +164,9 @@ def load_quantized(
         kind: ``"causal-lm"``, ``"seq-cls"``, ``"token-cls"`` or ``"base"``.
         dtype: dtype of everything not quantized (embeddings, norms, head); fp32 by default.
         blocksize: 4-bit block size (64 as QLoRA). int8_threshold: LLM.int8 outlier threshold.
+        backend: ``"bitsandbytes"``, ``"torchao"`` (scheme ``"int8"`` / ``"int4"`` / ``"float8"``, CUDA sm_89+
+            for float8) or ``"fp8"`` (block-scaled e4m3, 128 × 128). scheme: the backend's scheme (default
+            from ``bits`` / ``quant_type``). group_size: torchao int4 group size.
         config_kwargs: passed to ``AutoConfig.from_pretrained`` (e.g. ``num_labels=2``).
 
     Returns:
@@ -150,8 +175,13 @@ def load_quantized(
     """
     from transformers import AutoConfig
 
-    check_quant_args(bits, quant_type, blocksize)
-    require_bnb()
+    opts = {
+        "bits": bits, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype,
+        "blocksize": blocksize, "int8_threshold": int8_threshold, "dtype": dtype, "backend": backend,
+        "scheme": scheme, "group_size": group_size,
+    }  # fmt: skip
+    check_backend_args(opts)
+    opts["scheme"] = resolve_scheme(opts)
     path = resolve_model_path(name_or_path)
     files = safetensors_files(path)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -160,10 +190,7 @@ def load_quantized(
         model = auto_class(kind).from_config(config, dtype=dtype)
     plan = plan_linears(model, skip_modules)
     mapped = _key_mapper(model)
-    opts = {
-        "bits": bits, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype,
-        "blocksize": blocksize, "int8_threshold": int8_threshold, "device": device, "dtype": dtype,
-    }  # fmt: skip
+    opts["device"] = device
 
     pending: dict[str, dict[str, torch.Tensor]] = {}
     loaded: set[str] = set()
@@ -189,7 +216,7 @@ def load_quantized(
         _install(model, owner, module, pending.pop(owner, {}), opts, init_missing=True)
 
     missing = _finish(model, loaded, device)
-    if device.type == "cpu" and bits == 4:
+    if device.type == "cpu" and opts["scheme"] in ("nf4", "fp4", "int4"):
         limit_heap_retention()  # the per-step dequantized temporaries would otherwise pile up in glibc's heap
     model.peftlab_quantization = {
         **{k: v for k, v in opts.items() if k not in ("device",)},

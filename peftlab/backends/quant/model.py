@@ -23,15 +23,9 @@ from torch import nn
 
 from ...core.state import adapters, replace_module
 from ...util.checkpoints import release_freed_memory
-from .bnb import (
-    MissingDependencyError,
-    QuantizationError,
-    check_quant_args,
-    is_bnb_linear,
-    require_bnb,
-    to_float_linear,
-)
-from .load import load_quantized, plan_linears, quantized_linear
+from .base import MissingDependencyError, QuantizationError, backend_of, is_quantized_layer
+from .bnb import is_bnb_linear, to_float_linear
+from .load import check_backend_args, load_quantized, plan_linears, quantized_linear, resolve_scheme
 
 __all__ = [
     "load_quantized",
@@ -47,8 +41,9 @@ __all__ = [
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """True when any linear layer of ``model`` (adapter bases included) is a bitsandbytes layer."""
-    return any(is_bnb_linear(m) for m in model.modules())
+    """True when any linear layer of ``model`` (adapter bases included) belongs to a quantization backend
+    (bitsandbytes, torchao, FP8 block-scaled)."""
+    return any(is_quantized_layer(m) for m in model.modules())
 
 
 @torch.no_grad()
@@ -62,8 +57,12 @@ def quantize(
     device: str | torch.device | None = None,
     blocksize: int = 64,
     int8_threshold: float = 6.0,
+    backend: str = "bitsandbytes",
+    scheme: str | None = None,
+    group_size: int = 64,
 ) -> nn.Module:
-    """Replace the linear layers of an in-memory model by bitsandbytes layers, in place.
+    """Replace the linear layers of an in-memory model by quantized layers, in place (bitsandbytes by default;
+    ``backend="torchao"`` with ``scheme`` ``"int8"`` / ``"int4"`` / ``"float8"``, or ``backend="fp8"``).
 
     For models ``load_quantized`` cannot stream (GGUF-loaded ones, models built in code).
     Each float weight is released as soon as its layer is quantized. The output head(s),
@@ -73,12 +72,17 @@ def quantize(
     Raises:
         ConfigError: bits / quant_type / blocksize invalid.
         QuantizationError: the model is already quantized, or already wrapped by peftlab.
-        MissingDependencyError: bitsandbytes is not installed.
+        MissingDependencyError: the backend's library is not installed.
     """
-    check_quant_args(bits, quant_type, blocksize)
-    require_bnb()
+    settings = {
+        "bits": bits, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype,
+        "blocksize": blocksize, "int8_threshold": int8_threshold, "backend": backend, "scheme": scheme,
+        "group_size": group_size,
+    }  # fmt: skip
+    check_backend_args(settings)
+    settings["scheme"] = resolve_scheme(settings)
     if is_quantized(model):
-        kinds = sorted({type(m).__name__ for m in model.modules() if is_bnb_linear(m)})
+        kinds = sorted({type(m).__name__ for m in model.modules() if is_quantized_layer(m)})
         raise QuantizationError(
             f"{type(model).__name__} is already quantized ({', '.join(kinds)} layers); quantizing twice would "
             f"compound the rounding error. Load the full-precision model again, or call "
@@ -95,28 +99,22 @@ def quantize(
     for path, module in plan.items():
         if id(module.weight) in tied:  # a linear sharing its weight with an embedding stays float
             continue
-        opts = {
-            "bits": bits, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype,
-            "blocksize": blocksize, "int8_threshold": int8_threshold, "dtype": dtype,
-            "device": torch.device(device) if device is not None else module.weight.device,
-        }  # fmt: skip
+        opts = {**settings, "dtype": dtype,
+                "device": torch.device(device) if device is not None else module.weight.device}
         bias = module.bias.detach().float() if module.bias is not None else None
         layer = quantized_linear(module, module.weight.detach().float(), bias, opts)
         layer.train(module.training)
         replace_module(model, path, layer)
         del module, bias
         release_freed_memory()
-    model.peftlab_quantization = {
-        "bits": bits, "quant_type": quant_type, "double_quant": double_quant, "compute_dtype": compute_dtype,
-        "blocksize": blocksize, "int8_threshold": int8_threshold, "dtype": dtype, "skip_modules": list(skip_modules or []),
-    }  # fmt: skip
+    model.peftlab_quantization = {**settings, "dtype": dtype, "skip_modules": list(skip_modules or [])}
     if device is not None:
         model.to(device)
     return model
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every bitsandbytes linear (including adapter ``base_layer``\\ s) by a float ``nn.Linear``.
+    """Replace every quantized linear (including adapter ``base_layer``\\ s) by a float ``nn.Linear``.
 
     The weight is ``dequant(W_q)``: exactly what the quantized layer computed with, so a
     LoRA merged afterwards is exact. ``dtype`` defaults to the 4-bit source dtype / fp32.
@@ -124,9 +122,25 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for path, module in list(model.named_modules()):
         if is_bnb_linear(module):
             replace_module(model, path, to_float_linear(module, dtype))
+        elif is_quantized_layer(module):
+            replace_module(model, path, _float_linear(module, dtype))
     if hasattr(model, "peftlab_quantization"):
         del model.peftlab_quantization
     return model
+
+
+def _float_linear(layer: nn.Module, dtype: torch.dtype | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding the dequantized weight of a quantized layer (any backend), frozen."""
+    weight = backend_of(layer).dequantize(layer)
+    dtype = dtype or (weight.dtype if weight.dtype.is_floating_point and weight.element_size() >= 2 else torch.float32)
+    bias = getattr(layer, "bias", None)
+    d_out, d_in = weight.shape
+    with torch.device("meta"):
+        linear = nn.Linear(d_in, d_out, bias=bias is not None)
+    linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+    return linear.train(layer.training)
 
 
 def prepare_for_kbit_training(
@@ -148,7 +162,7 @@ def prepare_for_kbit_training(
         for p in model.parameters():
             p.requires_grad_(False)
     for module in model.modules():
-        if is_bnb_linear(module):
+        if is_quantized_layer(module):
             continue  # its bias follows the compute dtype
         for p in module.parameters(recurse=False):
             if p.is_floating_point() and p.dtype != torch.float32:
@@ -214,6 +228,27 @@ def memory_report(model: nn.Module) -> dict[str, Any]:
         return t.numel() * t.element_size()
 
     for module in model.modules():
+        backend = backend_of(module)
+        if backend is not None and backend.name != "bitsandbytes":  # the backend counts its weight and constants
+            weight = module._parameters["weight"]
+            key = (id(weight), 0)
+            size = 0 if key in seen else backend.weight_bytes(module)
+            seen.add(key)
+            d_out, d_in = weight.shape
+            params = d_out * d_in if size else 0
+            for name, t in list(module._parameters.items()) + list(module._buffers.items()):
+                if t is None or name in ("weight", "weight_scale_inv"):
+                    continue
+                b = nbytes(t)
+                size += b
+                params += t.numel() if b and name in module._parameters else 0
+            if size:
+                entry = kinds.setdefault(type(module).__name__, {"modules": 0, "params": 0, "bytes": 0})
+                for target in (entry, qlin):
+                    target["modules"] += 1
+                    target["bytes"] += size
+                    target["params"] += params
+            continue
         tensors = [(t, True) for t in module._parameters.values() if t is not None]
         tensors += [(t, False) for t in module._buffers.values() if t is not None]
         size = params = 0

@@ -45,9 +45,9 @@ class LowRankTensors:
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
-    """Adapter weights train in fp32 when the base is half precision or quantized (as HF PEFT)."""
+    """Adapter weights train in fp32 when the base is half precision, float8 or quantized (as HF PEFT)."""
     weight = getattr(base_layer, "weight", None)
-    if weight is None or not weight.is_floating_point() or weight.dtype in (torch.float16, torch.bfloat16):
+    if weight is None or not weight.is_floating_point() or weight.element_size() < 4:  # half, float8 (FP8 bases)
         return torch.float32
     return weight.dtype
 
