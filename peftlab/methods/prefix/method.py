@@ -164,7 +164,7 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
         raise TargetError(
             f"prefix tuning needs num_attention_heads and hidden_size in the config of {type(model).__name__}"
         )
-    found = structure(model)
+    found = structure(model).main()  # a VLM's language model only, as HF PEFT
     selfs = found.attention("self")
     if not selfs:
         raise TargetError(
@@ -183,7 +183,7 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
         n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None) or decoder_layers
         return Geometry(
             "cache", n_layers, heads, hidden // heads, [], decoder_layers=decoder_layers,
-            submodules=2 if task == "SEQ_2_SEQ_LM" else 1,
+            submodules=2 if task == "SEQ_2_SEQ_LM" or (task is None and getattr(text, "is_encoder_decoder", False)) else 1,
         )  # fmt: skip
     bad = sorted({type(m).__name__ for m in modules if not _uses_attention_interface(m)})
     if bad:
