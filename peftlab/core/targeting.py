@@ -144,3 +144,31 @@ def resolve_targets(
 # ---- structure: blocks, attention roles, feed-forward, head ---------------------------------------
 
 
+
+
+def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """``target_modules`` that select exactly ``targets`` among the modules of ``model`` (as HF PEFT matches them:
+    a name matches a path equal to it or ending in ``'.' + name``; a string is a ``re.fullmatch`` regex).
+
+    The distinct last components when they pick no other module (``["q_proj", "v_proj"]``: what HF PEFT users
+    write); else a full-path regex, one alternative per group of paths that differ only in a layer index
+    (``model\\.language_model\\.layers\\.(?:0|1)\\.self_attn\\.q_proj|...``), so that names shared with another
+    tower (a VLM's ``visual.blocks.0`` vs ``mlp.0``) or another kind of module cannot match.
+    """
+    paths = [p for p, _ in base_view(model) if p]
+    wanted = set(targets)
+    names = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    if {p for p in paths if any(name_matches(p, n) for n in names)} == wanted:
+        return names
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path in targets:
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+        if m is None:
+            groups.setdefault((re.escape(path), ""), [])
+            continue
+        head, tail = path[: m.start(1)], path[m.end(1) :]
+        groups.setdefault((re.escape(head), re.escape(tail)), []).append(m.group(1))
+    parts = [head if not idx and not tail else f"{head}(?:{'|'.join(dict.fromkeys(idx))}){tail}" for (head, tail), idx in groups.items()]
+    pattern = "|".join(parts)
+    assert {p for p in paths if re.fullmatch(pattern, p)} == wanted, pattern  # the regex picks exactly the targets
+    return pattern
