@@ -268,12 +268,22 @@ def _mixers(block: nn.Module, bpath: str) -> tuple[str, ...]:
     )
 
 
+def _has_experts(block: nn.Module) -> bool:
+    """True when a block's feed-forward is a mixture of experts: a module named ``experts`` or whose class
+    name says ``Experts`` (transformers 5 keeps the experts as 3-D parameters there)."""
+    return any(
+        n.rsplit(".", 1)[-1] == "experts" or "experts" in type(m).__name__.lower() for n, m in block.named_modules() if n
+    )
+
+
 def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSite:
     sites = _attention_sites(block, bpath)
     taken = {p for s in sites for p in (*s.projections(), s.o) if p}
     attn_paths = tuple(s.path + "." for s in sites) + _mixers(block, bpath)
     others = [(p, m) for p, m in _linears(block, bpath) if p not in taken and not p.startswith(attn_paths)]
     site = BlockSite(path=bpath, stack=stack, index=index, attention=sites)
+    if _has_experts(block):  # a mixture of experts: no single linear layer carries the sublayer's output (a
+        others = []  # shared expert's down_proj is one summand of it), so no feed-forward site is claimed
     if others:
         hidden = _dims(others[0][1])[0]
         outs = [p for p, m in others if _dims(m)[1] == hidden]

@@ -160,9 +160,11 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
     text = _text_config(model)
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
-    if heads is None or hidden is None:
+    if not isinstance(heads, int) or not isinstance(hidden, int):
         raise TargetError(
-            f"prefix tuning needs num_attention_heads and hidden_size in the config of {type(model).__name__}"
+            f"prefix tuning can't size a prefix for {type(model).__name__}: its config has no single "
+            f"num_attention_heads and hidden_size (got {heads!r}, {hidden!r}; per-stage values, as Swin's, differ "
+            f"in width between layers, and HF PEFT's prefix has one width for every layer too)"
         )
     found = structure(model).main()  # a VLM's language model only, as HF PEFT
     selfs = found.attention("self")
@@ -170,6 +172,12 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
         raise TargetError(
             f"prefix tuning can't find attention layers in {type(model).__name__}: no repeated blocks with an attention "
             f"module (q/k/v or fused qkv projections)"
+        )
+    if any(a.kv for a in selfs):
+        raise TargetError(
+            f"prefix tuning can't prefix the multi-head latent attention of {type(model).__name__}: its keys "
+            f"(qk_nope_head_dim + qk_rope_head_dim wide) and values (v_head_dim wide) differ in width from each other "
+            f"and from hidden_size / num_attention_heads, the one width HF PEFT's prefix (and this table) gives both"
         )
     modules = [model.get_submodule(a.path) for a in selfs]
     if found.attention("cross"):  # encoder-decoder: the decoder's self-attention, through its KV cache (as HF PEFT)
@@ -192,9 +200,41 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
             f"itself (ALiBi / disentangled position terms / its own kernels) instead of calling transformers' attention "
             f"interface, where peftlab prepends the prefix keys and values"
         )
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads, head_dim = _kv_geometry(model, text, selfs, heads, hidden)
     return Geometry("interface", len(modules), kv_heads, head_dim, modules)
+
+
+def _kv_geometry(model: nn.Module, text, selfs, heads: int, hidden: int) -> tuple[int, int]:
+    """(key/value heads, head dim) of the prefixed layers: from each attention module (its ``head_dim`` and its
+    key projection's width) where it says, else from the config; one for all layers, or a refusal."""
+    default_dim = _config_value(text, "head_dim") or hidden // heads
+    default_kv = _config_value(text, "num_key_value_heads") or heads
+    seen = set()
+    for site in selfs:
+        module = model.get_submodule(site.path)
+        dim = getattr(module, "head_dim", None) or default_dim
+        kv = default_kv
+        if site.k and isinstance(dim, int) and dim:
+            out = getattr(model.get_submodule(site.k), "out_features", None)
+            kv = out // dim if out else kv
+        seen.add((kv, dim))
+    if len(seen) > 1:
+        raise TargetError(
+            f"prefix tuning can't give every layer of {type(model).__name__} one prefix table: its attention layers "
+            f"differ in (key/value heads, head dim): {sorted(seen)} (Gemma-4's full-attention layers are wider than "
+            f"its sliding ones); HF PEFT's prefix has one width for every layer too"
+        )
+    return next(iter(seen)) if seen else (default_kv, default_dim)
+
+
+def _config_value(config, name: str):
+    """``config.<name>``, or None where it is missing or per-layer (transformers raises on a global read of an
+    attribute that varies across layers, e.g. Gemma-4's ``head_dim``)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
+        return None
+    return value if isinstance(value, int) else None
 
 
 SLOT_ROLES.add(PREFIX_TABLES_ATTR)
