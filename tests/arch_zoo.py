@@ -89,11 +89,12 @@ ARCHS: dict[str, Arch] = {
             "causal-lm",
         ),
         Arch("Llama", "LlamaForCausalLM", "LlamaConfig", _DECODER, "causal-lm"),
-        Arch("Mistral", "MistralForCausalLM", "MistralConfig", _DECODER, "causal-lm"),
+        Arch("Mistral", "MistralForCausalLM", "MistralConfig", dict(_DECODER, sliding_window=4), "causal-lm", length=8),
         Arch("Qwen2", "Qwen2ForCausalLM", "Qwen2Config", _DECODER, "causal-lm"),
         Arch("Qwen3", "Qwen3ForCausalLM", "Qwen3Config", dict(_DECODER, head_dim=8), "causal-lm"),
         Arch("Gemma", "GemmaForCausalLM", "GemmaConfig", dict(_DECODER, head_dim=8), "causal-lm"),
-        Arch("Gemma-2", "Gemma2ForCausalLM", "Gemma2Config", dict(_DECODER, head_dim=8), "causal-lm"),
+        Arch("Gemma-2", "Gemma2ForCausalLM", "Gemma2Config", dict(_DECODER, head_dim=8, sliding_window=4), "causal-lm",
+             length=8),  # sequences longer than the window: a prefix slides out of it as in HF PEFT
         Arch("Phi", "PhiForCausalLM", "PhiConfig", _DECODER, "causal-lm"),
         Arch("Phi-3", "Phi3ForCausalLM", "Phi3Config", dict(_DECODER, pad_token_id=0), "causal-lm"),
         Arch(

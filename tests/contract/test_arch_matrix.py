@@ -71,6 +71,11 @@ PEFT_CANNOT = {
         "HF PEFT loads this export but can't run it: its prefix tuning passes past_key_values, which transformers 5's "
         "sequence classifiers don't take (checked: peftlab's import of peft's re-save gives our logits)"
     ),
+    "The shape of the mask": (
+        "HF PEFT loads this export but can't run it: its prefix lengthens the attention mask by the virtual tokens, "
+        "and Qwen2-VL's multimodal RoPE indexes input_ids with that mask (checked: peftlab's import of peft's "
+        "re-save gives our logits)"
+    ),
     "Cannot get conv state for non linear attention layer": (
         "HF PEFT loads this export but can't run it: its prefix passes a key/value cache layer for every layer, and "
         "the hybrid stack's linear-attention layers read their own convolution state from the cache (checked: "
@@ -84,7 +89,12 @@ def _peft_round_trip(model, label: str, ours: torch.Tensor, tmp: Path) -> str | 
     Returns a note when peft loads the export but cannot run the model (see PEFT_CANNOT)."""
     import peft
 
-    peftlab.export_peft(model, tmp / "export")
+    try:
+        peftlab.export_peft(model, tmp / "export")
+    except peftlab.ConfigError as exc:  # HF PEFT can't hold or run this adapter: the reason is the note
+        if "HF PEFT can't" not in str(exc):
+            raise
+        return str(exc)
     theirs_model = peft.PeftModel.from_pretrained(build(label), str(tmp / "export")).eval()
     note = None
     try:
@@ -199,7 +209,10 @@ def render() -> str:
             if note not in notes:
                 notes.append(note)
             row.append(f"{outcome[0]} ({notes.index(note) + 1})")
-        ours = ", ".join(default_targets(build(label)))
+        targets = default_targets(build(label))
+        ours = ", ".join(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
+        if any("." in t for t in targets):  # full paths: a VLM's language model, named apart from its other towers
+            ours += " (language model)"
         theirs = _peft_default(label)
         lines.append(f"| {label} | {arch.task} | " + " | ".join(row) + f" | {ours} | {theirs} |")
     lines.append("")

@@ -72,7 +72,7 @@ def find_sites(model: nn.Module, overrides: dict[str, str | None] | None = None)
     for block in found.blocks:
         attn = next((a for a in block.attention if a.kind == "self"), None)
         if attn is not None and attn.o:
-            first = attn.qkv or attn.q_a or attn.q or attn.k  # MLA: the query down-projection reads the input
+            first = attn.path  # the attention module's input (Longformer's q reads a transposed copy of it)
             sites.append(Site(block.stack, block.index, "attn", attn.o, first))
         if block.ffn_out:
             sites.append(Site(block.stack, block.index, "ffn", block.ffn_out, block.ffn_in[0] if block.ffn_in else None))
