@@ -100,7 +100,7 @@ def _peft_round_trip(model, label: str, ours: torch.Tensor, tmp: Path) -> str | 
     try:
         theirs = _logits(theirs_model, label)
         _close(theirs, ours, 1e-5, "HF PEFT loading our export")
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:
         note = next((v for k, v in PEFT_CANNOT.items() if k in str(exc)), None)
         if note is None:
             raise
