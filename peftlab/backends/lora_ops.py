@@ -129,6 +129,26 @@ def _lora_grads(ctx, g_lora, x2, lora_A, lora_B, xa, need_x: bool, need_A: bool,
     return grad_lora_x, grad_A, grad_B
 
 
+def _rows(y: torch.Tensor) -> torch.Tensor:
+    """The (M, d_out) view of a contiguous (..., d_out) output, for writing the LoRA term into it in place.
+
+    The autograd functions return the (..., d_out) tensor itself, never a reshaped view of a 2-D result:
+    autograd forbids in-place ops on a view made inside a custom Function, and models do write into
+    projection outputs (Wav2Vec2's SpecAugment, Longformer's ``query /= √d``)."""
+    return y.view(-1, y.shape[-1])
+
+
+def _linear_into(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lead) -> torch.Tensor:
+    """x2 Wᵀ + b, computed as ``F.linear`` on (M, d_in) computes it (addmm / mm), written into a fresh
+    (*lead, d_out) tensor: the result is that tensor itself, with no copy and no view."""
+    out = x2.new_empty((*lead, weight.shape[0]))
+    if bias is None:
+        torch.mm(x2, weight.t(), out=_rows(out))
+    else:
+        torch.addmm(bias, x2, weight.t(), out=_rows(out))
+    return out
+
+
 def _exact_dtypes(fn):
     """Run an autograd function's forward/backward with autocast off: every dtype in it is explicit.
 
@@ -160,18 +180,20 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         out_dtype = x.dtype
-        # the base term exactly as nn.Linear computes it, so an adapter at init is bit-identical
-        y = torch.nn.functional.linear(x2, weight, None if bias is None else bias.to(out_dtype))
+        # the base term exactly as nn.Linear computes it (one addmm / mm), so an adapter at init is bit-identical
+        y = _linear_into(x2, weight, None if bias is None else bias.to(out_dtype), shape[:-1])
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
         if y.dtype == xa.dtype:
-            y.addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)
+            _rows(y).addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)  # in place, through a (M, d_out) view
         else:
-            y = (y.float() + scaling * (xa @ lora_B.t()).float()).to(out_dtype)
+            y32 = y.float()
+            _rows(y32).add_((xa @ lora_B.t()).float(), alpha=scaling)
+            y = y32.to(out_dtype)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
         ctx.in_shape = shape
-        return y.reshape(*shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     @_exact_dtypes
@@ -207,10 +229,11 @@ class LoraBranchFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
-        out = (xa @ _as(lora_B, xa.dtype).t()).mul_(scaling)
+        out = xa.new_empty((*shape[:-1], lora_B.shape[0]))  # (..., d_out), filled through its (M, d_out) view
+        torch.mm(xa, _as(lora_B, xa.dtype).t(), out=_rows(out)).mul_(scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.in_shape = scaling, p, seed, shape
-        return out.reshape(*shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     @_exact_dtypes
@@ -245,16 +268,17 @@ class DequantLoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         backend = backend_of(base)
         dtype = backend.compute_dtype(base, x)
-        y = backend.forward(base, x2.to(dtype))
+        y = backend.forward(base, x.to(dtype))  # (..., d_out): F.linear's result itself, not a view
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
         if y.dtype == xa.dtype:
-            y.addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)
+            _rows(y).addmm_(xa, _as(lora_B, xa.dtype).t(), alpha=scaling)
         else:
-            y = y.float().add_((xa @ lora_B.t()).float(), alpha=scaling)
+            y = y.float()
+            _rows(y).add_((xa @ lora_B.t()).float(), alpha=scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.base, ctx.dtype, ctx.in_shape = scaling, p, seed, base, dtype, shape
         ctx.backend = backend
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        return y.to(x.dtype)
 
     @staticmethod
     @_exact_dtypes

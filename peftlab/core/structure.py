@@ -7,6 +7,7 @@ plain view of a wrapped model (:func:`base_view`), which every targeting step re
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -86,6 +87,17 @@ _QKV = {"c_attn", "query_key_value", "qkv_proj", "wqkv", "qkv", "in_proj", "w_pa
 _O = {"o", "o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo", "out", "output"}
 
 
+#: Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): queries through a rank-q_lora_rank bottleneck
+#: (``q_a_proj`` down, ``q_b_proj`` up; ``q_proj`` when there is none), keys and values from one compressed
+#: latent (``kv_a_proj_with_mqa`` down, ``kv_b_proj`` up to the per-head keys and values).
+_MLA = {"q_a_proj": "q_a", "q_b_proj": "q", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv"}
+
+
+#: Words in the class name of a block's token mixer that is not attention (Mamba / SSM layers, gated delta-net
+#: linear attention, short convolutions): its projections are neither attention roles nor the feed-forward.
+_MIXER_WORDS = ("mamba", "mixer", "ssm", "deltanet", "linearattention", "shortconv", "recurrent", "rglru")
+
+
 @dataclass
 class AttentionSite:
     """One attention module of a block.
@@ -95,6 +107,9 @@ class AttentionSite:
         kind: "self" or "cross" (the second attention of a decoder block attends to the encoder).
         q, k, v: paths of separate projections; qkv: path of a fused projection (then q, k, v are None).
         o: path of the output projection (``attention.output.dense`` in BERT-style blocks).
+        q_a, kv_a, kv: multi-head latent attention (DeepSeek): the query down-projection (``q_a_proj``; ``q`` is
+            its up-projection ``q_b_proj``), the key-value latent down-projection (``kv_a_proj_with_mqa``) and
+            its up-projection to keys and values (``kv_b_proj``, which plays v's part: k and v are None).
     """
 
     path: str
@@ -104,16 +119,20 @@ class AttentionSite:
     v: str | None = None
     qkv: str | None = None
     o: str | None = None
+    q_a: str | None = None
+    kv_a: str | None = None
+    kv: str | None = None
 
     def projections(self) -> list[str]:
-        return [p for p in (self.q, self.k, self.v, self.qkv) if p]
+        return [p for p in (self.q_a, self.q, self.k, self.v, self.qkv, self.kv_a, self.kv) if p]
 
 
 @dataclass
 class BlockSite:
     """One transformer block: ``stack`` (the ModuleList path) and its ``index`` in it, its attention
-    modules (self first), the feed-forward input projections ``ffn_in`` (whose input is the sublayer
-    input) and output projection ``ffn_out`` (whose output is added to the residual), and its norms."""
+    modules (self first; none in the Mamba / linear-attention / convolution layers of a hybrid stack), the
+    feed-forward input projections ``ffn_in`` (whose input is the sublayer input) and output projection
+    ``ffn_out`` (whose output is added to the residual), and its norms."""
 
     path: str
     stack: str
@@ -126,11 +145,14 @@ class BlockSite:
 
 @dataclass
 class Structure:
-    """What :func:`structure` found: ``blocks`` in model order, ``stacks`` (ModuleList paths), ``head``."""
+    """What :func:`structure` found: ``blocks`` in model order, ``stacks`` (ModuleList paths), ``head``, and
+    ``language``: the path of the language model of a model with several towers (a VLM's
+    ``model.language_model``; None when the whole model is one language model or none is told apart)."""
 
     blocks: list[BlockSite]
     stacks: list[str]
     head: list[str]
+    language: str | None = None
 
     def attention(self, kind: str | None = None) -> list[AttentionSite]:
         return [a for b in self.blocks for a in b.attention if kind is None or a.kind == kind]
@@ -138,9 +160,44 @@ class Structure:
     def blocks_of(self, stack: str) -> list[BlockSite]:
         return [b for b in self.blocks if b.stack == stack]
 
+    def towers(self) -> dict[str, list[str]]:
+        """Stacks by tower: ``"language"`` (the language model's) and, for a VLM, the others under their top
+        path (``"model.visual"``, ``"model.vision_tower"``...); one ``"model"`` tower when no language model is
+        told apart (text-only models, CLIP's two peer towers, speech and vision encoders)."""
+        out: dict[str, list[str]] = {}
+        for stack in self.stacks:
+            out.setdefault(self._tower(stack), []).append(stack)
+        return out
+
+    def _tower(self, stack: str) -> str:
+        if self.language is None:
+            return "model"
+        if _under(stack, self.language):
+            return "language"
+        parts = stack.split(".")
+        common = self.language.split(".")
+        i = 0
+        while i < len(parts) and i < len(common) and parts[i] == common[i]:
+            i += 1
+        return ".".join(parts[: i + 1])
+
+    def main(self) -> Structure:
+        """The language model's part (all of it when there is one tower): where LoRA's default targets,
+        bottleneck adapters and prefixes go unless asked otherwise, as HF PEFT prefixes a VLM's language model."""
+        if self.language is None:
+            return self
+        keep = [s for s in self.stacks if _under(s, self.language)]
+        return Structure([b for b in self.blocks if b.stack in keep], keep, self.head, self.language)
+
+
+def _under(path: str, root: str) -> bool:
+    return not root or path == root or path.startswith(root + ".")
+
 
 def _role(name: str) -> str | None:
     low = name.lower()
+    if low in _MLA:
+        return _MLA[low]
     for role, names in (("qkv", _QKV), ("q", _Q), ("k", _K), ("v", _V), ("o", _O)):
         if low in names:
             return role
@@ -177,7 +234,7 @@ def _attention_sites(block: nn.Module, bpath: str) -> list[AttentionSite]:
             continue
         lin = _linears(sub, f"{bpath}.{name}")
         roles = {_role(p.rsplit(".", 1)[-1]) for p, _ in lin}
-        if not ({"q", "k", "v"} <= roles or "qkv" in roles):
+        if not ({"q", "k", "v"} <= roles or "qkv" in roles or {"q", "kv"} <= roles):
             continue
         cores = [(n, m) for n, m in cores if not name.startswith(n + ".")]  # keep the innermost
         if not any(n.startswith(name + ".") for n, _ in cores):
@@ -204,14 +261,29 @@ def _attention_sites(block: nn.Module, bpath: str) -> list[AttentionSite]:
     return sites
 
 
-def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSite | None:
+def _mixers(block: nn.Module, bpath: str) -> tuple[str, ...]:
+    """Path prefixes of a block's non-attention token mixers (see ``_MIXER_WORDS``)."""
+    return tuple(
+        f"{bpath}.{n}." for n, m in block.named_modules() if n and any(w in type(m).__name__.lower() for w in _MIXER_WORDS)
+    )
+
+
+def _has_experts(block: nn.Module) -> bool:
+    """True when a block's feed-forward is a mixture of experts: a module named ``experts`` or whose class
+    name says ``Experts`` (transformers 5 keeps the experts as 3-D parameters there)."""
+    return any(
+        n.rsplit(".", 1)[-1] == "experts" or "experts" in type(m).__name__.lower() for n, m in block.named_modules() if n
+    )
+
+
+def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSite:
     sites = _attention_sites(block, bpath)
-    if not sites:
-        return None
     taken = {p for s in sites for p in (*s.projections(), s.o) if p}
-    attn_paths = tuple(s.path + "." for s in sites)
+    attn_paths = tuple(s.path + "." for s in sites) + _mixers(block, bpath)
     others = [(p, m) for p, m in _linears(block, bpath) if p not in taken and not p.startswith(attn_paths)]
     site = BlockSite(path=bpath, stack=stack, index=index, attention=sites)
+    if _has_experts(block):  # a mixture of experts: no single linear layer carries the sublayer's output (a
+        others = []  # shared expert's down_proj is one summand of it), so no feed-forward site is claimed
     if others:
         hidden = _dims(others[0][1])[0]
         outs = [p for p, m in others if _dims(m)[1] == hidden]
@@ -229,9 +301,11 @@ def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSi
 def structure(model: nn.Module) -> Structure:
     """Read the layout of a transformers model from its module tree (no per-model table).
 
-    * blocks: the members of every ``ModuleList`` whose members share one class and contain an attention
-      module (a module whose class name says ``Attention`` and that owns query/key/value projections,
-      separate or fused). Nested lists inside a block (T5's ``layer``) are part of it.
+    * blocks: the members of every ``ModuleList`` of which at least one contains an attention module (a module
+      whose class name says ``Attention`` and that owns query/key/value projections, separate, fused, or
+      multi-head latent); in hybrid stacks (Qwen3-Next, Jamba, Granite-4-H, LFM2) the Mamba / linear-attention /
+      convolution layers are blocks without attention. Nested lists inside a block (T5's ``layer``) are part of
+      it; a list of stages that each hold a list of attention blocks (Swin) is not a stack, its inner lists are.
     * attention roles by projection name (q/query/q_proj/q_lin..., k..., v..., fused c_attn /
       query_key_value / qkv_proj / Wqkv, output o/o_proj/out_proj/dense/c_proj/out_lin); a BERT-style
       output projection beside the attention core is found under their common parent.
@@ -239,6 +313,8 @@ def structure(model: nn.Module) -> Structure:
       hidden size, ``ffn_in`` those reading the hidden state.
     * head: the top-level modules with parameters that hold no block and are not the input embeddings
       (``lm_head``, ``score``, ``classifier``, ``pre_classifier``, ``pooler``, ``classification_head``...).
+    * language: a VLM's language model (the module holding the input embeddings), told apart from its other
+      towers; :meth:`Structure.main` is its part.
     """
     blocks: list[BlockSite] = []
     stacks: list[str] = []
@@ -247,45 +323,110 @@ def structure(model: nn.Module) -> Structure:
             continue
         if any(path.startswith(b.path + ".") for b in blocks):
             continue
-        kinds = {type(m.base_layer if isinstance(m, AdapterLayer) else m) for m in module}
-        if len(kinds) != 1:
-            continue
-        found = []
-        for i, child in enumerate(module):
-            site = _block_site(child, f"{path}.{i}" if path else str(i), path, i)
-            if site is None:
-                break
-            found.append(site)
-        else:
-            blocks.extend(found)
-            stacks.append(path)
+        members = [m.base_layer if isinstance(m, AdapterLayer) else m for m in module]
+        prefix = f"{path}." if path else ""
+        found = [_block_site(child, f"{prefix}{i}", path, i) for i, child in enumerate(members)]
+        if not any(site.attention for site in found) or any(_holds_stack(child) for child in members):
+            continue  # no attention anywhere (experts, convolution stages), or stages of inner block lists (Swin)
+        blocks.extend(found)
+        stacks.append(path)
+    inp = _input_embeddings(model)
     head: list[str] = []
-    get_in = getattr(model, "get_input_embeddings", None)
-    inp = get_in() if callable(get_in) else None
     for name, child in model.named_children():
         if child is inp or name.startswith("peftlab_") or not any(True for _ in child.parameters()):
             continue
         if any(s == name or s.startswith(name + ".") for s in stacks):
             continue
         head.append(name)
-    return Structure(blocks=blocks, stacks=stacks, head=head)
+    return Structure(blocks=blocks, stacks=stacks, head=head, language=_language_root(model, inp, stacks))
 
 
-_TASK_TYPES = {
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForCausalLM": "CAUSAL_LM",
-    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
-    "ForQuestionAnswering": "QUESTION_ANS",
-}
+def _holds_stack(module: nn.Module) -> bool:
+    """True when ``module`` holds a ModuleList whose every member has attention: it is a stage of blocks
+    (Swin's ``layers.i`` holding ``blocks``), not a block."""
+    for name, sub in module.named_modules():
+        if name and isinstance(sub, nn.ModuleList) and len(sub) and all(_attention_sites(m, "") for m in sub):
+            return True
+    return False
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``, or None where the model has none (CLIP's two towers, Wav2Vec2, ConvNeXt
+    raise ``NotImplementedError``) or the method is missing."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    if not callable(get_in):
+        return None
+    try:
+        out = get_in()
+    except (NotImplementedError, AttributeError):
+        return None
+    return out if isinstance(out, nn.Module) else None
+
+
+def _language_root(model: nn.Module, inp: nn.Module | None, stacks: list[str]) -> str | None:
+    """The path of the language model of a model with a text config beside others (a VLM: ``text_config`` and
+    ``vision_config``), when some stacks lie outside the module holding the input embeddings; else None."""
+    config = getattr(model, "config", None)
+    if inp is None or config is None or not hasattr(config, "text_config"):
+        return None
+    if not any(hasattr(config, k) for k in ("vision_config", "audio_config", "vision_tower_config")):
+        return None
+    emb = next((p for p, m in model.named_modules() if m is inp), None)
+    if emb is None:
+        return None
+    root = emb.rpartition(".")[0]
+    if not root or all(_under(s, root) for s in stacks) or not any(_under(s, root) for s in stacks):
+        return None
+    return root
+
+
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",)),
+    ("TOKEN_CLS", ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",)),
+    ("QUESTION_ANS", ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",)),
+    ("SEQ_2_SEQ_LM", ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",)),
+    ("CAUSAL_LM", ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")),
+    ("FEATURE_EXTRACTION", ("MODEL_MAPPING_NAMES",)),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _task_classes() -> dict[str, set[str]]:
+    from transformers.models.auto import modeling_auto
+
+    out: dict[str, set[str]] = {}
+    for task, names in _TASK_MAPPINGS:
+        classes: set[str] = set()
+        for name in names:
+            for value in getattr(modeling_auto, name, {}).values():
+                classes.update(value if isinstance(value, (tuple, list)) else (value,))
+        out[task] = classes
+    return out
+
+
+def _takes_token_inputs(model: nn.Module) -> bool:
+    """HF PEFT's task models call ``base(input_ids=..., attention_mask=..., inputs_embeds=...)``: the forward must
+    name ``input_ids`` and ``inputs_embeds`` (CLIP, SigLIP, Swin, Whisper, Wav2Vec2 do not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtin forward
+        return False
+    return "input_ids" in params and "inputs_embeds" in params
 
 
 def task_type(model: nn.Module) -> str | None:
-    """HF PEFT ``task_type`` for a transformers model class (None for bare backbones)."""
+    """HF PEFT ``task_type`` for a transformers model: the task whose auto-model mapping lists its class
+    (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` and image-text-to-text: ``CAUSAL_LM``; seq2seq LM: ``SEQ_2_SEQ_LM``;
+    sequence / token classification, question answering; a bare text backbone: ``FEATURE_EXTRACTION``), and
+    only when its forward takes the token inputs that task's peft model passes. ``None`` where no PEFT task
+    fits (Whisper, CLIP, SigLIP, Swin, ViT, Wav2Vec2, custom modules): peft's plain ``PeftModel`` then calls
+    the model with the caller's arguments unchanged, as peftlab does."""
+    if not hasattr(model, "config"):
+        return None
     name = type(model).__name__
-    for suffix, task in _TASK_TYPES.items():
-        if name.endswith(suffix):
-            return task
-    return "FEATURE_EXTRACTION" if hasattr(model, "config") else None
-
-
+    for task, classes in _task_classes().items():
+        if name in classes:
+            return task if _takes_token_inputs(model) else None
+    return None

@@ -33,10 +33,13 @@ OVERRIDES: dict[str, list[str]] = {}
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """LoRA's default targets: the query and value projections of every attention module, read from the
-    model's structure (:func:`structure`); a fused query-key-value projection (``c_attn``,
-    ``query_key_value``, ``qkv_proj``, ``Wqkv``) is targeted whole. Returned as distinct module names,
-    so the saved and exported ``target_modules`` are the names HF PEFT uses.
+    """LoRA's default targets: the query and value projections of every attention module of the language
+    model, read from the model's structure (:func:`structure`, :meth:`~.structure.Structure.main`); a fused
+    query-key-value projection (``c_attn``, ``query_key_value``, ``qkv_proj``, ``Wqkv``) is targeted whole;
+    multi-head latent attention (DeepSeek) gives its query and key-value up-projections (``q_b_proj`` or
+    ``q_proj``, ``kv_b_proj``); attention-free layers of a hybrid stack (Mamba, linear attention) get none.
+    Returned as distinct module names, so the saved and exported ``target_modules`` are the names HF PEFT uses;
+    for a VLM, whose vision tower may use the same names, as the full paths of the language model's modules.
 
     Raises:
         TargetError: no attention module with recognisable projections; lists the linear layers.
@@ -45,13 +48,18 @@ def default_targets(model: nn.Module) -> list[str]:
     if model_type in OVERRIDES:
         return list(OVERRIDES[model_type])
     found = structure(model)
-    names: dict[str, None] = {}
-    for attn in found.attention():
-        for path in (attn.qkv,) if attn.qkv else (attn.q, attn.v):
-            if path:
-                names.setdefault(path.rsplit(".", 1)[-1], None)
+    main = found.main()
+    paths: list[str] = []
+    for attn in main.attention():
+        if attn.qkv:
+            paths.append(attn.qkv)
+        else:
+            paths.extend(p for p in (attn.q, attn.v or attn.kv) if p)
+    if paths and main is not found:  # another tower has modules of these names: name the language model's own
+        return paths
+    names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in paths))
     if names:
-        return list(names)
+        return names
     raise TargetError(
         f"no default target_modules for {type(model).__name__} (model_type {model_type!r}): its structure shows no "
         f"attention module with query/value projections. Pass target_modules explicitly (a list of names, a regex, "
@@ -136,3 +144,31 @@ def resolve_targets(
 # ---- structure: blocks, attention roles, feed-forward, head ---------------------------------------
 
 
+
+
+def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """``target_modules`` that select exactly ``targets`` among the modules of ``model`` (as HF PEFT matches them:
+    a name matches a path equal to it or ending in ``'.' + name``; a string is a ``re.fullmatch`` regex).
+
+    The distinct last components when they pick no other module (``["q_proj", "v_proj"]``: what HF PEFT users
+    write); else a full-path regex, one alternative per group of paths that differ only in a layer index
+    (``model\\.language_model\\.layers\\.(?:0|1)\\.self_attn\\.q_proj|...``), so that names shared with another
+    tower (a VLM's ``visual.blocks.0`` vs ``mlp.0``) or another kind of module cannot match.
+    """
+    paths = [p for p, _ in base_view(model) if p]
+    wanted = set(targets)
+    names = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    if {p for p in paths if any(name_matches(p, n) for n in names)} == wanted:
+        return names
+    groups: dict[tuple[str, str], list[str]] = {}
+    for path in targets:
+        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+        if m is None:
+            groups.setdefault((re.escape(path), ""), [])
+            continue
+        head, tail = path[: m.start(1)], path[m.end(1) :]
+        groups.setdefault((re.escape(head), re.escape(tail)), []).append(m.group(1))
+    parts = [head if not idx and not tail else f"{head}(?:{'|'.join(dict.fromkeys(idx))}){tail}" for (head, tail), idx in groups.items()]
+    pattern = "|".join(parts)
+    assert {p for p in paths if re.fullmatch(pattern, p)} == wanted, pattern  # the regex picks exactly the targets
+    return pattern

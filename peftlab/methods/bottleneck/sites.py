@@ -67,12 +67,12 @@ def find_sites(model: nn.Module, overrides: dict[str, str | None] | None = None)
             which config fields to set.
     """
     given = {k: v for k, v in (overrides or {}).items() if v}
-    found = structure(model)
+    found = structure(model).main()  # a VLM's language model (as LoRA's defaults and prefixes)
     sites: list[Site] = []
     for block in found.blocks:
         attn = next((a for a in block.attention if a.kind == "self"), None)
         if attn is not None and attn.o:
-            first = attn.qkv or attn.q or attn.k
+            first = attn.path  # the attention module's input (Longformer's q reads a transposed copy of it)
             sites.append(Site(block.stack, block.index, "attn", attn.o, first))
         if block.ffn_out:
             sites.append(Site(block.stack, block.index, "ffn", block.ffn_out, block.ffn_in[0] if block.ffn_in else None))
@@ -117,7 +117,7 @@ def find_norms(model: nn.Module, pattern: str | None, layers: list[int] | None) 
             if m and (layers is None or int(m.group(1)) in layers):
                 paths.append(path)
         return paths
-    return [n for b in structure(model).blocks if layers is None or b.index in layers for n in b.norms]
+    return [n for b in structure(model).main().blocks if layers is None or b.index in layers for n in b.norms]
 
 
 # ---- legacy regex table, kept only for peftlab.estimator.model (which works from a config alone) ----------

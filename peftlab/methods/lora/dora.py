@@ -24,14 +24,12 @@ and ``W + s·B A`` in every forward. Here ``W + s·B A`` is never formed:
 
 Forward is LoRA's own fused path (:func:`peftlab.backends.lora_ops.lora_forward`: the lean autograd
 function, or the Triton kernel on CUDA, or the quantized-base path) followed by a thin elementwise
-:class:`DoraScaleFunction`. What is saved for backward beyond LoRA: the layer output y (often
-already saved by the next op: SiLU, the gate product, attention's V) and three d_out vectors. Its
-backward, with g = dL/dy and h = x Wᵀ + s·D(x)AᵀBᵀ = (y − b)·n/m:
+:class:`DoraScaleFunction`. What is saved for backward beyond LoRA: the LoRA output h (the scale's own
+input, which nothing outside the layer sees, so the caller may modify the layer output y in place) and three
+d_out vectors. Its backward, with g = dL/dy and h = x Wᵀ + s·D(x)AᵀBᵀ + b:
 
     dL/dh = g ⊙ (m/n)   (into LoRA's backward: dX, dA, dB as for LoRA)
-    dL/dm = Σ_M g ⊙ h / n = Σ_M g ⊙ (y − b) / m          db = Σ_M g
-
-An entry with m_i = 0 exactly gets dL/dm_i = 0 (h_i cannot be recovered from y there).
+    dL/dm = Σ_M g ⊙ (h − b) / n          db = Σ_M g ⊙ (1 − m/n)
 
 Merging: ``merged(W, w) = W + w·(W' − W)``; unmerging needs the ``n`` of the merge (the merged
 rows have norm |m| whatever n was), which the slot keeps from its last merge.
@@ -51,9 +49,14 @@ from .slot import LoraSlot, adapter_dtype
 
 
 class DoraScaleFunction(torch.autograd.Function):
-    """y = (m/n) ⊙ (y_lora − b) + b for y_lora = x Wᵀ + b + s·LoRA(x) of shape (..., d_out).
+    """y = (m/n) ⊙ (y_lora − b) + b for y_lora = x Wᵀ + b + s·LoRA(x) of shape (..., d_out) (DoRA, Liu et al. 2024,
+    eq. 5: W' = m · (W + ΔW) / ‖W + ΔW‖_c with the norm n a constant).
 
-    m (d_out) trains, n (d_out) is a constant, b (d_out) or None. Saves y (the output), m, m/n, b.
+    m (d_out) trains, n (d_out) is a constant, b (d_out) or None. Saves y_lora (this function's input, private
+    to the layer), m/n and b, never its own output: the caller may modify y in place (Wav2Vec2's SpecAugment,
+    Longformer's ``query /= √d``), and y is a fresh tensor, never a view.
+
+    Backward: dL/dy_lora = g ⊙ (m/n); dL/dm = Σ_rows g ⊙ (y_lora − b) / n; dL/db = Σ_rows g ⊙ (1 − m/n).
     """
 
     @staticmethod
@@ -65,20 +68,21 @@ class DoraScaleFunction(torch.autograd.Function):
             y = torch.addcmul(b, y_lora - b, s)
         else:
             y = y_lora * s
-        ctx.save_for_backward(y, magnitude, scale, bias)
+        ctx.save_for_backward(y_lora, norm, scale, bias)
+        ctx.magnitude_dtype = magnitude.dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
-        y, magnitude, scale, bias = ctx.saved_tensors
+        y_lora, norm, scale, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
         d_out = g.shape[-1]
         g2 = g.reshape(-1, d_out)
         grad_y = grad_m = grad_b = None
-        buffer = None  # the one full-size temporary: g ⊙ y, then reused for dL/dh
+        buffer = None  # the one full-size temporary: g ⊙ y_lora, then reused for dL/dy_lora
         g_sum = g2.sum(0, dtype=torch.float32) if bias is not None and (need[1] or need[3]) else None
         if need[1]:
-            y2 = y.reshape(-1, d_out)
+            y2 = y_lora.reshape(-1, d_out)
             if g2.dtype == torch.float32 and y2.dtype == torch.float32:
                 buffer = torch.mul(g2, y2)
                 gy = buffer.sum(0)
@@ -87,11 +91,9 @@ class DoraScaleFunction(torch.autograd.Function):
                 step = max(1, (1 << 22) // max(1, d_out))
                 for i in range(0, g2.shape[0], step):
                     gy += (g2[i : i + step].float() * y2[i : i + step].float()).sum(0)
-            if g_sum is not None:  # Σ g ⊙ (y − b) = Σ g ⊙ y − b ⊙ Σ g: no (y − b) copy
+            if g_sum is not None:  # Σ g ⊙ (y_lora − b) = Σ g ⊙ y_lora − b ⊙ Σ g: no (y_lora − b) copy
                 gy = gy - bias.detach().float() * g_sum
-            m = magnitude.detach().float()
-            inv = torch.where(m != 0, 1.0 / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(m))
-            grad_m = (gy * inv).to(magnitude.dtype)
+            grad_m = (gy / norm.float()).to(ctx.magnitude_dtype)
         if need[0]:
             s = scale.to(g.dtype)
             grad_y = (torch.mul(g2, s, out=buffer) if buffer is not None else g2 * s).view(g.shape)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from ...core.targeting import exact_targets
 from ...util.errors import ConfigError
 from .config import LoraConfig
 from .inits import VALID_INITS, parse_init
@@ -39,7 +42,9 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "bias": config.bias,
-        "target_modules": sorted({t.rsplit(".", 1)[-1] for t in state.targets}),
+        "target_modules": state.live.objects.get(
+            "peft_target_modules", sorted({t.rsplit(".", 1)[-1] for t in state.targets})
+        ),
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "modules_to_save": config.modules_to_save,
@@ -62,6 +67,42 @@ PEFT_IGNORED = frozenset({
     "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "runtime_config", "fan_in_fan_out", "layers_pattern", "megatron_core", "qalora_group_size",
 })  # fmt: skip
+
+
+#: HF PEFT re-reads these target names as transformers-v5 fused expert parameters on the model types its MoE
+#: conversion covers (``peft.utils.transformers_weight_conversion``); read from peft when it is installed.
+def _peft_moe_renames(model: nn.Module) -> dict[str, str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils import transformers_weight_conversion as conv
+    except ImportError:  # no peft here: whoever loads the export has one; nothing to check against
+        return {}
+    family = getattr(conv, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    return dict(getattr(conv, "_MOE_TARGET_MODULE_MAPPING", {}).get(family, {}))
+
+
+def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
+    """Before :func:`to_peft_config`: the ``target_modules`` that select exactly the adapted modules in ``model``
+    (:func:`~peftlab.core.targeting.exact_targets`), and a refusal where HF PEFT would load other modules.
+
+    Raises:
+        ConfigError: a LoRA on a module HF PEFT's MoE conversion renames (a dense or shared-expert MLP's
+            ``gate_proj``/``up_proj``/``down_proj`` on DeepSeek-V3 or Qwen3-Next): peft would adapt the
+            fused expert parameters instead and silently drop these tensors.
+    """
+    renames = _peft_moe_renames(model)
+    lost = [t for t in state.targets if t.rsplit(".", 1)[-1] in renames]
+    if lost:
+        model_type = model.config.model_type
+        raise ConfigError(
+            f"HF PEFT can't load LoRA on {lost[:3]}{' ...' if len(lost) > 3 else ''}: for model_type {model_type!r} "
+            f"its transformers-v5 MoE conversion reads every target named "
+            f"{'/'.join(sorted(renames))} as the fused expert parameters "
+            f"({'/'.join(sorted(set(renames.values())))}), whatever path or regex names it, so these modules' LoRA "
+            f"would be dropped; save with peftlab.save_adapter, or leave those modules out of an HF PEFT export"
+        )
+    state.live.objects["peft_target_modules"] = exact_targets(model, list(state.targets))
+    return tensors
 
 
 def from_peft_config(data: dict[str, Any]) -> LoraConfig:

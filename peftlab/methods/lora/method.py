@@ -16,7 +16,7 @@ from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
 from .config import LoraConfig
-from .interop import from_peft_config, from_peft_key, to_peft_config, to_peft_key
+from .interop import from_peft_config, from_peft_key, prepare_peft_export, to_peft_config, to_peft_key
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
 from .variants import apply_init
@@ -64,6 +64,11 @@ def check_patterns(config, targets: list[str]) -> None:
                 )
 
 
+def prepare_export(model: nn.Module, tensors: dict, state) -> dict:
+    """HF PEFT export: exact ``target_modules`` (:func:`.interop.prepare_peft_export`), PiSSA/OLoRA folded."""
+    return residual_export(model, prepare_peft_export(model, tensors, state), state)
+
+
 def examples(adapter_name: str, r: int) -> dict[str, LoraConfig]:
     """LoRA and its variants (DoRA, PiSSA's residual init) on every linear layer, for the contract suite."""
     base = {"r": r, "alpha": 2 * r, "target_modules": "all-linear", "adapter_name": adapter_name}
@@ -82,7 +87,7 @@ register_method(
         from_peft_config=from_peft_config,
         to_peft_key=to_peft_key,
         from_peft_key=from_peft_key,
-        prepare_export=residual_export,
+        prepare_export=prepare_export,
         prepare_import=residual_import,
     )
 )

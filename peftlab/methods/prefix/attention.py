@@ -8,6 +8,10 @@ the original one::
     K' = [P_K ; K],  V' = [P_V ; V]        P_K, P_V: (batch, kv_heads, n_prefix, head_dim)
     mask' = [attend-all (n_prefix columns) | mask]
 
+On a sliding-window layer (Gemma-2/3, Mistral, Qwen2, GPT-OSS) a prefix column j leaves the window of the
+token at position p once (n_prefix + p) − j ≥ window, exactly as HF PEFT's prefix (a KV cache at positions
+0..n−1) does.
+
 Keys and values are prepended at the key/value-head level (before grouped-query repetition),
 so GQA models take a prefix of ``num_key_value_heads`` heads. Models with a fused query-key-value
 projection (GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``, Phi-3 ``qkv_proj``) split it before this
@@ -81,6 +85,24 @@ def _prefix_mask(attention_mask, module, q_len: int, k_len: int, n_prefix: int, 
     return torch.cat([ones, attention_mask], dim=-1)
 
 
+def _slide_prefix_out(mask: torch.Tensor, n_prefix: int, k_len: int, window: int) -> torch.Tensor:
+    """Hide prefix column j from the query at real position p once it is out of a sliding window, as HF PEFT's
+    prefix (a KV cache at positions 0..n-1, the tokens at n..) is: visible iff (n + p) − j < window, the rule of
+    transformers' sliding masks. mask: (..., q_len, n_prefix + k_len), the prefix columns first (a new tensor)."""
+    q_len = mask.shape[-2]
+    p = torch.arange(q_len, device=mask.device).view(-1, 1) + (k_len - q_len)  # real positions of the queries
+    j = torch.arange(n_prefix, device=mask.device).view(1, -1)
+    hide = (n_prefix + p - j) >= window  # (q_len, n_prefix)
+    if not hide.any():
+        return mask
+    front = mask[..., :n_prefix]
+    if mask.dtype == torch.bool:
+        front = front & ~hide
+    else:
+        front = front.masked_fill(hide, torch.finfo(mask.dtype).min)
+    return torch.cat([front, mask[..., n_prefix:]], dim=-1)
+
+
 def _eager_for(module: nn.Module):
     """The eager attention function of the module's own modeling file (softcapping, scaling...), else Llama's."""
     import sys
@@ -113,6 +135,9 @@ def _make_attention(impl_name: str):
             )
             if attention_mask is not None and attention_mask.shape[-1] != key.shape[2] + holder.n_prefix:
                 attention_mask = attention_mask[..., : key.shape[2] + holder.n_prefix]
+            window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+            if attention_mask is not None and isinstance(window, int) and window > 0:
+                attention_mask = _slide_prefix_out(attention_mask, holder.n_prefix, key.shape[2], window)
             key = torch.cat([pk, key], dim=2)
             value = torch.cat([pv, value], dim=2)
             kwargs.pop("is_causal", None)  # the explicit mask (or none, for encoders) decides

@@ -47,11 +47,12 @@ from torch import nn
 from ...core.config import PeftConfig
 from ...core.layer import SLOT_ROLES
 from ...core.registry import Injected, Method, register_method
-from ...core.structure import structure, task_type
+from ...core.structure import task_type
 from ...util.errors import ConfigError, MergeError, TargetError
 from . import attention as prefix_attention
 from . import estimate
 from .attention import PREFIX_HOLDER_ATTR, PREFIX_TABLES_ATTR
+from .geometry import Geometry, _geometry, _text_config
 from .mixed_rows import clear_rows, route_rows, routing_key
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -116,85 +117,6 @@ class PrefixEncoder(nn.Module):
         first, act, last = self.transform
         hidden = act(first(self.embedding.weight))
         return nn.functional.linear(hidden, last.weight[start:stop], last.bias[start:stop])
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _uses_attention_interface(module: nn.Module) -> bool:
-    import sys
-
-    return "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules.get(type(module).__module__, object()))
-
-
-@dataclass
-class Geometry:
-    """How a prefix reaches a model.
-
-    ``mode``: "interface" (decoder-only and encoder models: every self-attention prepends its
-    layer's prefix through :mod:`.prefix_attention`) or "cache" (encoder-decoder models: the
-    decoder's self-attention KV cache starts with the prefix, exactly as HF PEFT passes it).
-    ``n_layers``: L, the table's layer count; ``attention``: the modules that get a prefix (interface
-    mode); ``rows(i)``: the table rows (K, V) of attention layer i; ``submodules``: HF PEFT's
-    ``num_transformer_submodules``.
-    """
-
-    mode: str
-    n_layers: int
-    kv_heads: int
-    head_dim: int
-    attention: list
-    decoder_layers: int = 0
-    submodules: int = 1
-
-    def rows(self, i: int) -> tuple[int, int]:
-        if self.submodules == 2:  # HF PEFT repeats the table and reads 4 rows per decoder layer, modulo 2L
-            return (4 * i) % (2 * self.n_layers), (4 * i + 1) % (2 * self.n_layers)
-        return 2 * i, 2 * i + 1
-
-
-def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
-    """Where and with which shapes a prefix goes in ``model`` (read from :func:`~peftlab.core.structure.structure`)."""
-    text = _text_config(model)
-    heads = getattr(text, "num_attention_heads", None)
-    hidden = getattr(text, "hidden_size", None)
-    if heads is None or hidden is None:
-        raise TargetError(
-            f"prefix tuning needs num_attention_heads and hidden_size in the config of {type(model).__name__}"
-        )
-    found = structure(model)
-    selfs = found.attention("self")
-    if not selfs:
-        raise TargetError(
-            f"prefix tuning can't find attention layers in {type(model).__name__}: no repeated blocks with an attention "
-            f"module (q/k/v or fused qkv projections)"
-        )
-    modules = [model.get_submodule(a.path) for a in selfs]
-    if found.attention("cross"):  # encoder-decoder: the decoder's self-attention, through its KV cache (as HF PEFT)
-        params = inspect.signature(type(model).forward).parameters
-        if "cache" not in params and "past_key_values" not in params:
-            raise TargetError(
-                f"prefix tuning can't reach the decoder of {type(model).__name__}: on encoder-decoder models the prefix "
-                f"goes into the decoder's self-attention KV cache (as in HF PEFT), and this model's forward takes no cache"
-            )
-        decoder_layers = sum(any(a.kind == "cross" for a in b.attention) for b in found.blocks)
-        n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None) or decoder_layers
-        return Geometry(
-            "cache", n_layers, heads, hidden // heads, [], decoder_layers=decoder_layers,
-            submodules=2 if task == "SEQ_2_SEQ_LM" else 1,
-        )  # fmt: skip
-    bad = sorted({type(m).__name__ for m in modules if not _uses_attention_interface(m)})
-    if bad:
-        raise TargetError(
-            f"prefix tuning can't reach the attention of {type(model).__name__}: {', '.join(bad)} computes attention "
-            f"itself (ALiBi / disentangled position terms / its own kernels) instead of calling transformers' attention "
-            f"interface, where peftlab prepends the prefix keys and values"
-        )
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    return Geometry("interface", len(modules), kv_heads, head_dim, modules)
 
 
 SLOT_ROLES.add(PREFIX_TABLES_ATTR)
@@ -475,7 +397,18 @@ def _is_merged(state) -> bool:
 
 
 def prepare_export(model, tensors: dict, state) -> dict:
-    """The table as HF PEFT's ``prompt_embeddings`` (folded: MLP applied); head copies pass through."""
+    """The table as HF PEFT's ``prompt_embeddings`` (folded: MLP applied); head copies pass through.
+
+    Raises:
+        ConfigError: no HF PEFT task fits the model (``task_type`` None: CLIP, SigLIP, ViT, Whisper, Wav2Vec2):
+            peft's plain ``PeftModel`` passes no prefix, so it would load the file and compute the base model.
+    """
+    if task_type(model) is None:
+        raise ConfigError(
+            f"HF PEFT can't run a prefix on {type(model).__name__}: no PEFT task model takes its inputs (task_type "
+            f"None), and peft's plain PeftModel passes no past_key_values, so it would load this export and compute "
+            f"the base model; save it with peftlab.save_adapter"
+        )
     holder = _holder(model)
     with torch.no_grad():
         table = holder.folded.get(state.name)

@@ -1,0 +1,133 @@
+"""Where and with which shapes a prefix goes in a model: the attention modules of its language model
+(:meth:`~peftlab.core.structure.Structure.main`), the table's layer count, key/value heads and head dim (one
+width for every layer, as HF PEFT's prefix table has), and whether the prefix reaches attention through
+transformers' attention interface or, on encoder-decoder models, through the decoder's KV cache."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...core.structure import structure
+from ...util.errors import TargetError
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    import sys
+
+    return "ALL_ATTENTION_FUNCTIONS" in vars(sys.modules.get(type(module).__module__, object()))
+
+
+@dataclass
+class Geometry:
+    """How a prefix reaches a model.
+
+    ``mode``: "interface" (decoder-only and encoder models: every self-attention prepends its
+    layer's prefix through :mod:`.prefix_attention`) or "cache" (encoder-decoder models: the
+    decoder's self-attention KV cache starts with the prefix, exactly as HF PEFT passes it).
+    ``n_layers``: L, the table's layer count; ``attention``: the modules that get a prefix (interface
+    mode); ``rows(i)``: the table rows (K, V) of attention layer i; ``submodules``: HF PEFT's
+    ``num_transformer_submodules``.
+    """
+
+    mode: str
+    n_layers: int
+    kv_heads: int
+    head_dim: int
+    attention: list
+    decoder_layers: int = 0
+    submodules: int = 1
+
+    def rows(self, i: int) -> tuple[int, int]:
+        if self.submodules == 2:  # HF PEFT repeats the table and reads 4 rows per decoder layer, modulo 2L
+            return (4 * i) % (2 * self.n_layers), (4 * i + 1) % (2 * self.n_layers)
+        return 2 * i, 2 * i + 1
+
+
+def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
+    """Where and with which shapes a prefix goes in ``model`` (read from :func:`~peftlab.core.structure.structure`)."""
+    text = _text_config(model)
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int):
+        raise TargetError(
+            f"prefix tuning can't size a prefix for {type(model).__name__}: its config has no single "
+            f"num_attention_heads and hidden_size (got {heads!r}, {hidden!r}; per-stage values, as Swin's, differ "
+            f"in width between layers, and HF PEFT's prefix has one width for every layer too)"
+        )
+    found = structure(model).main()  # a VLM's language model only, as HF PEFT
+    selfs = found.attention("self")
+    if not selfs:
+        raise TargetError(
+            f"prefix tuning can't find attention layers in {type(model).__name__}: no repeated blocks with an attention "
+            f"module (q/k/v or fused qkv projections)"
+        )
+    if any(a.kv for a in selfs):
+        raise TargetError(
+            f"prefix tuning can't prefix the multi-head latent attention of {type(model).__name__}: its keys "
+            f"(qk_nope_head_dim + qk_rope_head_dim wide) and values (v_head_dim wide) differ in width from each other "
+            f"and from hidden_size / num_attention_heads, the one width HF PEFT's prefix (and this table) gives both"
+        )
+    modules = [model.get_submodule(a.path) for a in selfs]
+    if found.attention("cross"):  # encoder-decoder: the decoder's self-attention, through its KV cache (as HF PEFT)
+        params = inspect.signature(type(model).forward).parameters
+        if "cache" not in params and "past_key_values" not in params:
+            raise TargetError(
+                f"prefix tuning can't reach the decoder of {type(model).__name__}: on encoder-decoder models the prefix "
+                f"goes into the decoder's self-attention KV cache (as in HF PEFT), and this model's forward takes no cache"
+            )
+        decoder_layers = sum(any(a.kind == "cross" for a in b.attention) for b in found.blocks)
+        n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None) or decoder_layers
+        return Geometry(
+            "cache", n_layers, heads, hidden // heads, [], decoder_layers=decoder_layers,
+            submodules=2 if task == "SEQ_2_SEQ_LM" or (task is None and getattr(text, "is_encoder_decoder", False)) else 1,
+        )  # fmt: skip
+    bad = sorted({type(m).__name__ for m in modules if not _uses_attention_interface(m)})
+    if bad:
+        raise TargetError(
+            f"prefix tuning can't reach the attention of {type(model).__name__}: {', '.join(bad)} computes attention "
+            f"itself (ALiBi / disentangled position terms / its own kernels) instead of calling transformers' attention "
+            f"interface, where peftlab prepends the prefix keys and values"
+        )
+    kv_heads, head_dim = _kv_geometry(model, text, selfs, heads, hidden)
+    return Geometry("interface", len(modules), kv_heads, head_dim, modules)
+
+
+def _kv_geometry(model: nn.Module, text, selfs, heads: int, hidden: int) -> tuple[int, int]:
+    """(key/value heads, head dim) of the prefixed layers: from each attention module (its ``head_dim`` and its
+    key projection's width) where it says, else from the config; one for all layers, or a refusal."""
+    default_dim = _config_value(text, "head_dim") or hidden // heads
+    default_kv = _config_value(text, "num_key_value_heads") or heads
+    seen = set()
+    for site in selfs:
+        module = model.get_submodule(site.path)
+        dim = getattr(module, "head_dim", None) or default_dim
+        kv = default_kv
+        if site.k and isinstance(dim, int) and dim:
+            out = getattr(model.get_submodule(site.k), "out_features", None)
+            kv = out // dim if out else kv
+        seen.add((kv, dim))
+    if len(seen) > 1:
+        raise TargetError(
+            f"prefix tuning can't give every layer of {type(model).__name__} one prefix table: its attention layers "
+            f"differ in (key/value heads, head dim): {sorted(seen)} (Gemma-4's full-attention layers are wider than "
+            f"its sliding ones); HF PEFT's prefix has one width for every layer too"
+        )
+    return next(iter(seen)) if seen else (default_kv, default_dim)
+
+
+def _config_value(config, name: str):
+    """``config.<name>``, or None where it is missing or per-layer (transformers raises on a global read of an
+    attribute that varies across layers, e.g. Gemma-4's ``head_dim``)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError and kin
+        return None
+    return value if isinstance(value, int) else None
