@@ -1,4 +1,4 @@
-"""Issue 29: the README's own ``train.py`` ("More than one device") under ``torchrun --nproc_per_node 2`` on a
+"""The user guide's own ``train.py`` (docs/guide.md, "More than one device") under ``torchrun --nproc_per_node 2`` on a
 CPU trains ONE model in one process group (gloo): both ranks end with equal adapter weights, which also
 differ from the initial ones. The snippet runs as written, with two additions: a ``my_global_batches()``
 (random token batches, the README leaves the data to the user) before it, and after it a few lines that
@@ -43,12 +43,12 @@ open(f"rank{get_rank()}.world", "w").write(str(get_world_size()))
 '''
 
 
-def readme_train_py(strategy: str) -> str:
-    text = (REPO / "README.md").read_text()
+def guide_train_py(strategy: str) -> str:
+    text = (REPO / "docs" / "guide.md").read_text()
     section = text[text.index("## More than one device"):]
     section = section[section.index("Your own script (`train.py`)"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert "steps=500" in code, "the README's train.py changed: update this test"
+    assert "steps=500" in code, "the guide's train.py changed: update this test"
     assert 'distributed="fsdp"' in code
     return code.replace("steps=500", "steps=6").replace('distributed="fsdp"', f'distributed="{strategy}"')
 
@@ -56,7 +56,7 @@ def readme_train_py(strategy: str) -> str:
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])  # fsdp: as written; ddp: the comment's alternative
 def test_readme_train_py_under_torchrun_trains_one_model(tmp_path, strategy):
     script = tmp_path / "train.py"
-    script.write_text(PRELUDE + readme_train_py(strategy) + EPILOGUE)
+    script.write_text(PRELUDE + guide_train_py(strategy) + EPILOGUE)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "PYTHONSAFEPATH": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
