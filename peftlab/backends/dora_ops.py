@@ -22,4 +22,5 @@ def fused_row_norm(
     """(‖W + s·B A‖_row, ‖W‖²_row) from the fused kernel on CUDA, else None (see the module docstring)."""
     if use_kernel == "torch" or not weight.is_cuda:
         return None
-    return dora_row_norm_or_none(weight, lora_A, lora_B, scaling, return_wsq=True, strict=use_kernel == "triton")
+    with torch.no_grad():  # DoRA treats the norm as a constant in backward
+        return dora_row_norm_or_none(weight, lora_A, lora_B, scaling, return_wsq=True, strict=use_kernel == "triton")

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...backends.dora_ops import fused_row_norm
 from ...backends.lora_ops import lora_delta, lora_forward
 from ...core.layer import get_base_weight
 from ...util.errors import MergeError
@@ -207,12 +208,17 @@ class DoraSlot(LoraSlot):
         if key is not None and self._norm is not None and self._norm[0] == key:
             return self._norm[1]
         weight = dense_base_weight(base)
-        if self._wnorm is None or wkey is None or self._wnorm[0] != wkey:
-            wn = row_norm_sq(weight)
+        fused = fused_row_norm(weight, self.lora_A, self.lora_B, s, self.use_kernel)  # CUDA: one pass over W
+        if fused is not None:
+            norm, wn = fused
             self._wnorm = (wkey, wn) if wkey is not None else None
         else:
-            wn = self._wnorm[1]
-        norm = lora_row_norm(weight, self.lora_A, self.lora_B, s, wn)
+            if self._wnorm is None or wkey is None or self._wnorm[0] != wkey:
+                wn = row_norm_sq(weight)
+                self._wnorm = (wkey, wn) if wkey is not None else None
+            else:
+                wn = self._wnorm[1]
+            norm = lora_row_norm(weight, self.lora_A, self.lora_B, s, wn)
         if key is not None:
             self._norm = (key, norm)
         return norm
