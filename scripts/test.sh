@@ -9,4 +9,4 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 (cd "$ROOT" && "$VENV/bin/lint-imports" --no-cache)
 # the pytest entry point (not `python -m pytest`) keeps the repo root off sys.path, so the
 # top-level kernels/ folder never shadows the PyPI package `kernels` that bitsandbytes imports
-"$VENV/bin/pytest" -q -p no:cacheprovider "$@"
+"$VENV/bin/pytest" -q -p no:cacheprovider --durations=30 "$@"
