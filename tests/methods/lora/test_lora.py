@@ -250,14 +250,26 @@ def test_rslora_bias_and_patterns(tiny):
 def test_merge_errors_and_disable_while_merged(tiny):
     model = tiny("llama")
     peftlab.wrap(model, peftlab.LoraConfig(r=2))
-    with pytest.raises(peftlab.MergeError, match="not merged"):
+    with pytest.raises(peftlab.MergeError, match="nothing to unmerge"):
         peftlab.unmerge(model)
+    from helpers import perturb
+
+    perturb(model, 0.2)
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with peftlab.disable_adapters(model):
+            base = model(input_ids=ids).logits
     peftlab.merge(model)
     with pytest.raises(peftlab.MergeError, match="already merged"):
         peftlab.merge(model)
-    with pytest.raises(peftlab.MergeError, match="unmerge"):
-        with peftlab.disable_adapters(model):
-            pass
+    # the merged-state rule: disabling a merged adapter unmerges it for the block and merges it again after
+    with torch.no_grad(), peftlab.disable_adapters(model):
+        assert not peftlab.is_merged(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
+    assert peftlab.is_merged(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_safe_merge_refuses_nan_and_leaves_weights(tiny):
