@@ -53,7 +53,7 @@ def guide_train_py(strategy: str) -> str:
     return code.replace("steps=500", "steps=6").replace('distributed="fsdp"', f'distributed="{strategy}"')
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])  # fsdp: as written; ddp: the comment's alternative
+@pytest.mark.parametrize("strategy", ["fsdp"])  # as written (DDP on 2 CPU processes: tests/training/test_distributed.py)
 def test_readme_train_py_under_torchrun_trains_one_model(tmp_path, strategy):
     script = tmp_path / "train.py"
     script.write_text(PRELUDE + guide_train_py(strategy) + EPILOGUE)
