@@ -41,10 +41,22 @@ TARGETS = {"qv": ["q_proj", "v_proj"], "o": ["o_proj"]}
 WEIGHTS = [-1.0, 0.0, 0.5, 1.0, 2.0]
 X = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
 
-torch.set_num_threads(1)
-_PRISTINE = tiny_model("llama").eval()
-with torch.no_grad():
-    _BASE_LOGITS = _PRISTINE(input_ids=X).logits
+_THREADS = torch.get_num_threads()
+torch.set_num_threads(1)  # this module's sequences run on one thread (fixture below); never leaks to the suite
+try:
+    _PRISTINE = tiny_model("llama").eval()
+    with torch.no_grad():
+        _BASE_LOGITS = _PRISTINE(input_ids=X).logits
+finally:
+    torch.set_num_threads(_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def logits(model) -> torch.Tensor:
