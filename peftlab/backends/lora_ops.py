@@ -139,14 +139,19 @@ def _rows(y: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_into(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lead) -> torch.Tensor:
-    """x2 Wᵀ + b, computed as ``F.linear`` on (M, d_in) computes it (addmm / mm), written into a fresh
-    (*lead, d_out) tensor: the result is that tensor itself, with no copy and no view."""
-    out = x2.new_empty((*lead, weight.shape[0]))
-    if bias is None:
-        torch.mm(x2, weight.t(), out=_rows(out))
-    else:
-        torch.addmm(bias, x2, weight.t(), out=_rows(out))
-    return out
+    """x2 Wᵀ + b, computed as ``F.linear`` on (M, d_in) computes it (addmm / mm), returned as a
+    (*lead, d_out) tensor that is not a view (``_unsafe_view``, as ``torch.matmul`` folds batches).
+
+    No ``out=``: under selective activation checkpointing the recomputation returns the cached GEMM result
+    instead of writing into ``out``, which would leave the recomputed output uninitialised."""
+    y2 = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    return _unview(y2, (*lead, weight.shape[0]))
+
+
+def _unview(y2: torch.Tensor, shape) -> torch.Tensor:
+    """y2 (M, d_out) reshaped to ``shape`` without a view relationship (``y._base is None``), so callers may
+    write into the returned output in place."""
+    return torch.ops.aten._unsafe_view(y2, tuple(shape))
 
 
 def _exact_dtypes(fn):
@@ -229,8 +234,9 @@ class LoraBranchFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xa, scaling = _lora_down(x2, lora_A, scaling, p, seed)
-        out = xa.new_empty((*shape[:-1], lora_B.shape[0]))  # (..., d_out), filled through its (M, d_out) view
-        torch.mm(xa, _as(lora_B, xa.dtype).t(), out=_rows(out)).mul_(scaling)
+        # (xa Bᵀ)·s as HF PEFT rounds it; not in place: selective checkpointing caches the GEMM output, and an
+        # in-place op after it would run a second time on the cached tensor during recomputation
+        out = _unview(torch.mm(xa, _as(lora_B, xa.dtype).t()).mul(scaling), (*shape[:-1], lora_B.shape[0]))
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.in_shape = scaling, p, seed, shape
         return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 #: every step but scale, dora-norm and kernel-tests (see the module docstring)
-STEPS = ("kernel-bench", "kernel-profile", "efficiency", "efficiency-variants", "step-profile", "multi-adapter")
+STEPS = ("kernel-bench", "efficiency", "efficiency-variants", "step-profile", "multi-adapter")
 
 
 def test_gpu_script_dry_run(tmp_path):

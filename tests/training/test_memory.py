@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -142,3 +144,38 @@ def test_selective_checkpointing_same_grads_no_gemm_recompute(tiny):
 def test_selective_checkpointing_rejects_reentrant(tiny):
     with pytest.raises(ConfigError, match="use_reentrant=False"):
         enable_gradient_checkpointing(_lora_llama(tiny), use_reentrant=True, selective=True)
+
+
+@pytest.mark.parametrize("branch_only", [False, True])
+def test_selective_checkpointing_exact_through_lora_functions(branch_only):
+    """Both LoRA autograd functions (fused base+LoRA, and the LoRA branch beside a quantized base's GEMM) give the
+    same gradients under selective checkpointing: a cached GEMM output is never written again on recompute."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from peftlab.backends.lora_ops import LoraBranchFunction, LoraLinearFunction
+    from peftlab.training.memory import _keep_matmuls
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    weight, bias = torch.randn(24, 16), torch.randn(24)
+    lora_A = torch.randn(4, 16, requires_grad=True)
+    lora_B = torch.randn(24, 4, requires_grad=True)
+
+    def block(x, A, B):
+        if branch_only:
+            y = torch.nn.functional.linear(x, weight, bias) + LoraBranchFunction.apply(x, A, B, 0.5, 0.0, 0)
+        else:
+            y = LoraLinearFunction.apply(x, weight, bias, A, B, 0.5, 0.0, 0)
+        return torch.nn.functional.silu(y) * y
+
+    def grads(fn):
+        for t in (x, lora_A, lora_B):
+            t.grad = None
+        fn(x, lora_A, lora_B).square().sum().backward()
+        return [t.grad.clone() for t in (x, lora_A, lora_B)]
+
+    want = grads(block)
+    context = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls, allow_cache_entry_mutation=True)
+    got = grads(lambda *a: checkpoint(block, *a, use_reentrant=False, context_fn=context))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
