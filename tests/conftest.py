@@ -16,6 +16,11 @@ if (
 # on a GPU: one tile config per kernel (each autotuned config is a ~1 s compile; the lent GPU has minutes)
 os.environ.setdefault("PEFTLAB_AUTOTUNE", "0")
 
+# under pytest-xdist (scripts/test.sh runs one worker per core): one torch thread per worker, so the workers
+# share the cores instead of oversubscribing them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
