@@ -143,6 +143,37 @@ def _sweep_part(part: str | None, specs: list[dict]) -> list[dict]:
     return specs[int(k) - 1 :: int(n)]
 
 
+DATA_OPTIONS = ("eval_data", "eval_split", "text_column", "label_column")
+
+
+def _bench_data(args, sweep: dict):
+    """``--data``: a folder / ``hf`` source as it is, or a data file with the task and column options
+    (:mod:`peftlab.bench.user_data`); the sweep is named after the file when no sweep file names it."""
+    from .bench.user_data import looks_like_file
+
+    if not looks_like_file(args.data):
+        if any(getattr(args, k, None) is not None for k in DATA_OPTIONS):
+            raise UsageError(
+                f"--data {args.data} is a data folder or hub source; --eval-data, --eval-split, --text-column and "
+                "--label-column apply to a data file (.csv, .tsv, .jsonl, .parquet)"
+            )
+        return args.data
+    if not args.task and not args.sweep:
+        raise UsageError(
+            f"--data {args.data} is a data file: give its task, --task classify, tokens or sft (as for peftlab train)"
+        )
+    if not args.sweep:
+        from .bench.sweep_schema import safe_stem
+
+        sweep["name"] = safe_stem(Path(args.data).stem)
+    data = {"file": args.data}
+    for key, option in (("eval_file", "eval_data"), ("eval_split", "eval_split"), ("text_column", "text_column"),
+                        ("label_column", "label_column")):  # fmt: skip
+        if getattr(args, option, None) is not None:
+            data[key] = getattr(args, option)
+    return data
+
+
 def cmd_bench(args) -> int:
     from .bench.report import write_report
     from .bench.runner import run_sweep
@@ -167,7 +198,9 @@ def cmd_bench(args) -> int:
     if args.max_steps:
         sweep.setdefault("train", {})["max_steps"] = args.max_steps
     if args.data:
-        sweep["data"] = args.data
+        sweep["data"] = _bench_data(args, sweep)
+    elif any(getattr(args, k, None) is not None for k in DATA_OPTIONS):
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS)} apply with --data FILE")
     for key in ("precision", "grad_accum", "processes", "distributed"):
         if getattr(args, key, None) is not None:
             sweep.setdefault("train", {})[key] = getattr(args, key)
@@ -178,6 +211,9 @@ def cmd_bench(args) -> int:
         check_train_config(spec["train"])
     for model in sorted({s["model"] for s in specs}):
         _check_model(model)
+    from .bench.user_data import check_specs
+
+    check_specs(specs)  # a data file: read, columns and values checked before any run starts
     out = Path(args.out or f"runs/{sweep['name']}")  # the name is checked by expand(): a plain folder name
     mine = _sweep_part(args.part, specs)
     print(f"sweep {sweep['name']!r}: {len(mine)} runs{f' (part {args.part} of {len(specs)})' if args.part else ''} -> {out}")
@@ -279,9 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--data",
-        help="data folder holding sst2/ and conll2003/ (default: $PEFTLAB_DATA or ../shared/data), "
-        "or hf / hf:<dataset id> for the Hugging Face hub (needs the datasets package)",
+        help="your data file (.csv, .tsv, .jsonl, .parquet) with --task classify, tokens or sft; or the data folder "
+        "holding sst2/ and conll2003/ (default: $PEFTLAB_DATA or ../shared/data), or hf / hf:<dataset id> for "
+        "the Hugging Face hub (needs the datasets package)",
     )
+    split = bench.add_mutually_exclusive_group()
+    split.add_argument("--eval-data", metavar="FILE", help="with --data FILE: the test file (same columns)")
+    split.add_argument(
+        "--eval-split", type=float, metavar="FRACTION",
+        help="with --data FILE: hold out this fraction of it as the test set (default 0.1 without --eval-data)",
+    )  # fmt: skip
+    bench.add_argument("--text-column", metavar="C", help="with --data FILE: as in peftlab train")
+    bench.add_argument("--label-column", metavar="C", help="with --data FILE: as in peftlab train")
     bench.add_argument("--out", help="output folder (default: runs/<sweep name>)")
     bench.add_argument("--timeout", type=float, help="seconds per run before it is recorded as failed")
     bench.add_argument(

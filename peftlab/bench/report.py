@@ -81,7 +81,7 @@ def row_names(records: list[dict]) -> list[str]:
 def never_left_chance(record: dict) -> bool:
     """True when no dev evaluation of the run rose above chance level (stats.chance_threshold)."""
     metric = record["metric"]
-    chance = record.get("dev_chance", 0.5 if metric == "accuracy" else 0.0)
+    chance = record.get("dev_chance", 0.5 if metric in ("accuracy", "exact_match") else 0.0)
     size = record.get("dev_size") or (record.get("train") or {}).get("dev_limit") or 300
     dev_values = [e["metric"] for e in record.get("evals") or []] + [record["dev"][metric]]
     return max(dev_values) <= chance_threshold(chance, size, metric)

@@ -95,8 +95,12 @@ def run(spec: dict) -> dict:
     ranks = process_context(cfg, device)  # one process, or this rank of a torchrun / accelerate launch run
     device = ranks.device if ranks.world > 1 else device
     torch.manual_seed(spec["seed"])
-    task = get_task(spec["task"])
-    folder = data_dir(spec.get("data"))
+    if isinstance(spec.get("data"), dict):  # your own data file (peftlab.bench.user_data)
+        from .user_data import UserTask
+
+        task, folder = UserTask(spec["task"], spec["data"], spec["model"], cfg["max_length"]), None
+    else:
+        task, folder = get_task(spec["task"]), data_dir(spec.get("data"))
     train_rows = task.load(folder, "train", cfg.get("train_limit"), spec["seed"])
     dev_rows = task.load(folder, "dev", cfg.get("dev_limit"), 0)
     test_rows = task.load(folder, "test", cfg.get("test_limit"), 0)
