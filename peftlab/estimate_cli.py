@@ -131,6 +131,12 @@ def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> 
     Uses the run's batch size and max_length (grouped batches are usually shorter: an upper bound) and counts
     tensors only: the measured CPU peak RSS also holds the Python/torch runtime and the data.
     """
+    est = bench_estimate(spec, model, kind, device, steps)
+    return None if est is None else est.total_peak / 2**20
+
+
+def bench_estimate(spec: dict, model, kind: str, device: str, steps: int):
+    """The :class:`peftlab.estimator.estimate.Estimate` of a benchmark run (None for HF PEFT peers)."""
     from .core.config import config_class
     from .estimator.estimate import estimate
 
@@ -168,4 +174,4 @@ def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> 
         kind=kind,
         device="cuda" if device.startswith("cuda") else "cpu",
     )
-    return est.total_peak / 2**20
+    return est

@@ -41,7 +41,7 @@ def sweep(data, task, model, methods=("lora",), **train):
     }  # fmt: skip
 
 
-def test_classify_file_splits_scores_and_reports(tmp_path, tiny_bert_dir):
+def test_classify_file_splits_scores_and_reports(tmp_path, monkeypatch, tiny_bert_dir):
     """A CSV with its own column names: test = the held-out 20%, dev = 10% of the rest, train = the others,
     disjoint; each run's test metric equals the one recomputed from its per-example columns; the report has
     the Δ-vs-full table of the built-in tasks."""
@@ -67,6 +67,9 @@ def test_classify_file_splits_scores_and_reports(tmp_path, tiny_bert_dir):
         assert record["test"]["accuracy"] == corpus_metric(record["test_examples"], "accuracy")
         records.append(record)
     assert records[0]["trainable_params"] > 10 * records[1]["trainable_params"]  # full vs lora
+    from peftlab.bench import report
+
+    monkeypatch.setattr(report, "write_plots", lambda *args, **kwargs: [])  # the tables only (plots: slow)
     text = write_report(records, tmp_path).read_text()
     assert "## classify" in text and "| lora |" in text and "Δ vs full" in text
 
@@ -138,6 +141,9 @@ def test_cli_bench_on_a_file_runs_and_stops_early_on_a_wrong_column(
         return {**spec, **worker.run(spec)}
 
     monkeypatch.setattr(runner, "run_in_subprocess", in_process)
+    from peftlab.bench import report
+
+    monkeypatch.setattr(report, "write_plots", lambda *args, **kwargs: [])
     data = str(reviews_csv(tmp_path / "reviews.csv", 40))
     base = ["bench", "--data", data, "--model", tiny_bert_dir, "--methods", "lora", "--max-steps", "3",
             "--out", str(tmp_path / "o")]  # fmt: skip
