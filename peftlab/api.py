@@ -324,10 +324,25 @@ def disable_adapters(model: nn.Module, adapter_name: str | Sequence[str] | None 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied parameters are counted once.
 
-    For bitsandbytes 4-bit weights (packed two values per byte) the logical count is used.
+    A module in ``modules_to_save`` (a task head) is counted once: its trainable copies count, and the frozen
+    original they stand in for does not (MiniLM-L6 + LoRA r=8 on query/value + a copied 2-class head:
+    22,713,986 base + 73,728 LoRA = 22,787,714 total, 74,498 trainable). For bitsandbytes 4-bit weights
+    (packed two values per byte) the logical count is used.
     """
     trainable = total = 0
     seen: set[int] = set()
+    originals = [
+        f"{path}.base_layer." for state in adapters(model).values() for path in state.modules_to_save
+    ]
+    if originals:  # the frozen originals of head copies, unless tied to a tensor elsewhere (embeddings)
+        places: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            places.setdefault(id(p), []).append(name)
+        for pid, names in places.items():
+            if all(any(n.startswith(o) for o in originals) for n in names):
+                p = model.get_parameter(names[0])
+                if not p.requires_grad:
+                    seen.add(pid)
     for p in model.parameters():
         if id(p) in seen:
             continue

@@ -29,8 +29,10 @@ USER_ERRORS = (PeftlabError, OSError, ValueError, re.error)
 
 def _method_config(method: str, options: list[str]):
     """Build a config from ``--method`` and ``--set key=value`` options (values parsed as JSON when possible)."""
-    from .core.config import config_class
+    from .finetune import METHODS, config_class, fixed_fields
 
+    if method not in METHODS or method == "full":
+        raise UsageError(f"--method {method!r}: valid methods: {', '.join(m for m in METHODS if m != 'full')}")
     kwargs = {}
     for item in options or []:
         if "=" not in item:
@@ -48,7 +50,7 @@ def _method_config(method: str, options: list[str]):
             f"--set {', '.join(unknown)}: unknown key for method {method!r}; valid keys: {', '.join(valid)}"
         )
     try:
-        return cls(**kwargs)
+        return cls(**{**fixed_fields(method), **kwargs})
     except TypeError as exc:  # a value of the wrong type compared or combined in validation
         raise UsageError(f"--set: invalid value for method {method!r}: {exc}") from None
 
@@ -143,6 +145,37 @@ def _sweep_part(part: str | None, specs: list[dict]) -> list[dict]:
     return specs[int(k) - 1 :: int(n)]
 
 
+DATA_OPTIONS = ("eval_data", "eval_split", "text_column", "label_column")
+
+
+def _bench_data(args, sweep: dict):
+    """``--data``: a folder / ``hf`` source as it is, or a data file with the task and column options
+    (:mod:`peftlab.bench.user_data`); the sweep is named after the file when no sweep file names it."""
+    from .bench.user_data import looks_like_file
+
+    if not looks_like_file(args.data):
+        if any(getattr(args, k, None) is not None for k in DATA_OPTIONS):
+            raise UsageError(
+                f"--data {args.data} is a data folder or hub source; --eval-data, --eval-split, --text-column and "
+                "--label-column apply to a data file (.csv, .tsv, .jsonl, .parquet)"
+            )
+        return args.data
+    if not args.task and not args.sweep:
+        raise UsageError(
+            f"--data {args.data} is a data file: give its task, --task classify, tokens or sft (as for peftlab train)"
+        )
+    if not args.sweep:
+        from .bench.sweep_schema import safe_stem
+
+        sweep["name"] = safe_stem(Path(args.data).stem)
+    data = {"file": args.data}
+    for key, option in (("eval_file", "eval_data"), ("eval_split", "eval_split"), ("text_column", "text_column"),
+                        ("label_column", "label_column")):  # fmt: skip
+        if getattr(args, option, None) is not None:
+            data[key] = getattr(args, option)
+    return data
+
+
 def cmd_bench(args) -> int:
     from .bench.report import write_report
     from .bench.runner import run_sweep
@@ -160,14 +193,16 @@ def cmd_bench(args) -> int:
         sweep["methods"] = [{"method": m} for m in args.methods]
     if args.ranks:
         for m in sweep["methods"]:
-            if isinstance(m, dict) and m.get("method") in ("lora", "qlora", "lora-int8", "hf-lora"):
+            if isinstance(m, dict) and m.get("method") in ("lora", "dora", "qlora", "lora-int8", "hf-lora"):
                 m.setdefault("params", {})["r"] = args.ranks
     if args.seeds:
         sweep["seeds"] = args.seeds
     if args.max_steps:
         sweep.setdefault("train", {})["max_steps"] = args.max_steps
     if args.data:
-        sweep["data"] = args.data
+        sweep["data"] = _bench_data(args, sweep)
+    elif any(getattr(args, k, None) is not None for k in DATA_OPTIONS):
+        raise UsageError(f"{', '.join('--' + k.replace('_', '-') for k in DATA_OPTIONS)} apply with --data FILE")
     for key in ("precision", "grad_accum", "processes", "distributed"):
         if getattr(args, key, None) is not None:
             sweep.setdefault("train", {})[key] = getattr(args, key)
@@ -178,6 +213,9 @@ def cmd_bench(args) -> int:
         check_train_config(spec["train"])
     for model in sorted({s["model"] for s in specs}):
         _check_model(model)
+    from .bench.user_data import check_specs
+
+    check_specs(specs)  # a data file: read, columns and values checked before any run starts
     out = Path(args.out or f"runs/{sweep['name']}")  # the name is checked by expand(): a plain folder name
     mine = _sweep_part(args.part, specs)
     print(f"sweep {sweep['name']!r}: {len(mine)} runs{f' (part {args.part} of {len(specs)})' if args.part else ''} -> {out}")
@@ -189,6 +227,10 @@ def cmd_bench(args) -> int:
         records = [r for r in read_results(out) if r.get("run_id") in ids]
     report = write_report(records, out, title=f"peftlab bench: {sweep['name']}")
     ok = sum(r.get("status") == "ok" for r in records)
+    for r in records:
+        if r.get("status") != "ok":
+            error = " ".join(str(r.get("error", "no error recorded")).split())
+            print(f"failed: {r.get('label')} on {r.get('task')} ({r.get('model')}, seed {r.get('seed')}): {error}")
     print(f"{ok} of {len(records)} runs succeeded. Report: {report.resolve()}")
     return 0 if ok else 1
 
@@ -243,30 +285,48 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+    from .bench.providers import PROVIDERS
+    from .bench.tasks import TASKS as BENCH_TASKS
+    from .bench.user_data import USER_TASKS
+    from .finetune import METHODS
+    from .util.helpformat import DefaultsFormatter as _Formatter
+
     parser = argparse.ArgumentParser(
         prog="peftlab", description="Parameter-efficient fine-tuning for transformers."
     )
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     kinds = ["seq-cls", "token-cls", "causal-lm", "base"]
+    kind_help = "model head: seq-cls (sequence classification), token-cls, causal-lm, base (no head)"
+    model_help = "packaged short name (minilm-l6, smollm2-135m), local model folder or hub id"
 
-    info = sub.add_parser("info", help="show what a method would target and the parameter counts")
-    info.add_argument(
-        "--model", default="minilm-l6", help="path, hub id or packaged name (minilm-l6, smollm2-135m)"
+    info = sub.add_parser(
+        "info", help="show what a method would target and the parameter counts", formatter_class=_Formatter
     )
-    info.add_argument("--kind", default="seq-cls", choices=kinds)
-    info.add_argument("--method", default="lora")
+    info.add_argument("--model", default="minilm-l6", help=model_help)
+    info.add_argument("--kind", default="seq-cls", choices=kinds, help=kind_help)
+    info.add_argument("--method", default="lora", choices=[m for m in METHODS if m != "full"], help="adapter method")
     info.add_argument("--set", action="append", metavar="KEY=VALUE", help="config field, e.g. --set r=16")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", help="run a benchmark sweep and write report.md + plots")
+    bench = sub.add_parser(
+        "bench", help="run a benchmark sweep and write report.md + plots", formatter_class=_Formatter
+    )
     bench.add_argument("--sweep", help="YAML sweep file (benchmarks/sweeps/*.yaml)")
-    bench.add_argument("--model", nargs="+")
-    bench.add_argument("--task", nargs="+")
-    bench.add_argument("--methods", nargs="+")
-    bench.add_argument("--ranks", nargs="+", type=int)
-    bench.add_argument("--seeds", nargs="+", type=int)
-    bench.add_argument("--max-steps", type=int)
+    bench.add_argument("--model", nargs="+", help=f"models to compare (default: minilm-l6); {model_help}")
+    bench.add_argument(
+        "--task", nargs="+", choices=[*BENCH_TASKS, *USER_TASKS], metavar="TASK",
+        help=f"built-in: {', '.join(BENCH_TASKS)} (default: sst2); with --data FILE: {', '.join(USER_TASKS)}",
+    )  # fmt: skip
+    bench.add_argument(
+        "--methods", nargs="+", choices=list(PROVIDERS), metavar="METHOD",
+        help=f"default: full lora; valid: {', '.join(PROVIDERS)} (hf-*: Hugging Face PEFT's, side by side)",
+    )  # fmt: skip
+    bench.add_argument("--ranks", nargs="+", type=int, help="LoRA ranks to sweep (lora, dora, qlora, lora-int8, hf-lora)")
+    bench.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0)")
+    bench.add_argument("--max-steps", type=int, help="optimizer steps per run (default: the sweep's, else 300)")
     bench.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="fp16 needs CUDA (default fp32)")
     bench.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     bench.add_argument(
@@ -279,9 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--data",
-        help="data folder holding sst2/ and conll2003/ (default: $PEFTLAB_DATA or ../shared/data), "
-        "or hf / hf:<dataset id> for the Hugging Face hub (needs the datasets package)",
+        help="your data file (.csv, .tsv, .jsonl, .parquet) with --task classify, tokens or sft; or the data folder "
+        "holding sst2/ and conll2003/ (default: $PEFTLAB_DATA or ../shared/data), or hf / hf:<dataset id> for "
+        "the Hugging Face hub (needs the datasets package)",
     )
+    split = bench.add_mutually_exclusive_group()
+    split.add_argument("--eval-data", metavar="FILE", help="with --data FILE: the test file (same columns)")
+    split.add_argument(
+        "--eval-split", type=float, metavar="FRACTION",
+        help="with --data FILE: hold out this fraction of it as the test set (default 0.1 without --eval-data)",
+    )  # fmt: skip
+    bench.add_argument("--text-column", metavar="C", help="with --data FILE: as in peftlab train")
+    bench.add_argument("--label-column", metavar="C", help="with --data FILE: as in peftlab train")
     bench.add_argument("--out", help="output folder (default: runs/<sweep name>)")
     bench.add_argument("--timeout", type=float, help="seconds per run before it is recorded as failed")
     bench.add_argument(
@@ -295,11 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("merge", cmd_merge, "merge a saved adapter into its base and save_pretrained it"),
         ("export", cmd_export, "convert a saved peftlab adapter to HF PEFT's format"),
     ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--model", required=True)
-        p.add_argument("--kind", default="seq-cls", choices=kinds)
-        p.add_argument("--adapter", required=True)
-        p.add_argument("--out", required=True)
+        p = sub.add_parser(name, help=text, description=text, formatter_class=_Formatter)
+        p.add_argument("--model", required=True, help=f"the base model the adapter was trained on: {model_help}")
+        p.add_argument("--kind", default="seq-cls", choices=kinds, help=kind_help)
+        p.add_argument("--adapter", required=True, help="adapter folder (save_adapter, or peftlab train's OUT/adapter)")
+        p.add_argument(
+            "--out", required=True,
+            help="folder to write: the merged model and tokenizer" if name == "merge" else "folder to write the HF PEFT adapter to",
+        )  # fmt: skip
         if name == "merge":
             p.add_argument("--adapter-name", help="with a folder of several adapters: the one to merge")
         p.set_defaults(func=func)

@@ -21,28 +21,35 @@ METHODS = ("full", "lora", "qlora", "adalora", "houlsby", "pfeiffer", "parallel"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
+    from .util.helpformat import DefaultsFormatter as _Formatter
+
     p = sub.add_parser(
-        "estimate", help="predict training memory (and FLOPs) from a config alone; --fit searches"
+        "estimate",
+        help="predict training memory (and FLOPs) from a config alone; --fit searches",
+        formatter_class=_Formatter,
     )
     p.add_argument("--model", required=True, help="folder, JSON config, short name or built-in hub id")
     p.add_argument("--kind", choices=["causal-lm", "seq-cls", "token-cls"], help="default: by architecture")
-    p.add_argument("--method", default="lora", choices=METHODS)
+    p.add_argument("--method", default="lora", choices=METHODS, help="adapter method, or full fine-tuning")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (AdaLoRA: init_r)")
     p.add_argument(
         "--target", default=None, help="target modules: all-linear, a regex, or comma-separated names"
     )
     p.add_argument("--reduction-factor", type=int, default=16, help="bottleneck adapters: m = d / factor")
-    p.add_argument("--prefix-tokens", type=int, default=20)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--prefix-tokens", type=int, default=20, help="prefix tuning: virtual tokens per layer")
+    p.add_argument("--batch", type=int, default=8, help="micro-batch size (sequences per step)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"], help="training precision")
     p.add_argument("--quant", choices=["nf4", "fp4", "int8"], help="quantized base (qlora defaults to nf4)")
     p.add_argument("--optimizer", default="adamw",
-                   choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit"])  # fmt: skip
-    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--loss", default="fused", choices=["fused", "unfused"])
+                   choices=["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "paged_adamw32bit"],
+                   help="optimizer (its state: 8 bytes per trainable parameter for adamw)")  # fmt: skip
+    p.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"],
+                   help="gradient checkpointing")  # fmt: skip
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="device the run's memory is for")
+    p.add_argument("--loss", default="fused", choices=["fused", "unfused"],
+                   help="causal LMs: peftlab's fused loss (no full logits kept) or transformers' own")  # fmt: skip
     p.add_argument(
         "--fit", metavar="SIZE", help="memory budget (24GB, 24GiB, 800MB): print the largest that fits"
     )
@@ -107,6 +114,7 @@ def run(args) -> int:
 
 _BENCH = {
     "lora": ("lora", {}, None),
+    "dora": ("lora", {"use_dora": True}, None),
     "adalora": ("adalora", {}, None),
     "houlsby": ("adapter", {"style": "houlsby"}, None),
     "pfeiffer": ("adapter", {"style": "pfeiffer"}, None),
@@ -123,6 +131,12 @@ def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> 
     Uses the run's batch size and max_length (grouped batches are usually shorter: an upper bound) and counts
     tensors only: the measured CPU peak RSS also holds the Python/torch runtime and the data.
     """
+    est = bench_estimate(spec, model, kind, device, steps)
+    return None if est is None else est.total_peak / 2**20
+
+
+def bench_estimate(spec: dict, model, kind: str, device: str, steps: int):
+    """The :class:`peftlab.estimator.estimate.Estimate` of a benchmark run (None for HF PEFT peers)."""
     from .core.config import config_class
     from .estimator.estimate import estimate
 
@@ -160,4 +174,4 @@ def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> 
         kind=kind,
         device="cuda" if device.startswith("cuda") else "cpu",
     )
-    return est.total_peak / 2**20
+    return est

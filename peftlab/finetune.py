@@ -102,6 +102,15 @@ def method_config(
     return cls(**{**common, **kwargs, **params})
 
 
+def fixed_fields(method: str) -> dict:
+    """The config fields a method name fixes (``dora``: LoRA with use_dora; ``houlsby``: an adapter's style)."""
+    if method == "dora":
+        return {"use_dora": True}
+    if method in ("houlsby", "pfeiffer", "parallel"):
+        return {"style": method}
+    return {}
+
+
 def config_class(method: str):
     """The peftlab config class of ``method`` (None for ``full``)."""
     import peftlab

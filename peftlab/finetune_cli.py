@@ -14,22 +14,14 @@ import argparse
 import json
 import sys
 
+from .util.helpformat import DefaultsFormatter as _Formatter
+
 TASK_HELP = {
     "classify": "text (or a pair: --text-column a,b) + label; accuracy and macro-F1",
     "tokens": "a words list + a tags list per row (JSONL/Parquet); entity F1",
     "sft": "prompt/response columns or a chat 'messages' list; loss on the response only",
     "lm": "raw text; loss and perplexity",
 }
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Shows ``(default: X)`` for options whose default is a value (not None, False or empty)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
 
 
 def _positive_int(text: str) -> int:

@@ -161,7 +161,7 @@ class ProcessContext:
         if examples is not None:
             examples.update(full)
         if "correct" in full:
-            return {"accuracy": sum(full["correct"]) / len(rows)}
+            return {task.metric: sum(full["correct"]) / len(rows)}  # accuracy or exact match
         tp, n_pred, n_ref = sum(full["tp"]), sum(full["n_pred"]), sum(full["n_ref"])
         precision = tp / n_pred if n_pred else 0.0
         recall = tp / n_ref if n_ref else 0.0

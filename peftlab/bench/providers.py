@@ -108,6 +108,7 @@ def _hf(peft_name: str) -> Callable:
 PROVIDERS: dict[str, Callable] = {
     "full": _full,
     "lora": _peftlab("lora"),
+    "dora": _peftlab("lora", {"use_dora": True}),
     "adalora": _peftlab("adalora"),
     "houlsby": _peftlab("adapter", {"style": "houlsby"}),
     "pfeiffer": _peftlab("adapter", {"style": "pfeiffer"}),

@@ -18,7 +18,7 @@ minus the same for B. The 95% interval is the 2.5/97.5 percentiles of the replic
 (Drawing m = 3 seeds with replacement understates the seed part of the variance by (m-1)/m.)
 
 Per-example columns (what :meth:`peftlab.bench.tasks.Task.evaluate` stores in ``test_examples``):
-``correct`` (0/1) for accuracy, ``tp``/``n_pred``/``n_ref`` for entity F1 = 2·Σtp / (Σn_pred + Σn_ref).
+``correct`` (0/1) for accuracy and exact match, ``tp``/``n_pred``/``n_ref`` for entity F1 = 2·Σtp / (Σn_pred + Σn_ref).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ _T975 = [
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 ]  # fmt: skip
 
-COLUMNS = {"accuracy": ("correct",), "f1": ("tp", "n_pred", "n_ref")}
+COLUMNS = {"accuracy": ("correct",), "exact_match": ("correct",), "f1": ("tp", "n_pred", "n_ref")}
+#: metrics that are a share of correct examples (exact match: of greedy answers equal to the reference)
+SHARES = ("accuracy", "exact_match")
 
 
 def t975(df: int) -> float:
@@ -96,7 +98,7 @@ def example_matrix(examples: dict, metric: str) -> np.ndarray:
 
 def metric_from_sums(sums: np.ndarray, metric: str, n: int) -> np.ndarray:
     """Corpus metric from summed columns (..., k): accuracy = Σcorrect / n, F1 = 2Σtp / (Σn_pred + Σn_ref)."""
-    if metric == "accuracy":
+    if metric in SHARES:
         return sums[..., 0] / n
     denominator = sums[..., 1] + sums[..., 2]
     return np.where(denominator > 0, 2 * sums[..., 0] / np.maximum(denominator, 1e-12), 0.0)
@@ -171,6 +173,6 @@ def target_status(delta: Interval, margin: float) -> str:
 def chance_threshold(chance: float, n: int, metric: str) -> float:
     """A dev metric at or below this has not left chance level: chance + 3 binomial standard errors
     (accuracy, chance = the majority class's share), or 0.05 for F1 (chance is 0 there)."""
-    if metric == "accuracy":
+    if metric in SHARES:
         return chance + 3 * math.sqrt(max(chance * (1 - chance), 1e-12) / max(n, 1))
     return 0.05

@@ -12,6 +12,9 @@ methods:
   - {method: lora, params: {r: [4, 8], alpha: 16}}   # a list is a grid axis
 ```
 
+Your own data: ``data: reviews.csv`` (or ``{file: reviews.csv, eval_file: test.csv, text_column: review,
+label_column: stars}``) with ``tasks: [classify]`` (or ``tokens``, ``sft``): see :mod:`peftlab.bench.user_data`.
+
 Every key is checked against a schema first (:mod:`peftlab.bench.sweep_schema`): an error names the key
 and its valid form; numbers YAML reads as strings (``lr: 1e-3``) are read as numbers; ``name`` is a plain
 folder name (``runs/<name>``).
@@ -35,6 +38,7 @@ from ..util.errors import ConfigError
 from .providers import PROVIDERS
 from .sweep_schema import safe_stem, validate
 from .tasks import TASKS
+from .user_data import USER_TASKS, check_task
 
 SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device", "order"}
 #: run order: every seed of a method before the next method (default), or every method of a seed first
@@ -99,7 +103,8 @@ def run_id(spec: dict) -> str:
     if spec.get("label") not in (None, spec["method"]):
         fields["label"] = spec["label"]
     if spec.get("data"):
-        fields["data"] = str(spec["data"])
+        data = spec["data"]
+        fields["data"] = json.dumps(data, sort_keys=True) if isinstance(data, dict) else str(data)
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -116,8 +121,13 @@ def expand(sweep: dict) -> list[dict]:
     for task_entry in sweep["tasks"]:
         task = {"name": task_entry} if isinstance(task_entry, str) else dict(task_entry)
         _unknown(set(task), TASK_KEYS, f"task {task.get('name')!r}")
-        if task["name"] not in TASKS:
-            raise ConfigError(f"unknown task {task['name']!r}; valid tasks: {', '.join(TASKS)}")
+        if isinstance(sweep.get("data"), dict):  # a user data file: classify, tokens or sft
+            check_task(task["name"], sweep["data"])
+        elif task["name"] not in TASKS:
+            raise ConfigError(
+                f"unknown task {task['name']!r}; valid tasks: {', '.join(TASKS)}, or {', '.join(USER_TASKS)} with a "
+                "data file (--data FILE / data: FILE)"
+            )
         _unknown(set(task.get("train") or {}), TRAIN_KEYS, f"train of task {task['name']!r}")
         for method_entry in sweep["methods"]:
             method = {"method": method_entry} if isinstance(method_entry, str) else dict(method_entry)

@@ -2,7 +2,9 @@
 
 Every error names the key (``methods[1].train.lr``) and shows its valid form. Numbers that YAML reads as
 strings (``lr: 1e-3``: YAML 1.1 needs a dot, ``1.0e-3``) are read as numbers. Sweep names become folder
-names (``runs/<name>``), so they are plain names: no separator, no ``..``.
+names (``runs/<name>``), so they are plain names: no separator, no ``..``. ``data:`` is a data folder,
+``hf`` / ``hf:<dataset id>``, or your own data file (a path, or a mapping ``{file, eval_file | eval_split,
+text_column, label_column}``, checked by :func:`peftlab.bench.user_data.normalize`).
 """
 
 from __future__ import annotations
@@ -134,9 +136,12 @@ def validate(sweep: dict, train_keys: set[str], task_keys: set[str], method_keys
             raise ConfigError(f"seeds: must be a non-empty list of whole numbers ≥ 0, got {out['seeds']!r}; e.g. {EXAMPLES['seeds']}")
         out["seeds"] = seeds
     out["train"] = train_block(out.get("train"), "train", train_keys)
-    for key in ("data", "device"):
-        if out.get(key) is not None and not isinstance(out[key], str):
-            raise ConfigError(f"{key}: must be a string, got {out[key]!r}")
+    if out.get("device") is not None and not isinstance(out["device"], str):
+        raise ConfigError(f"device: must be a string, got {out['device']!r}")
+    if out.get("data") is not None:  # a folder / hf source, or a data file (peftlab.bench.user_data)
+        from .user_data import normalize
+
+        out["data"] = normalize(out["data"])
     if not isinstance(out["tasks"], list):
         raise ConfigError(f"tasks: must be a list, got {out['tasks']!r}; e.g. {EXAMPLES['tasks']}")
     tasks = []

@@ -95,8 +95,12 @@ def run(spec: dict) -> dict:
     ranks = process_context(cfg, device)  # one process, or this rank of a torchrun / accelerate launch run
     device = ranks.device if ranks.world > 1 else device
     torch.manual_seed(spec["seed"])
-    task = get_task(spec["task"])
-    folder = data_dir(spec.get("data"))
+    if isinstance(spec.get("data"), dict):  # your own data file (peftlab.bench.user_data)
+        from .user_data import UserTask
+
+        task, folder = UserTask(spec["task"], spec["data"], spec["model"], cfg["max_length"]), None
+    else:
+        task, folder = get_task(spec["task"]), data_dir(spec.get("data"))
     train_rows = task.load(folder, "train", cfg.get("train_limit"), spec["seed"])
     dev_rows = task.load(folder, "dev", cfg.get("dev_limit"), 0)
     test_rows = task.load(folder, "test", cfg.get("test_limit"), 0)
@@ -114,12 +118,17 @@ def run(spec: dict) -> dict:
     if checkpointing != "none":
         peftlab.enable_gradient_checkpointing(model, selective=checkpointing == "selective")
     trainable, total = peftlab.count_parameters(model)
-    try:  # peftlab.estimate's predicted peak, shown beside the measured one in the report
-        from ..estimate_cli import bench_estimate_mb
+    estimate_mb = expected_mb = None
+    try:  # peftlab.estimate's tensor peak and expected process peak, shown beside the measured one in the report
+        from ..estimate_cli import bench_estimate
 
-        estimate_mb = bench_estimate_mb(spec, model, task.kind, device, steps)
+        est = bench_estimate(spec, model, task.kind, device, steps)
+        if est is not None:
+            estimate_mb = est.total_peak / 2**20
+            expected = est.expected_process_peak
+            expected_mb = None if expected is None else expected / 2**20
     except Exception:  # the estimate never fails a run (an architecture it does not know, say)
-        estimate_mb = None
+        pass
 
     max_len, eval_bs = cfg["max_length"], cfg.get("eval_batch_size", 64)
 
@@ -174,6 +183,7 @@ def run(spec: dict) -> dict:
         "peak_memory_mb": max(peaks),
         "peak_memory_mb_per_process": peaks,
         "estimate_mb": estimate_mb,
+        "expected_process_mb": expected_mb,
         "processes": ranks.world,
         # throughput over the steps after the first (which pays one-time allocation and warm-up costs)
         "tokens_per_s": result.tokens

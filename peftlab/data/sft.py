@@ -209,6 +209,17 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     return answers
 
 
+def exact_matches(model, tokenizer, metas: list[dict], longest: int, batch_size: int = 32) -> tuple[list[int], list[str]]:
+    """(1/0 per example: the greedy answer equals the reference, whitespace-normalised; the answers).
+
+    ``metas``: the examples' ``{"prompt_ids", "reference"}``; ``longest``: the longest reference in tokens
+    (generation stops at EOS or after ``longest + 2`` new tokens).
+    """
+    answers = generate_answers(model, tokenizer, [m["prompt_ids"] for m in metas], longest + 2, batch_size)
+    norm = [" ".join(a.split()) for a in answers]
+    return [int(a == " ".join(m["reference"].split())) for a, m in zip(norm, metas)], norm
+
+
 def evaluate(
     model,
     tokenizer,
@@ -232,9 +243,7 @@ def evaluate(
             longest = max(ref_tokens)
             scores["reference_max_tokens"] = longest
             if exact_match or longest <= EXACT_MATCH_MAX_TOKENS:
-                answers = generate_answers(model, tokenizer, [m["prompt_ids"] for m in metas], longest + 2, 4 * batch_size)
-                norm = [" ".join(a.split()) for a in answers]
-                hits = [int(a == " ".join(m["reference"].split())) for a, m in zip(norm, metas)]
+                hits, norm = exact_matches(model, tokenizer, metas, longest, 4 * batch_size)
                 scores["exact_match"] = sum(hits) / len(hits)
                 scores["examples"] = [{"reference": m["reference"], "generated": a} for m, a in zip(metas[:5], norm)]
         scores["eval_rows"] = len(dataset)
@@ -243,4 +252,4 @@ def evaluate(
         model.train(was_training)
 
 
-__all__ = ["EXACT_MATCH_MAX_TOKENS", "encode", "render_chat", "join_prompt", "pack", "evaluate", "response_loss"]
+__all__ = ["EXACT_MATCH_MAX_TOKENS", "encode", "render_chat", "join_prompt", "pack", "evaluate", "exact_matches", "response_loss"]

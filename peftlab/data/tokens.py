@@ -83,8 +83,8 @@ def encode(
 
 
 @torch.no_grad()
-def evaluate(model, dataset: ExampleDataset, collator: Collator, labels: list, batch_size: int = 64) -> dict:
-    """``{"f1", "precision", "recall", "token_accuracy", "eval_rows"}`` of ``model`` on ``dataset``."""
+def predict(model, dataset: ExampleDataset, collator: Collator, labels: list, batch_size: int = 64) -> list[list[str]]:
+    """The predicted tag of every word of every example (dataset order); words cut by truncation are "O"."""
     device = next(model.parameters()).device
     preds: list[list[str]] = [[] for _ in range(len(dataset))]
     for indices, batch in eval_batches(dataset, collator, batch_size):
@@ -95,6 +95,12 @@ def evaluate(model, dataset: ExampleDataset, collator: Collator, labels: list, b
             predicted = [str(labels[t]) for t in out[b][keep].tolist()]
             n_words = len(dataset.meta[i]["tags"])
             preds[i] = predicted + ["O"] * (n_words - len(predicted))
+    return preds
+
+
+def evaluate(model, dataset: ExampleDataset, collator: Collator, labels: list, batch_size: int = 64) -> dict:
+    """``{"f1", "precision", "recall", "token_accuracy", "eval_rows"}`` of ``model`` on ``dataset``."""
+    preds = predict(model, dataset, collator, labels, batch_size)
     refs = [m["tags"] for m in dataset.meta]
     scores = entity_f1(preds, refs)
     words = sum(len(r) for r in refs)
@@ -103,4 +109,4 @@ def evaluate(model, dataset: ExampleDataset, collator: Collator, labels: list, b
     return scores
 
 
-__all__ = ["WORD_COLUMNS", "TAG_COLUMNS", "encode", "evaluate"]
+__all__ = ["WORD_COLUMNS", "TAG_COLUMNS", "encode", "predict", "evaluate"]

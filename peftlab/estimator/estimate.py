@@ -78,11 +78,23 @@ class Estimate:
         return self.total_peak - self.weights
 
     @property
+    def expected_process_peak(self) -> int | None:
+        """Bytes the training process is expected to reach: runtime + weights + allocator slack × training peak,
+        from measurements per device (:mod:`peftlab.estimator.process`); None where unmeasured (CUDA)."""
+        from .process import expected_process_peak
+
+        return expected_process_peak(self.device, self.weights, self.training_peak)
+
+    @property
     def logits_loss(self) -> int:
         return self.logits_loss_fused if self.loss == "fused" else self.logits_loss_unfused
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "training_peak": self.training_peak}
+        return {
+            **asdict(self),
+            "training_peak": self.training_peak,
+            "expected_process_peak": self.expected_process_peak,
+        }
 
     def table(self) -> str:
         """The breakdown as a plain-text table (MiB = 2²⁰ bytes)."""
@@ -105,7 +117,10 @@ class Estimate:
             ),
         ]
         rows += [(f"peak at {name}", v) for name, v in self.phases.items()]
-        rows.append(("TOTAL PEAK", self.total_peak))
+        rows.append(("TOTAL PEAK (live tensors)", self.total_peak))
+        expected = self.expected_process_peak
+        if expected is not None:
+            rows.append(("EXPECTED PROCESS PEAK", expected))
         width = max(len(r[0]) for r in rows)
         head = (
             f"{self.model_type} {self.method}: batch {self.batch_size} × "
@@ -117,6 +132,9 @@ class Estimate:
         )
         lines = [head, "-" * (width + 14)]
         lines += [f"{name:<{width}}  {v / mib:>10,.1f} MiB" for name, v in rows]
+        from .process import describe
+
+        lines.append(f"expected process peak: {describe(self.device)}")
         return "\n".join(lines)
 
 
