@@ -31,7 +31,13 @@ def linear_types() -> tuple[type, ...]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, linear_types())
+    """A linear layer: ``y = x Wᵀ + b``. An ``nn.Linear`` subclass that a transformers model file defines with its own
+    forward is not one (Llama-4's router returns ``(scores, logits)``); its weight takes LoRA as a parameter
+    (``LoraConfig.target_parameters``)."""
+    if not isinstance(module, linear_types()):
+        return False
+    cls = type(module)
+    return not (cls.__module__.startswith("transformers.models.") and cls.forward is not nn.Linear.forward)
 
 
 def head_module_names(model: nn.Module) -> set[str]:

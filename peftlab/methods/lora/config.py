@@ -10,6 +10,7 @@ from typing import Any
 from ...core.config import PeftConfig, check_bool, check_int, check_number
 from ...util.errors import ConfigError
 from .inits import check_config
+from .params import check_target_parameters
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -32,6 +33,10 @@ class LoraConfig(PeftConfig):
             output unit times the row-normalised W + s·B A.
         init: "default" (Kaiming A, zero B), "gaussian", "pissa", "pissa_niter_N", "olora", "loftq" or
             "loftq_iter_N" (:mod:`peftlab.methods.lora.inits`).
+        target_parameters: parameters that take a per-expert LoRA in place (3-D expert stacks of MoE blocks, a
+            router's weight; :mod:`peftlab.methods.lora.params`), as names or dotted suffixes
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``). With ``target_modules=None`` only these
+            are adapted (HF PEFT's semantics). Needs dropout 0, no DoRA, init "default" or "gaussian".
     """
 
     method = "lora"
@@ -46,6 +51,7 @@ class LoraConfig(PeftConfig):
     use_kernel: str = "auto"
     use_dora: bool = False
     init: str = "default"
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +71,16 @@ class LoraConfig(PeftConfig):
         for key, value in self.alpha_pattern.items():
             check_number("LoRA", f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
         check_bool("LoRA", "use_dora", self.use_dora)
+        self.target_parameters = check_target_parameters(self.target_parameters)
+        if self.target_parameters:
+            bad = [f for f, bad in (("dropout", self.dropout != 0), ("use_dora", self.use_dora),
+                                    ("init", self.init not in ("default", "gaussian"))) if bad]  # fmt: skip
+            if bad:
+                raise ConfigError(
+                    f"LoRA target_parameters cannot go with {', '.join(f'{f}={getattr(self, f)!r}' for f in bad)}: a "
+                    f"parameter's LoRA is folded into the weight before the module runs, so there is no input to drop "
+                    f"out and no output norm (as in HF PEFT); use dropout=0, use_dora=False, init 'default' or 'gaussian'"
+                )
 
         check_config(self)
 

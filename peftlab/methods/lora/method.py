@@ -11,21 +11,46 @@ from torch import nn
 from ...core.layer import is_conv1d, weight_shape
 from ...core.registry import Injected, Method, register_method
 from ...core.state import base_layer_of
-from ...core.structure import is_linear
+from ...core.structure import base_view, is_linear
 from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
-from .config import LoraConfig
-from .interop import from_peft_config, from_peft_key, prepare_peft_export, to_peft_config, to_peft_key
+from .config import LoraConfig, pattern_value
+from .interop import (
+    from_peft_config,
+    from_peft_key,
+    prepare_peft_export,
+    prepare_peft_import,
+    to_peft_config,
+    to_peft_key,
+)
+from .params import (
+    ParamLoraSlot,
+    fused_expert_parameters,
+    linear_subclass_weights,
+    resolve_parameters,
+    warn_skipped_stacks,
+)
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
 from .variants import apply_init
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
-    """Give every target a :class:`LoraSlot`; set bias trainability per ``config.bias``."""
-    targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
-    check_patterns(config, targets)
+    """Give every target a :class:`LoraSlot` (and every targeted parameter's module a :class:`ParamLoraSlot`);
+    set bias trainability per ``config.bias``."""
+    param_specs = parameter_specs(model, config, txn.skip)
+    if config.target_parameters and config.target_modules is None:
+        targets = []  # HF PEFT: target_parameters alone adapts no module
+    else:
+        targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
+    both = sorted(set(targets) & set(param_specs))
+    if both:
+        raise ConfigError(
+            f"module(s) {both[:3]} are targeted both by target_modules and target_parameters; a module's LoRA goes "
+            f"on its output or on its parameters, not both (HF PEFT refuses this too): drop one of them"
+        )
+    check_patterns(config, targets + [f"{p}.{n}" for p, specs in param_specs.items() for n in specs])
     shapes, init_state = {}, {}
     for path in targets:
         base = base_layer_of(model.get_submodule(path))
@@ -41,6 +66,11 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
             ),
             tensors,
         )
+    for path, specs in param_specs.items():
+        base = base_layer_of(model.get_submodule(path))
+        shapes.update({f"{path}.{n}": list(getattr(base, n).shape) for n in specs})
+        tensors = ParamLoraSlot.make_tensors(base, specs, gaussian=config.init == "gaussian")
+        txn.add_slot(path, lambda layer, specs=specs: ParamLoraSlot(layer, config.adapter_name, specs), tensors)
     extra: list[str] = []
     if config.bias == "all":
         skip = tuple(f"{path}." for path in txn.skip)  # modules_to_save copies carry their own biases
@@ -48,7 +78,34 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     elif config.bias == "lora_only":
         extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(model.get_submodule(path)), "bias", None) is not None]
     fan_in_fan_out = any(is_conv1d(base_layer_of(model.get_submodule(t))) for t in targets)
-    return Injected(targets=targets, shapes=shapes, extra_keys=extra, info={"fan_in_fan_out": fan_in_fan_out})
+    info = {"fan_in_fan_out": fan_in_fan_out}
+    if param_specs:
+        info["target_parameters"] = [f"{p}.{n}" for p, specs in param_specs.items() for n in specs]
+    return Injected(targets=targets + list(param_specs), shapes=shapes, extra_keys=extra, info=info)
+
+
+def parameter_specs(model: nn.Module, config: LoraConfig, skip) -> dict[str, dict[str, tuple[int, float, float]]]:
+    """``{module path: {parameter: (r, alpha, scaling)}}``: ``target_parameters``, plus under ``all-linear`` the
+    expert stacks that are linear layers in the model's checkpoints (:func:`.params.fused_expert_parameters`,
+    rank k·r and alpha k·alpha for a stack fused from k linears, as HF PEFT); the per-module patterns win."""
+    wanted: dict[str, int] = {}
+    if config.target_modules == "all-linear":
+        found = {**fused_expert_parameters(model), **linear_subclass_weights(model)}
+        wanted = {k: v for k, v in found.items() if not any(k.startswith(s + ".") for s in skip)}
+    if config.target_parameters:
+        for path, names in resolve_parameters(model, config.target_parameters, skip).items():
+            wanted.update({f"{path}.{n}": wanted.get(f"{path}.{n}", 1) for n in names})
+    if config.target_modules == "all-linear":
+        warn_skipped_stacks(model, wanted)
+    out: dict[str, dict[str, tuple[int, float, float]]] = {}
+    order = {f"{p}.{n}": i for i, (p, n) in enumerate((p, n) for p, m in base_view(model) for n, _ in m.named_parameters(recurse=False))}
+    for key in sorted(wanted, key=order.__getitem__):
+        k = wanted[key]
+        r = pattern_value(config.rank_pattern, key, config.r * k)
+        alpha = pattern_value(config.alpha_pattern, key, config.alpha * k)
+        path, _, name = key.rpartition(".")
+        out.setdefault(path, {})[name] = (r, alpha, config.scaling(r, alpha))
+    return out
 
 
 def check_patterns(config, targets: list[str]) -> None:
@@ -67,6 +124,11 @@ def check_patterns(config, targets: list[str]) -> None:
 def prepare_export(model: nn.Module, tensors: dict, state) -> dict:
     """HF PEFT export: exact ``target_modules`` (:func:`.interop.prepare_peft_export`), PiSSA/OLoRA folded."""
     return residual_export(model, prepare_peft_export(model, tensors, state), state)
+
+
+def prepare_import(model: nn.Module, tensors: dict, state) -> dict:
+    """HF PEFT import: parameter LoRA's nested keys mapped back, PiSSA/OLoRA residuals taken from our init."""
+    return residual_import(model, prepare_peft_import(model, tensors, state), state)
 
 
 def examples(adapter_name: str, r: int) -> dict[str, LoraConfig]:
@@ -88,6 +150,6 @@ register_method(
         to_peft_key=to_peft_key,
         from_peft_key=from_peft_key,
         prepare_export=prepare_export,
-        prepare_import=residual_import,
+        prepare_import=prepare_import,
     )
 )
