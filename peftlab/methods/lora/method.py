@@ -10,7 +10,7 @@ from torch import nn
 
 from ...core.layer import is_conv1d, weight_shape
 from ...core.registry import Injected, Method, register_method
-from ...core.state import base_layer_of
+from ...core.state import base_layer_of, submodule
 from ...core.structure import base_view, is_linear
 from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
@@ -53,7 +53,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     check_patterns(config, targets + [f"{p}.{n}" for p, specs in param_specs.items() for n in specs])
     shapes, init_state = {}, {}
     for path in targets:
-        base = base_layer_of(model.get_submodule(path))
+        base = base_layer_of(submodule(model, path))
         shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
         scaling = config.scaling(r, alpha)
@@ -67,7 +67,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
             tensors,
         )
     for path, specs in param_specs.items():
-        base = base_layer_of(model.get_submodule(path))
+        base = base_layer_of(submodule(model, path))
         shapes.update({f"{path}.{n}": list(getattr(base, n).shape) for n in specs})
         tensors = ParamLoraSlot.make_tensors(base, specs, gaussian=config.init == "gaussian")
         txn.add_slot(path, lambda layer, specs=specs: ParamLoraSlot(layer, config.adapter_name, specs), tensors)
@@ -76,8 +76,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
         skip = tuple(f"{path}." for path in txn.skip)  # modules_to_save copies carry their own biases
         extra = [n for n, p in model.named_parameters() if "bias" in n and ".lora_" not in n and not n.startswith(skip)]
     elif config.bias == "lora_only":
-        extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(model.get_submodule(path)), "bias", None) is not None]
-    fan_in_fan_out = any(is_conv1d(base_layer_of(model.get_submodule(t))) for t in targets)
+        extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(submodule(model, path)), "bias", None) is not None]
+    fan_in_fan_out = any(is_conv1d(base_layer_of(submodule(model, t))) for t in targets)
     info = {"fan_in_fan_out": fan_in_fan_out}
     if param_specs:
         info["target_parameters"] = [f"{p}.{n}" for p, specs in param_specs.items() for n in specs]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...core.layer import Slot
-from ...core.state import wrapped_layers
+from ...core.state import base_layer_of, submodule, wrapped_layers
 from ...core.structure import base_view, head_module_names, is_linear
 from ...util.errors import ConfigError, TargetError
 
@@ -204,7 +204,7 @@ def fused_expert_parameters(model: nn.Module) -> dict[str, int]:
                 out[key] = k
                 blocks[path.rpartition(".")[0]] = value.shape[0]
     for block, experts in blocks.items():
-        for child_name, child in model.get_submodule(block).named_children():
+        for child_name, child in base_layer_of(submodule(model, block)).named_children():
             child = getattr(child, "base_layer", child)
             weight = getattr(child, "weight", None)
             if is_linear(child) or not isinstance(weight, nn.Parameter) or weight.ndim != 2:

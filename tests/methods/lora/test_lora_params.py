@@ -12,9 +12,9 @@ import warnings
 import pytest
 import torch
 from arch_zoo import build, inputs, labels, logits
-from helpers import perturb
 
 import peftlab
+from helpers import perturb
 from peftlab.util.errors import ConfigError, TargetError
 
 peft = pytest.importorskip("peft")
