@@ -71,6 +71,8 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         module = module.base_layer
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Embedding):  # a linear map of one-hot token ids: d_in = vocabulary, d_out = width
+        return module.num_embeddings, module.embedding_dim
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     raise TypeError(f"cannot read in/out features of {type(module).__name__}")
@@ -83,11 +85,12 @@ def weight_shape(module: nn.Module) -> list[int]:
 
 
 def get_base_weight(module: nn.Module) -> torch.Tensor:
-    """Dense (out, in) weight of a linear-like base layer (a view for plain layers)."""
+    """Dense (out, in) weight of a linear-like base layer (a view for plain layers; an ``nn.Embedding``'s
+    (vocabulary, width) table transposed, as the linear map of one-hot ids it is)."""
     for pred, getter, *_ in _WEIGHT_HANDLERS:
         if pred(module):
             return getter(module)
-    if is_conv1d(module):
+    if is_conv1d(module) or isinstance(module, nn.Embedding):  # stored (in, out)
         return module.weight.data.t()
     return module.weight.data
 
@@ -99,7 +102,7 @@ def set_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
             setter(module, dense)
             return
     target = module.weight.data
-    target.copy_(dense.t() if is_conv1d(module) else dense)
+    target.copy_(dense.t() if is_conv1d(module) or isinstance(module, nn.Embedding) else dense)
 
 
 #: Every per-role dict name a slot class stores tensors in (``lora_A``, ``adapter_down``...), plus

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from ...core.state import base_layer_of, submodule
 from ...core.targeting import exact_targets
-from ...util.errors import ConfigError
+from ...util.errors import AdapterFileError, ConfigError
 from .config import LoraConfig
 from .inits import VALID_INITS, parse_init
 from .params import peft_key_map, peft_parameter_fields
@@ -27,6 +29,8 @@ def to_peft_key(key: str) -> str:
 
 def from_peft_key(key: str) -> str:
     key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    if key.endswith((".lora_embedding_A", ".lora_embedding_B")):  # LoRA on an nn.Embedding
+        return key.replace(".lora_embedding_", ".lora_")
     if key.endswith((".lora_A.weight", ".lora_B.weight")):
         key = key[: -len(".weight")]
     if key.endswith(".lora_magnitude_vector"):  # DoRA
@@ -109,13 +113,36 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
     state.live.objects["peft_target_modules"] = exact_targets(model, linear)
     state.live.objects["peft_parameters"] = peft_parameter_fields(model, state.name, state.config)
     keys = peft_key_map(model, state.name)
+    for path in linear:  # HF PEFT names an embedding's factors lora_embedding_A / _B (no ".weight")
+        if isinstance(base_layer_of(submodule(model, path)), nn.Embedding):
+            keys.update({f"{path}.lora_{x}": f"{path}.lora_embedding_{x}" for x in "AB"})
     return {keys.get(k, k): v for k, v in tensors.items()}
 
 
 def prepare_peft_import(model: nn.Module, tensors: dict, state) -> dict:
-    """HF PEFT's nested ``ParamWrapper`` keys (``experts.base_layer.lora_A``) back to ours."""
+    """HF PEFT's nested ``ParamWrapper`` keys (``experts.base_layer.lora_A``) back to ours; the whole embedding
+    tables HF PEFT saves beside an embedding's LoRA (``save_embedding_layers``) dropped when they are the base
+    model's own.
+
+    Raises:
+        AdapterFileError: a saved embedding table differs from the base model's (a resized vocabulary): load the
+            base model that adapter was trained on.
+    """
     keys = {peft: ours for ours, peft in peft_key_map(model, state.name).items()}
-    return {keys.get(k, k): v for k, v in tensors.items()}
+    out = {}
+    for key, value in tensors.items():
+        path = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        base = base_layer_of(submodule(model, path)) if path and path in state.targets else None
+        if isinstance(base, nn.Embedding):
+            if value.shape != base.weight.shape or not torch.allclose(value.to(base.weight), base.weight):
+                raise AdapterFileError(
+                    f"the HF PEFT adapter saves the embedding table {path} ({list(value.shape)}) and it differs from this "
+                    f"base model's ({list(base.weight.shape)}): it was trained on a changed vocabulary; load that base "
+                    f"model (with its resized embeddings) before importing"
+                )
+            continue
+        out[keys.get(key, key)] = value
+    return out
 
 
 def from_peft_config(data: dict[str, Any]) -> LoraConfig:

@@ -16,6 +16,7 @@ from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
 from .config import LoraConfig, pattern_value
+from .embedding import EmbeddingLoraSlot
 from .interop import (
     from_peft_config,
     from_peft_key,
@@ -43,7 +44,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     if config.target_parameters and config.target_modules is None:
         targets = []  # HF PEFT: target_parameters alone adapts no module
     else:
-        targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
+        targets = resolve_targets(model, config.target_modules, predicate=is_lora_target, skip=txn.skip)
     both = sorted(set(targets) & set(param_specs))
     if both:
         raise ConfigError(
@@ -57,8 +58,12 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
         shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
         scaling = config.scaling(r, alpha)
-        tensors = LoraSlot.make_tensors(base, r)
-        cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
+        if isinstance(base, nn.Embedding):
+            check_embedding_config(config, path)
+            tensors, cls = EmbeddingLoraSlot.make_tensors(base, r), EmbeddingLoraSlot
+        else:
+            tensors = LoraSlot.make_tensors(base, r)
+            cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
         txn.add_slot(
             path,
             lambda layer, r=r, alpha=alpha, scaling=scaling, cls=cls: cls(
@@ -82,6 +87,19 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     if param_specs:
         info["target_parameters"] = [f"{p}.{n}" for p, specs in param_specs.items() for n in specs]
     return Injected(targets=targets + list(param_specs), shapes=shapes, extra_keys=extra, info=info)
+
+
+def is_lora_target(module: nn.Module) -> bool:
+    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding`` when named."""
+    return is_linear(module) or isinstance(module, nn.Embedding)
+
+
+def check_embedding_config(config: LoraConfig, path: str) -> None:
+    if config.use_dora or config.init not in ("default", "gaussian"):
+        raise ConfigError(
+            f"LoRA on the embedding {path} takes the default init (A = 0, B ~ N(0, 1), as HF PEFT) without DoRA; got "
+            f"init={config.init!r}, use_dora={config.use_dora}. Leave the embedding out of target_modules for these"
+        )
 
 
 def parameter_specs(model: nn.Module, config: LoraConfig, skip) -> dict[str, dict[str, tuple[int, float, float]]]:
