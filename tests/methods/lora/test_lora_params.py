@@ -162,9 +162,11 @@ def test_bad_target_parameters_are_refused_with_the_reason():
     assert not hasattr(model, "peftlab_adapters")
 
 
-def test_mixed_batches_refuse_parameter_adapters():
+def test_mixed_batches_and_combine_refuse_parameter_adapters():
     model = peftlab.wrap(build("Qwen3-MoE"), peftlab.LoraConfig(target_parameters=EXPERTS, adapter_name="a"))
     peftlab.wrap(model, peftlab.LoraConfig(target_parameters=EXPERTS, adapter_name="b"))
     with pytest.raises(RuntimeError, match="adapt parameters of"):
         with torch.no_grad():
             model(**inputs("Qwen3-MoE"), adapter_names=["a", "b"])
+    with pytest.raises(ConfigError, match="adapts parameters of .*experts"):
+        peftlab.combine(model, ["a", "b"], [0.5, 0.5], how="svd", new_name="c")
