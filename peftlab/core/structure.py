@@ -31,13 +31,14 @@ def linear_types() -> tuple[type, ...]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A linear layer: ``y = x Wᵀ + b``. An ``nn.Linear`` subclass that a transformers model file defines with its own
-    forward is not one (Llama-4's router returns ``(scores, logits)``); its weight takes LoRA as a parameter
-    (``LoraConfig.target_parameters``)."""
+    """A linear layer: ``y = x Wᵀ + b``. A MoE router that subclasses ``nn.Linear`` with its own forward is not one
+    (Llama-4's ``Llama4Router`` returns ``(scores, logits)``); its weight takes LoRA as a parameter
+    (``LoraConfig.target_parameters``). Other subclasses with their own forward (Falcon's ``FalconLinear``,
+    quantized linears) are."""
     if not isinstance(module, linear_types()):
         return False
     cls = type(module)
-    return not (cls.__module__.startswith("transformers.models.") and cls.forward is not nn.Linear.forward)
+    return not ("router" in cls.__name__.lower() and cls.forward is not nn.Linear.forward)
 
 
 def head_module_names(model: nn.Module) -> set[str]:
