@@ -10,7 +10,6 @@ from typing import Any
 from ...core.config import PeftConfig, check_bool, check_int, check_number
 from ...util.errors import ConfigError
 from .inits import check_config
-from .params import check_target_parameters
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -100,3 +99,17 @@ def pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
+
+
+def check_target_parameters(value) -> list[str] | None:
+    """``target_parameters``: None or a non-empty list of parameter names / dotted suffixes."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, set)):
+        value = sorted(value) if isinstance(value, set) else list(value)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"target_parameters must be a non-empty list of parameter names (a name matches a parameter path equal "
+            f"to it or ending in '.' + name), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']; got {value!r}"
+        )
+    return value

@@ -9,6 +9,7 @@ from torch import nn
 from ...backends.lora_ops import HALF_PRODUCT_DEVICES, lora_gemm_outputs, lora_saved_bytes
 from ...core.registry import EstimateRules
 from ...core.targeting import resolve_targets
+from .params import param_layout, parameter_specs
 
 
 def adapted_linears(model: nn.Module, config, skip: list[str]) -> dict[str, int]:
@@ -20,9 +21,6 @@ def adapted_linears(model: nn.Module, config, skip: list[str]) -> dict[str, int]
 def parameter_lora(model: nn.Module, config, counts) -> list[int]:
     """A (E·r, d_in) and B (d_out, E·r) per adapted parameter (``target_parameters``, all-linear's expert stacks).
     Not modelled: the adapted copy W + s·ΔW of each expert stack that the experts' matmuls keep for backward."""
-    from .method import parameter_specs  # noqa: PLC0415 (method.py imports this module)
-    from .params import param_layout  # noqa: PLC0415
-
     sizes = []
     for path, specs in parameter_specs(model, config, []).items():
         module = model.get_submodule(path)

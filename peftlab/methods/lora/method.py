@@ -11,11 +11,11 @@ from torch import nn
 from ...core.layer import is_conv1d, weight_shape
 from ...core.registry import Injected, Method, register_method
 from ...core.state import base_layer_of, submodule
-from ...core.structure import base_view, is_linear
+from ...core.structure import is_linear
 from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
-from .config import LoraConfig, pattern_value
+from .config import LoraConfig
 from .embedding import EmbeddingLoraSlot
 from .interop import (
     from_peft_config,
@@ -25,13 +25,7 @@ from .interop import (
     to_peft_config,
     to_peft_key,
 )
-from .params import (
-    ParamLoraSlot,
-    fused_expert_parameters,
-    linear_subclass_weights,
-    resolve_parameters,
-    warn_skipped_stacks,
-)
+from .params import ParamLoraSlot, parameter_specs
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
 from .variants import apply_init
@@ -100,30 +94,6 @@ def check_embedding_config(config: LoraConfig, path: str) -> None:
             f"LoRA on the embedding {path} takes the default init (A = 0, B ~ N(0, 1), as HF PEFT) without DoRA; got "
             f"init={config.init!r}, use_dora={config.use_dora}. Leave the embedding out of target_modules for these"
         )
-
-
-def parameter_specs(model: nn.Module, config: LoraConfig, skip) -> dict[str, dict[str, tuple[int, float, float]]]:
-    """``{module path: {parameter: (r, alpha, scaling)}}``: ``target_parameters``, plus under ``all-linear`` the
-    expert stacks that are linear layers in the model's checkpoints (:func:`.params.fused_expert_parameters`,
-    rank k·r and alpha k·alpha for a stack fused from k linears, as HF PEFT); the per-module patterns win."""
-    wanted: dict[str, int] = {}
-    if config.target_modules == "all-linear":
-        found = {**fused_expert_parameters(model), **linear_subclass_weights(model)}
-        wanted = {k: v for k, v in found.items() if not any(k.startswith(s + ".") for s in skip)}
-    if config.target_parameters:
-        for path, names in resolve_parameters(model, config.target_parameters, skip).items():
-            wanted.update({f"{path}.{n}": wanted.get(f"{path}.{n}", 1) for n in names})
-    if config.target_modules == "all-linear":
-        warn_skipped_stacks(model, wanted)
-    out: dict[str, dict[str, tuple[int, float, float]]] = {}
-    order = {f"{p}.{n}": i for i, (p, n) in enumerate((p, n) for p, m in base_view(model) for n, _ in m.named_parameters(recurse=False))}
-    for key in sorted(wanted, key=order.__getitem__):
-        k = wanted[key]
-        r = pattern_value(config.rank_pattern, key, config.r * k)
-        alpha = pattern_value(config.alpha_pattern, key, config.alpha * k)
-        path, _, name = key.rpartition(".")
-        out.setdefault(path, {})[name] = (r, alpha, config.scaling(r, alpha))
-    return out
 
 
 def check_patterns(config, targets: list[str]) -> None:

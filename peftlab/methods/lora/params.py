@@ -30,7 +30,8 @@ from torch import nn
 from ...core.layer import Slot
 from ...core.state import base_layer_of, submodule, wrapped_layers
 from ...core.structure import base_view, head_module_names, is_linear
-from ...util.errors import ConfigError, TargetError
+from ...util.errors import TargetError
+from .config import LoraConfig, pattern_value
 
 ROLE_A, ROLE_B = "lora_param_A", "lora_param_B"
 
@@ -115,20 +116,6 @@ class ParamLoraSlot(Slot):
 
 
 # ---- which parameters ------------------------------------------------------------------------------
-
-
-def check_target_parameters(value) -> list[str] | None:
-    """``target_parameters``: None or a non-empty list of parameter names / dotted suffixes."""
-    if value is None:
-        return None
-    if isinstance(value, (tuple, set)):
-        value = sorted(value) if isinstance(value, set) else list(value)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(
-            f"target_parameters must be a non-empty list of parameter names (a name matches a parameter path equal "
-            f"to it or ending in '.' + name), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']; got {value!r}"
-        )
-    return value
 
 
 def resolve_parameters(model: nn.Module, names: Iterable[str], skip: Iterable[str] = ()) -> dict[str, list[str]]:
@@ -222,6 +209,30 @@ def linear_subclass_weights(model: nn.Module) -> dict[str, int]:
         f"{p}.weight": 1 for p, m in base_view(model)
         if isinstance(m, nn.Linear) and not is_linear(m) and p not in heads and not p.endswith(".base_layer")
     }  # fmt: skip
+
+
+def parameter_specs(model: nn.Module, config: LoraConfig, skip) -> dict[str, dict[str, tuple[int, float, float]]]:
+    """``{module path: {parameter: (r, alpha, scaling)}}``: ``target_parameters``, plus under ``all-linear`` the
+    expert stacks that are linear layers in the model's checkpoints (:func:`.params.fused_expert_parameters`,
+    rank k·r and alpha k·alpha for a stack fused from k linears, as HF PEFT); the per-module patterns win."""
+    wanted: dict[str, int] = {}
+    if config.target_modules == "all-linear":
+        found = {**fused_expert_parameters(model), **linear_subclass_weights(model)}
+        wanted = {k: v for k, v in found.items() if not any(k.startswith(s + ".") for s in skip)}
+    if config.target_parameters:
+        for path, names in resolve_parameters(model, config.target_parameters, skip).items():
+            wanted.update({f"{path}.{n}": wanted.get(f"{path}.{n}", 1) for n in names})
+    if config.target_modules == "all-linear":
+        warn_skipped_stacks(model, wanted)
+    out: dict[str, dict[str, tuple[int, float, float]]] = {}
+    order = {f"{p}.{n}": i for i, (p, n) in enumerate((p, n) for p, m in base_view(model) for n, _ in m.named_parameters(recurse=False))}
+    for key in sorted(wanted, key=order.__getitem__):
+        k = wanted[key]
+        r = pattern_value(config.rank_pattern, key, config.r * k)
+        alpha = pattern_value(config.alpha_pattern, key, config.alpha * k)
+        path, _, name = key.rpartition(".")
+        out.setdefault(path, {})[name] = (r, alpha, config.scaling(r, alpha))
+    return out
 
 
 def warn_skipped_stacks(model: nn.Module, adapted: Iterable[str]) -> None:
