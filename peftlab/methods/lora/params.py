@@ -30,6 +30,7 @@ from torch import nn
 from ...core.layer import Slot
 from ...core.state import base_layer_of, submodule, wrapped_layers
 from ...core.structure import base_view, head_module_names, is_linear
+from ...core.targeting import paths_regex
 from ...util.errors import TargetError
 from .config import LoraConfig, pattern_value
 
@@ -251,19 +252,6 @@ def warn_skipped_stacks(model: nn.Module, adapted: Iterable[str]) -> None:
             f"add target_parameters={names!r}",
             stacklevel=6,  # the caller of peftlab.wrap
         )
-
-
-def paths_regex(paths: list[str]) -> str:
-    """A regex matching exactly ``paths`` (dotted names): one alternative per group differing only in a layer
-    index, e.g. ``model\\.layers\\.(?:0|1)\\.mlp\\.experts\\.gate_up_proj``."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for path in paths:
-        m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
-        if m is None:
-            groups.setdefault((re.escape(path), ""), [])
-            continue
-        groups.setdefault((re.escape(path[: m.start(1)]), re.escape(path[m.end(1) :])), []).append(m.group(1))
-    return "|".join(h if not idx else f"{h}(?:{'|'.join(dict.fromkeys(idx))}){t}" for (h, t), idx in groups.items())
 
 
 # ---- HF PEFT's layout ------------------------------------------------------------------------------
