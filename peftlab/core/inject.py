@@ -27,6 +27,7 @@ from .state import (
     adapter_layers,
     adapters,
     replace_module,
+    submodule,
 )
 from .structure import name_matches
 
@@ -80,7 +81,7 @@ class Injection:
 
     def add_slot(self, path: str, make_slot, tensors: dict[str, Any]) -> Slot:
         """Give the module at ``path`` a slot ``make_slot(layer)`` with ``tensors`` ({role: tensor})."""
-        module = self.model.get_submodule(path)
+        module = submodule(self.model, path)
         if isinstance(module, AdapterLayer):
             layer = module
         else:
@@ -101,11 +102,11 @@ class Injection:
             fn()
         name = self.config.adapter_name
         for path in self.slotted:
-            layer = model.get_submodule(path)
+            layer = submodule(model, path)
             if isinstance(layer, AdapterLayer) and name in layer.slots:
                 layer.remove_slot(name)
         for path in reversed(self.wrapped):
-            layer = model.get_submodule(path)
+            layer = submodule(model, path)
             if isinstance(layer, AdapterLayer) and not layer.slots:
                 replace_module(model, path, layer.base_layer)
         self.live.clear()

@@ -71,6 +71,8 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         module = module.base_layer
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Embedding):  # a linear map of one-hot token ids: d_in = vocabulary, d_out = width
+        return module.num_embeddings, module.embedding_dim
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     raise TypeError(f"cannot read in/out features of {type(module).__name__}")
@@ -83,11 +85,12 @@ def weight_shape(module: nn.Module) -> list[int]:
 
 
 def get_base_weight(module: nn.Module) -> torch.Tensor:
-    """Dense (out, in) weight of a linear-like base layer (a view for plain layers)."""
+    """Dense (out, in) weight of a linear-like base layer (a view for plain layers; an ``nn.Embedding``'s
+    (vocabulary, width) table transposed, as the linear map of one-hot ids it is)."""
     for pred, getter, *_ in _WEIGHT_HANDLERS:
         if pred(module):
             return getter(module)
-    if is_conv1d(module):
+    if is_conv1d(module) or isinstance(module, nn.Embedding):  # stored (in, out)
         return module.weight.data.t()
     return module.weight.data
 
@@ -99,7 +102,7 @@ def set_base_weight(module: nn.Module, dense: torch.Tensor) -> None:
             setter(module, dense)
             return
     target = module.weight.data
-    target.copy_(dense.t() if is_conv1d(module) else dense)
+    target.copy_(dense.t() if is_conv1d(module) or isinstance(module, nn.Embedding) else dense)
 
 
 #: Every per-role dict name a slot class stores tensors in (``lora_A``, ``adapter_down``...), plus
@@ -135,6 +138,10 @@ class Slot:
     replaces_base: bool = False
     #: The method name (for error messages and combine checks).
     method: str = ""
+    #: Names of parameters of the base module that this slot adapts in place (3-D expert stacks, a router's
+    #: weight) instead of adding to the module's output; empty for output-adding slots. Such a slot answers
+    #: :meth:`reparametrized`, and the layer runs the base module's own forward on the adapted values.
+    params: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -185,8 +192,19 @@ class Slot:
         """W' -> W, the inverse of :meth:`merged`. Additive: W' − w·ΔW."""
         return weight_matrix - weight * self.delta_weight().to(weight_matrix.device)
 
+    def reparametrized(self, param: str, value: torch.Tensor, weight: float) -> torch.Tensor:
+        """value + w·ΔW of base parameter ``param`` (differentiable; ``weight`` −w undoes a merge)."""
+        raise MergeError(f"{type(self).__name__} adapts no base parameter {param!r}")
+
     def describe(self) -> str:
         return ""
+
+
+def _describe_base(module: nn.Module) -> str:
+    try:
+        return f"{type(module).__name__} {weight_shape(module)}"
+    except TypeError:
+        return type(module).__name__
 
 
 class AdapterLayer(nn.Module):
@@ -271,11 +289,38 @@ class AdapterLayer(nn.Module):
         if replacing:
             result = replacing[0].contribute(x, None, 1.0, *args, **kwargs)
         else:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self._base_forward(running, x, args, kwargs)
         for slot, weight in running:
-            if not slot.replaces_base:
+            if not slot.replaces_base and not slot.params:
                 result = slot.contribute(x, result, weight)
         return result
+
+    def _base_forward(self, running: list[tuple[Slot, float]], x: torch.Tensor, args: tuple, kwargs: dict):
+        """The base module's forward, on its parameters as the running parameter slots adapt them."""
+        values: dict[str, torch.Tensor] = {}
+        for slot, weight in running:
+            for param in slot.params:
+                current = values[param] if param in values else getattr(self.base_layer, param)
+                values[param] = slot.reparametrized(param, current, weight)
+        if not values:
+            return self.base_layer(x, *args, **kwargs)
+        return torch.func.functional_call(self.base_layer, values, (x, *args), kwargs, strict=False)
+
+    def _fold_params(self, slot: Slot, weight: float, safe: bool, name: str) -> None:
+        """W ← W + w·ΔW for every base parameter ``slot`` adapts (w = −weight undoes it); all or nothing."""
+        new = {}
+        for param in slot.params:
+            current = getattr(self.base_layer, param).data
+            value = slot.reparametrized(param, current.float(), weight)
+            if safe and not torch.isfinite(value).all():
+                raise MergeError(
+                    f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}.{param} "
+                    f"{list(current.shape)}; the adapter is broken. Nothing was written (pass safe=False to merge anyway)"
+                )
+            new[param] = value
+        for param, value in new.items():
+            current = getattr(self.base_layer, param).data
+            current.copy_(value.to(current.dtype))
 
     def _refuse_training_merged(self) -> None:
         """Warn when a merged adapter that is marked trainable runs in training mode: it gets no gradient."""
@@ -301,13 +346,18 @@ class AdapterLayer(nn.Module):
         if any(n == name for n, _ in self.merged_stack):
             raise MergeError(f"adapter {name!r} is already merged; call unmerge() first")
         weight = self.weights.get(name, 1.0)
+        if slot.params:
+            with torch.no_grad():
+                self._fold_params(slot, weight, safe, name)
+            self.merged_stack.append((name, weight))
+            return
         with torch.no_grad():
             current = get_base_weight(self.base_layer)
             new = slot.merged(current.float(), weight)
             if safe and not torch.isfinite(new).all():
                 raise MergeError(
                     f"merging adapter {name!r} would put NaN/inf into the base weight "
-                    f"({type(self.base_layer).__name__} {weight_shape(self.base_layer)}); the adapter is broken. "
+                    f"({_describe_base(self.base_layer)}); the adapter is broken. "
                     f"Nothing was written (pass safe=False to merge anyway)"
                 )
             record = snapshot_base_weight(self.base_layer)
@@ -329,6 +379,16 @@ class AdapterLayer(nn.Module):
         """Raise MergeError if merging ``name`` would write NaN/inf (touches nothing)."""
         slot = self.slots[name]
         if not slot.mergeable:
+            return
+        if slot.params:
+            with torch.no_grad():
+                for param in slot.params:
+                    value = slot.reparametrized(param, getattr(self.base_layer, param).float(), self.weights.get(name, 1.0))
+                    if not torch.isfinite(value).all():
+                        raise MergeError(
+                            f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}.{param}; "
+                            f"nothing was written"
+                        )
             return
         with torch.no_grad():
             new = slot.merged(get_base_weight(self.base_layer).float(), self.weights.get(name, 1.0))
@@ -352,7 +412,9 @@ class AdapterLayer(nn.Module):
             while True:
                 top, weight = self.merged_stack.pop()
                 record = self.__dict__.get("_merge_snapshots", {}).pop(top, None)
-                if record is not None:  # a lossy base: put back the very weight the merge replaced
+                if self.slots[top].params:
+                    self._fold_params(self.slots[top], -weight, False, top)
+                elif record is not None:  # a lossy base: put back the very weight the merge replaced
                     restore_base_weight(self.base_layer, record)
                 else:
                     current = get_base_weight(self.base_layer)

@@ -13,6 +13,7 @@ update lives in the base weights, so any call that changes whether or how strong
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -71,10 +72,35 @@ def check_merge(model: nn.Module, names: Sequence[str], safe: bool = True) -> No
                     layer.check_merge(name)
 
 
+def warn_tied(model: nn.Module, names: Sequence[str]) -> None:
+    """Warn when a merge writes into a weight that another module shares (an input embedding tied to the output
+    head): the other module changes too, so the merged model computes other outputs than the unmerged one."""
+    holders: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(param), []).append(f"{path}.{pname}")
+    for name in names:
+        for path, layer in wrapped_layers(model, name):
+            weight = getattr(layer.base_layer, "weight", None)
+            slot = layer.slots[name]
+            if weight is None or not slot.mergeable or slot.params:
+                continue
+            others = [h for h in holders.get(id(weight), []) if not h.startswith(f"{path}.")]
+            if others:
+                warnings.warn(
+                    f"merging adapter {name!r} into {path}.weight also changes {', '.join(others[:2])}, which shares it "
+                    f"(tied weights): the merged model's outputs differ from the unmerged one's. Untie them first "
+                    f"(e.g. model.config.tie_word_embeddings=False and a copy of the weight for the head), or keep the "
+                    f"adapter unmerged",
+                    stacklevel=3,
+                )
+
+
 def merge_all(model: nn.Module, names: Sequence[str], safe: bool = True) -> None:
     """Merge every adapter in ``names`` (each with its layers' current weight), or none of them."""
     names = list(dict.fromkeys(names))
     check_merge(model, names, safe)
+    warn_tied(model, names)
     done: list = []  # ("method", state) | ("layer", layer, name)
     try:
         for name in names:

@@ -96,9 +96,26 @@ def get_state(model: nn.Module, adapter_name: str | None = None) -> AdapterState
     return states[adapter_name]
 
 
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` by plain path, also inside a wrapped module (a bottleneck adapter around a
+    whole MoE block wraps its experts and router, whose names may clash with the wrapper's own attributes)."""
+    module = model
+    for item in path.split(".") if path else []:
+        holder = module.base_layer if isinstance(module, AdapterLayer) else module
+        child = holder._modules.get(item)
+        if child is None:
+            return model.get_submodule(path)  # torch's own error
+        module = child
+    return module
+
+
 def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module holding ``path``'s last component, that component); inside a wrapped module (a wrapper around a
+    whole MoE block) the holder is the wrapper's base module."""
     parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent = submodule(model, parent_path)
+    if isinstance(parent, AdapterLayer):
+        parent = parent.base_layer
     return parent, child
 
 
@@ -108,10 +125,22 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def adapter_layers(model: nn.Module):
-    """(path, AdapterLayer) for every wrapper in ``model``."""
-    for path, module in model.named_modules():
+    """(path, AdapterLayer) for every wrapper in ``model``, by its plain path (a wrapper nested in another one's
+    base module, e.g. LoRA on experts inside a bottleneck-wrapped MoE block, without the outer ``base_layer``)."""
+    seen: set[int] = set()
+
+    def visit(path: str, module: nn.Module):
+        if id(module) in seen:
+            return
+        seen.add(id(module))
         if isinstance(module, AdapterLayer):
             yield path, module
+            module = module.base_layer
+        for name, child in module.named_children():
+            if child is not None:
+                yield from visit(f"{path}.{name}" if path else name, child)
+
+    yield from visit("", model)
 
 
 def wrapped_layers(model: nn.Module, adapter_name: str | None = None):

@@ -31,7 +31,14 @@ def linear_types() -> tuple[type, ...]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, linear_types())
+    """A linear layer: ``y = x Wᵀ + b``. A MoE router that subclasses ``nn.Linear`` with its own forward is not one
+    (Llama-4's ``Llama4Router`` returns ``(scores, logits)``); its weight takes LoRA as a parameter
+    (``LoraConfig.target_parameters``). Other subclasses with their own forward (Falcon's ``FalconLinear``,
+    quantized linears) are."""
+    if not isinstance(module, linear_types()):
+        return False
+    cls = type(module)
+    return not ("router" in cls.__name__.lower() and cls.forward is not nn.Linear.forward)
 
 
 def head_module_names(model: nn.Module) -> set[str]:
@@ -58,17 +65,26 @@ def name_matches(path: str, name: str) -> bool:
 
 def base_view(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, module) of the model as if unwrapped: a peftlab wrapper shows as its base module
-    under the wrapper's path, and nothing inside a wrapper (base_layer, adapter tensors, head
-    copies) is listed. Targeting a wrapped module adds a slot to its wrapper."""
+    under the wrapper's path, the base module's own submodules under their plain paths (a bottleneck
+    adapter around a whole MoE block leaves its experts targetable as ``...mlp.experts``), and the
+    wrapper's adapter tensors and head copies are not listed. Targeting a wrapped module adds a slot
+    to its wrapper."""
     out: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(w + ".") for w in inside):
-            continue
-        if isinstance(module, AdapterLayer):
-            inside.append(path)
-            module = module.base_layer
-        out.append((path, module))
+    seen: set[int] = set()
+
+    def visit(path: str, module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        out.append((path, base))
+        if isinstance(module, AdapterLayer) and any(s.replaces_base for s in module.slots.values()):
+            return  # a trained head copy computes the output: the modules inside its base never run
+        for name, child in base.named_children():
+            if child is not None:
+                visit(f"{path}.{name}" if path else name, child)
+
+    visit("", model)
     return out
 
 
@@ -141,6 +157,9 @@ class BlockSite:
     ffn_in: list[str] = field(default_factory=list)
     ffn_out: str | None = None
     norms: list[str] = field(default_factory=list)
+    #: the hidden width d of a mixture-of-experts feed-forward, whose ``ffn_out`` (= ``ffn_in[0]``) is the whole
+    #: MoE block (the module holding the experts, router and any shared expert), not a linear layer
+    moe_width: int | None = None
 
 
 @dataclass
@@ -276,6 +295,28 @@ def _has_experts(block: nn.Module) -> bool:
     )
 
 
+def _moe_block(block: nn.Module) -> tuple[str, int] | None:
+    """(path in ``block``, hidden width) of the module that holds a block's experts (Qwen3-MoE's ``mlp``, Jamba's
+    ``feed_forward``, Granite's ``block_sparse_moe``): its input is the sublayer input and its output (or the
+    first element of the tuple it returns) the sublayer output. The width is read from the router beside the
+    experts (a 2-D weight with one row per expert); None when there is no such module or router."""
+    for name, sub in block.named_modules():
+        if not name or not (name.rsplit(".", 1)[-1] == "experts" or "experts" in type(sub).__name__.lower()):
+            continue
+        parent = name.rpartition(".")[0]
+        if not parent:
+            return None
+        stacks = [p for p in sub.parameters(recurse=False) if p.ndim == 3]
+        experts = stacks[0].shape[0] if stacks else len(list(sub.children()))
+        for child_name, child in block.get_submodule(parent).named_children():
+            weight = getattr(getattr(child, "base_layer", child), "weight", None)
+            if child_name != name.rsplit(".", 1)[-1] and isinstance(weight, nn.Parameter) and weight.ndim == 2:
+                if weight.shape[0] == experts:
+                    return parent, weight.shape[1]
+        return None
+    return None
+
+
 def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSite:
     sites = _attention_sites(block, bpath)
     taken = {p for s in sites for p in (*s.projections(), s.o) if p}
@@ -283,7 +324,10 @@ def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSi
     others = [(p, m) for p, m in _linears(block, bpath) if p not in taken and not p.startswith(attn_paths)]
     site = BlockSite(path=bpath, stack=stack, index=index, attention=sites)
     if _has_experts(block):  # a mixture of experts: no single linear layer carries the sublayer's output (a
-        others = []  # shared expert's down_proj is one summand of it), so no feed-forward site is claimed
+        others = []  # shared expert's down_proj is one summand of it): the site is the whole MoE block
+        moe = _moe_block(block)
+        if moe is not None:
+            site.ffn_out, site.ffn_in, site.moe_width = f"{bpath}.{moe[0]}", [f"{bpath}.{moe[0]}"], moe[1]
     if others:
         hidden = _dims(others[0][1])[0]
         outs = [p for p, m in others if _dims(m)[1] == hidden]

@@ -160,15 +160,19 @@ def exact_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
     names = sorted({t.rsplit(".", 1)[-1] for t in targets})
     if {p for p in paths if any(name_matches(p, n) for n in names)} == wanted:
         return names
+    pattern = paths_regex(targets)
+    assert {p for p in paths if re.fullmatch(pattern, p)} == wanted, pattern  # the regex picks exactly the targets
+    return pattern
+
+
+def paths_regex(paths: list[str]) -> str:
+    """A regex that matches exactly ``paths`` (dotted names): one alternative per group of paths that differ only in
+    a layer index, e.g. ``model\\.layers\\.(?:0|1)\\.mlp\\.experts\\.gate_up_proj``."""
     groups: dict[tuple[str, str], list[str]] = {}
-    for path in targets:
+    for path in paths:
         m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
         if m is None:
             groups.setdefault((re.escape(path), ""), [])
             continue
-        head, tail = path[: m.start(1)], path[m.end(1) :]
-        groups.setdefault((re.escape(head), re.escape(tail)), []).append(m.group(1))
-    parts = [head if not idx and not tail else f"{head}(?:{'|'.join(dict.fromkeys(idx))}){tail}" for (head, tail), idx in groups.items()]
-    pattern = "|".join(parts)
-    assert {p for p in paths if re.fullmatch(pattern, p)} == wanted, pattern  # the regex picks exactly the targets
-    return pattern
+        groups.setdefault((re.escape(path[: m.start(1)]), re.escape(path[m.end(1) :])), []).append(m.group(1))
+    return "|".join(h if not idx else f"{h}(?:{'|'.join(dict.fromkeys(idx))}){t}" for (h, t), idx in groups.items())

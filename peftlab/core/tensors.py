@@ -120,9 +120,21 @@ def load_adapter_tensors(
 
 
 def check_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Every targeted module exists and has the saved (out, in) shape."""
+    """Every targeted module exists and has the saved (out, in) shape; a targeted base parameter (``path`` of a
+    parameter, e.g. ``...experts.gate_up_proj``) exists and has the saved full shape."""
     modules = dict(model.named_modules())
     for path, shape in shapes.items():
+        owner, _, param = path.rpartition(".")
+        if path not in modules and owner in modules:
+            base = getattr(modules[owner], "base_layer", modules[owner])
+            value = getattr(base, param, None)
+            if isinstance(value, torch.Tensor):
+                if list(value.shape) != list(shape):
+                    raise AdapterFileError(
+                        f"parameter {path!r}: the adapter was trained for shape {list(shape)} but this base model's is "
+                        f"{list(value.shape)}"
+                    )
+                continue
         if path not in modules:
             raise AdapterFileError(
                 f"the adapter targets module {path!r}, which this base model does not have "

@@ -232,6 +232,12 @@ def _validate(model, names, weights, how, new_name, density) -> None:
                 f"so a weighted sum of its tensors is not a sum of effects; LoRA-family adapters combine"
             )
         for path, slot in _target_slots(model, n).items():
+            if slot.params:
+                raise ConfigError(
+                    f"cannot combine adapter {n!r}: it adapts parameters of {path} ({', '.join(slot.params)}, e.g. MoE "
+                    f"expert stacks via target_parameters), which combine does not handle yet; combine adapters on "
+                    f"linear layers, or merge this one"
+                )
             if stacked and slot.low_rank_factors() is None:
                 raise ConfigError(
                     f"how={how!r} stacks low-rank factors, but adapter {n!r} ({methods[n]}, {type(slot).__name__} on "

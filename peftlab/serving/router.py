@@ -304,6 +304,13 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     batch; LoRA-like slots through the stacked tables; other slots per segment of rows.
     """
     router: Router = layer.router
+    adapting = [n for n in router.adapters if n in layer.slots and layer.slots[n].params]
+    if adapting:
+        raise RuntimeError(
+            f"mixed batch: adapter(s) {adapting} adapt parameters of {type(layer.base_layer).__name__} "
+            f"({', '.join(layer.slots[adapting[0]].params)}), which every row of a call shares (HF PEFT refuses this "
+            f"too); run these adapters in separate calls, or merge one of them"
+        )
     if x.shape[0] != router.batch:
         raise RuntimeError(
             f"mixed batch: a layer got {x.shape[0]} rows but adapter_names routes {router.batch}; "

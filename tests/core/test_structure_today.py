@@ -29,8 +29,11 @@ def test_mla_projections_have_roles():
     assert site.q_a.endswith("q_a_proj") and site.q.endswith("q_b_proj")
     assert site.kv_a.endswith("kv_a_proj_with_mqa") and site.kv.endswith("kv_b_proj") and site.o.endswith("o_proj")
     assert default_targets(build("DeepSeek-V3")) == ["q_b_proj", "kv_b_proj"]
-    # layer 0 is dense (its MLP is the ffn), layer 1 a mixture of experts (no single module carries its output)
-    assert found.blocks[0].ffn_out.endswith("mlp.down_proj") and found.blocks[1].ffn_out is None
+    # layer 0 is dense (its MLP's down_proj is the ffn output), layer 1 a mixture of experts: the whole MoE block
+    # (experts, router and shared experts) carries its output
+    assert found.blocks[0].ffn_out.endswith("mlp.down_proj") and found.blocks[0].moe_width is None
+    assert found.blocks[1].ffn_out == found.blocks[1].ffn_in[0] == "model.layers.1.mlp"
+    assert found.blocks[1].moe_width == 32
 
 
 @pytest.mark.parametrize("label", ["CLIP", "SigLIP", "Wav2Vec2", "ViT", "Swin", "Whisper"])

@@ -266,3 +266,15 @@ def test_bench_harness_estimate():
     cfg = peftlab.AdapterConfig(style="houlsby", reduction_factor=4, modules_to_save=["classifier"])
     assert value == estimate(model.config, cfg, 4, 16, precision="fp32", device="cpu").total_peak / 2**20
     assert bench_estimate_mb({**spec, "method": "hf-lora"}, model, "seq-cls", "cpu", 10) is None
+
+
+def test_parameter_lora_is_counted():
+    """target_parameters alone adapts no module (HF PEFT's semantics): the count is E·r·(d_in + d_out) per
+    parameter (here 2-D down_proj weights, E = 1), as the wrapped model has."""
+    cfg = peftlab.LoraConfig(r=4, target_parameters=["mlp.down_proj.weight"])
+    est = estimate(TINY_LLAMA, cfg, 1, 8, precision="fp32", device="cpu")
+    assert est.trainable_params == 2 * (4 * 64 + 32 * 4)
+    import transformers
+
+    model = transformers.LlamaForCausalLM(_config(TINY_LLAMA))
+    assert peftlab.count_parameters(peftlab.wrap(model, cfg))[0] == est.trainable_params

@@ -30,7 +30,7 @@ from torch import nn
 from ...core.config import PeftConfig, check_int, check_number
 from ...core.layer import Slot, layer_dims, weight_shape
 from ...core.registry import Injected, Method, register_method
-from ...core.state import base_layer_of, get_state, slots_of
+from ...core.state import base_layer_of, get_state, slots_of, submodule
 from ...core.structure import is_linear
 from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
@@ -188,7 +188,7 @@ def inject_adalora(model: nn.Module, config: AdaLoraConfig, txn) -> dict[str, An
     targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
     shapes = {}
     for path in targets:
-        base = base_layer_of(model.get_submodule(path))
+        base = base_layer_of(submodule(model, path))
         shapes[path] = weight_shape(base)
         txn.add_slot(
             path,
@@ -341,7 +341,7 @@ def prepare_import(model, tensors: dict, state) -> dict:
     out = dict(tensors)
     for path, keep in pattern.items():
         idx = torch.tensor(keep)
-        layer = model.get_submodule(path).slots[state.name]
+        layer = submodule(model, path).slots[state.name]
         full_a = torch.zeros_like(layer.lora_A, device="cpu")
         full_b = torch.zeros_like(layer.lora_B, device="cpu")
         full_e = torch.zeros_like(layer.lora_E, device="cpu")

@@ -27,7 +27,7 @@ from torch import nn
 from ...core.config import PeftConfig, check_bool, check_int, check_number
 from ...core.layer import Slot, layer_dims, weight_shape
 from ...core.registry import Injected, Method, register_method
-from ...core.state import base_layer_of
+from ...core.state import base_layer_of, submodule
 from ...util.errors import ConfigError, TargetError
 from . import estimate
 from .sites import find_norms, find_sites
@@ -143,9 +143,15 @@ class BottleneckSlot(Slot):
         self.captured: torch.Tensor | None = None
 
     @staticmethod
-    def make_tensors(base_layer: nn.Module, bottleneck: int, d_in: int | None = None) -> dict[str, nn.Module]:
-        _, d = layer_dims(base_layer)
+    def make_tensors(
+        base_layer: nn.Module, bottleneck: int, d_in: int | None = None, d: int | None = None
+    ) -> dict[str, nn.Module]:
+        """``adapter_down`` (d_in -> m) and ``adapter_up`` (m -> d, zeros); d is the base's output width (given
+        for a module that is not a linear layer, e.g. a whole MoE block)."""
+        d = d or layer_dims(base_layer)[1]
         weight = getattr(base_layer, "weight", None)
+        if weight is None:  # a MoE block: the dtype and device of its parameters
+            weight = next((p for p in base_layer.parameters() if p.is_floating_point()), None)
         dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         device = weight.device if weight is not None else None
         up = nn.Linear(bottleneck, d, device=device, dtype=dtype)
@@ -161,12 +167,17 @@ class BottleneckSlot(Slot):
             x = F.dropout(x, self.dropout_p, self.training)
         return up(self.activation(down(x)))
 
-    def contribute(self, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
+    def contribute(self, x: torch.Tensor, result, weight: float):
+        """The adapted sublayer output; a module returning a tuple (a MoE block's ``(hidden, router_logits)``)
+        has its first element adapted."""
+        if isinstance(result, tuple):
+            return (self.contribute(x, result[0], weight), *result[1:])
         if self.parallel:
             u, self.captured = self.captured, None
             if u is None:
                 raise RuntimeError("parallel adapter: the sublayer input was not captured (pre-hook missing)")
-            return result + (weight * self.scale * self.adapt(u)).to(result.dtype)
+            delta = (weight * self.scale * self.adapt(u)).to(result.dtype)
+            return result + delta.reshape(result.shape)  # a MoE block may return its tokens flattened (Llama-4)
         delta = self.adapt(result)
         return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
@@ -198,8 +209,8 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, An
             )
     targets, shapes = [], {}
     for site in chosen:
-        base = base_layer_of(model.get_submodule(site.out))
-        _, d = layer_dims(base)
+        base = base_layer_of(submodule(model, site.out))
+        d = site.width or layer_dims(base)[1]
         if parallel and not site.inp:
             raise TargetError(
                 f"parallel adapter: no sublayer-input module for {site.kind} of block {site.index} ({site.out}); "
@@ -210,19 +221,20 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, An
             lambda wrapper: BottleneckSlot(
                 wrapper, config.adapter_name, config.activation, config.dropout, parallel, config.scale
             ),
-            BottleneckSlot.make_tensors(base, config.bottleneck(site.index, d)),
+            BottleneckSlot.make_tensors(base, config.bottleneck(site.index, d), d=d),
         )
         if parallel:
-            txn.hook(model.get_submodule(site.inp).register_forward_pre_hook(_capture(slot), with_kwargs=True))
+            txn.hook(submodule(model, site.inp).register_forward_pre_hook(_capture(slot), with_kwargs=True))
         targets.append(site.out)
-        shapes[site.out] = weight_shape(base)
+        if site.width is None:  # a linear layer (a MoE block has no single weight to check)
+            shapes[site.out] = weight_shape(base)
     extra: list[str] = []
     if config.train_layernorm:
         norms = find_norms(model, config.norms, config.layers)
         if not norms:
             raise ConfigError("train_layernorm=True: no norm modules found in the blocks; name them with the `norms` regex")
         for path in norms:
-            extra.extend(f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters())
+            extra.extend(f"{path}.{n}" for n, _ in submodule(model, path).named_parameters())
     return Injected(targets=targets, shapes=shapes, extra_keys=extra)
 
 

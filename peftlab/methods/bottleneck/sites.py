@@ -10,7 +10,8 @@ encoder's and a decoder's blocks of a seq2seq model) there are two sites:
   input *is* the sublayer input; parallel adapters read it there (a forward pre-hook).
 * ``ffn``: the feed-forward sublayer; ``out`` = its output projection (``down_proj``, ``fc2``, ``wo``,
   ``output.dense``...), ``in`` = its first input projection (``gate_proj``, ``fc1``, ``wi``,
-  ``intermediate.dense``...).
+  ``intermediate.dense``...). In a mixture-of-experts block both are the whole MoE module (experts, router
+  and shared expert together), so the adapter sees the sublayer's full output.
 
 Cross-attention sublayers of decoder blocks get no adapter (as AdapterHub's default configs).
 Where the structure can't tell (a model that is not built of repeated attention blocks), the
@@ -41,6 +42,7 @@ class Site:
     kind: str
     out: str
     inp: str | None
+    width: int | None = None  # d of a site whose ``out`` is a whole MoE block (not a linear layer)
 
 
 def _regex_matches(model: nn.Module, pattern: str) -> dict[int, str]:
@@ -75,7 +77,8 @@ def find_sites(model: nn.Module, overrides: dict[str, str | None] | None = None)
             first = attn.path  # the attention module's input (Longformer's q reads a transposed copy of it)
             sites.append(Site(block.stack, block.index, "attn", attn.o, first))
         if block.ffn_out:
-            sites.append(Site(block.stack, block.index, "ffn", block.ffn_out, block.ffn_in[0] if block.ffn_in else None))
+            inp = block.ffn_in[0] if block.ffn_in else None
+            sites.append(Site(block.stack, block.index, "ffn", block.ffn_out, inp, block.moe_width))
     if not any(f"{k}_out" in given or f"{k}_in" in given for k in KINDS):
         if not sites:
             model_type = getattr(getattr(model, "config", None), "model_type", None)

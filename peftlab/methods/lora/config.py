@@ -32,6 +32,10 @@ class LoraConfig(PeftConfig):
             output unit times the row-normalised W + s·B A.
         init: "default" (Kaiming A, zero B), "gaussian", "pissa", "pissa_niter_N", "olora", "loftq" or
             "loftq_iter_N" (:mod:`peftlab.methods.lora.inits`).
+        target_parameters: parameters that take a per-expert LoRA in place (3-D expert stacks of MoE blocks, a
+            router's weight; :mod:`peftlab.methods.lora.params`), as names or dotted suffixes
+            (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``). With ``target_modules=None`` only these
+            are adapted (HF PEFT's semantics). Needs dropout 0, no DoRA, init "default" or "gaussian".
     """
 
     method = "lora"
@@ -46,6 +50,7 @@ class LoraConfig(PeftConfig):
     use_kernel: str = "auto"
     use_dora: bool = False
     init: str = "default"
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +70,16 @@ class LoraConfig(PeftConfig):
         for key, value in self.alpha_pattern.items():
             check_number("LoRA", f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
         check_bool("LoRA", "use_dora", self.use_dora)
+        self.target_parameters = check_target_parameters(self.target_parameters)
+        if self.target_parameters:
+            bad = [f for f, bad in (("dropout", self.dropout != 0), ("use_dora", self.use_dora),
+                                    ("init", self.init not in ("default", "gaussian"))) if bad]  # fmt: skip
+            if bad:
+                raise ConfigError(
+                    f"LoRA target_parameters cannot go with {', '.join(f'{f}={getattr(self, f)!r}' for f in bad)}: a "
+                    f"parameter's LoRA is folded into the weight before the module runs, so there is no input to drop "
+                    f"out and no output norm (as in HF PEFT); use dropout=0, use_dora=False, init 'default' or 'gaussian'"
+                )
 
         check_config(self)
 
@@ -84,3 +99,17 @@ def pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
+
+
+def check_target_parameters(value) -> list[str] | None:
+    """``target_parameters``: None or a non-empty list of parameter names / dotted suffixes."""
+    if value is None:
+        return None
+    if isinstance(value, (tuple, set)):
+        value = sorted(value) if isinstance(value, set) else list(value)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"target_parameters must be a non-empty list of parameter names (a name matches a parameter path equal "
+            f"to it or ending in '.' + name), e.g. ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']; got {value!r}"
+        )
+    return value

@@ -9,10 +9,25 @@ from torch import nn
 from ...backends.lora_ops import HALF_PRODUCT_DEVICES, lora_gemm_outputs, lora_saved_bytes
 from ...core.registry import EstimateRules
 from ...core.targeting import resolve_targets
+from .params import param_layout, parameter_specs
 
 
 def adapted_linears(model: nn.Module, config, skip: list[str]) -> dict[str, int]:
+    if getattr(config, "target_parameters", None) and config.target_modules is None:
+        return {}  # the parameters alone (HF PEFT's semantics)
     return {path: config.rank_and_alpha(path)[0] for path in resolve_targets(model, config.target_modules, skip=skip)}
+
+
+def parameter_lora(model: nn.Module, config, counts) -> list[int]:
+    """A (E·r, d_in) and B (d_out, E·r) per adapted parameter (``target_parameters``, all-linear's expert stacks).
+    Not modelled: the adapted copy W + s·ΔW of each expert stack that the experts' matmuls keep for backward."""
+    sizes = []
+    for path, specs in parameter_specs(model, config, []).items():
+        module = model.get_submodule(path)
+        for name, (r, _, _) in specs.items():
+            experts, d_in, d_out, _ = param_layout(module, getattr(module, name))
+            sizes += [experts * r * d_in, d_out * experts * r]
+    return sizes
 
 
 def linear_params(r: int, d_in: int, d_out: int) -> list[int]:
@@ -42,5 +57,6 @@ RULES = EstimateRules(
     linear_params=linear_params,
     linear_saved=linear_saved,
     trains_base=trains_base,
+    extra_params=parameter_lora,
     quantized_base=True,
 )

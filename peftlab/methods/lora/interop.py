@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from ...core.state import base_layer_of, submodule
 from ...core.targeting import exact_targets
-from ...util.errors import ConfigError
+from ...util.errors import AdapterFileError, ConfigError
 from .config import LoraConfig
 from .inits import VALID_INITS, parse_init
+from .params import peft_key_map, peft_parameter_fields
 from .residual import residual_peft_config
 
 PEFT_PREFIX = "base_model.model."
@@ -26,6 +29,8 @@ def to_peft_key(key: str) -> str:
 
 def from_peft_key(key: str) -> str:
     key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    if key.endswith((".lora_embedding_A", ".lora_embedding_B")):  # LoRA on an nn.Embedding
+        return key.replace(".lora_embedding_", ".lora_")
     if key.endswith((".lora_A.weight", ".lora_B.weight")):
         key = key[: -len(".weight")]
     if key.endswith(".lora_magnitude_vector"):  # DoRA
@@ -34,6 +39,7 @@ def from_peft_key(key: str) -> str:
 
 
 def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
+    params = state.live.objects.get("peft_parameters") or {}
     return residual_peft_config(config, {
         "peft_type": "LORA",
         "task_type": state.info.get("task_type"),
@@ -45,8 +51,9 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
         "target_modules": state.live.objects.get(
             "peft_target_modules", sorted({t.rsplit(".", 1)[-1] for t in state.targets})
         ),
-        "rank_pattern": dict(config.rank_pattern),
-        "alpha_pattern": dict(config.alpha_pattern),
+        "rank_pattern": {**config.rank_pattern, **params.get("rank_pattern", {})},
+        "alpha_pattern": {**config.alpha_pattern, **params.get("alpha_pattern", {})},
+        "target_parameters": params.get("target_parameters"),
         "modules_to_save": config.modules_to_save,
         "fan_in_fan_out": state.info.get("fan_in_fan_out", False),
         "init_lora_weights": to_peft_init(config)[0],
@@ -59,7 +66,7 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
 #: HF PEFT LoraConfig fields that from_peft_config maps onto ours
 PEFT_MAPPED = frozenset({
     "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "rank_pattern", "alpha_pattern",
-    "modules_to_save", "use_dora", "init_lora_weights", "loftq_config",
+    "modules_to_save", "use_dora", "init_lora_weights", "loftq_config", "target_parameters",
 })  # fmt: skip
 #: fields that do not change what the adapter computes: bookkeeping, runtime settings, the layout of Conv1D
 #: weights (found from the module itself), and options that only matter together with a refused one
@@ -91,7 +98,9 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
             fused expert parameters instead and silently drop these tensors.
     """
     renames = _peft_moe_renames(model)
-    lost = [t for t in state.targets if t.rsplit(".", 1)[-1] in renames]
+    param_modules = {p.rpartition(".")[0] for p in state.info.get("target_parameters", [])}
+    linear = [t for t in state.targets if t not in param_modules]
+    lost = [t for t in linear if t.rsplit(".", 1)[-1] in renames]
     if lost:
         model_type = model.config.model_type
         raise ConfigError(
@@ -101,13 +110,44 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
             f"({'/'.join(sorted(set(renames.values())))}), whatever path or regex names it, so these modules' LoRA "
             f"would be dropped; save with peftlab.save_adapter, or leave those modules out of an HF PEFT export"
         )
-    state.live.objects["peft_target_modules"] = exact_targets(model, list(state.targets))
-    return tensors
+    state.live.objects["peft_target_modules"] = exact_targets(model, linear)
+    state.live.objects["peft_parameters"] = peft_parameter_fields(model, state.name, state.config)
+    keys = peft_key_map(model, state.name)
+    for path in linear:  # HF PEFT names an embedding's factors lora_embedding_A / _B (no ".weight")
+        if isinstance(base_layer_of(submodule(model, path)), nn.Embedding):
+            keys.update({f"{path}.lora_{x}": f"{path}.lora_embedding_{x}" for x in "AB"})
+    return {keys.get(k, k): v for k, v in tensors.items()}
+
+
+def prepare_peft_import(model: nn.Module, tensors: dict, state) -> dict:
+    """HF PEFT's nested ``ParamWrapper`` keys (``experts.base_layer.lora_A``) back to ours; the whole embedding
+    tables HF PEFT saves beside an embedding's LoRA (``save_embedding_layers``) dropped when they are the base
+    model's own.
+
+    Raises:
+        AdapterFileError: a saved embedding table differs from the base model's (a resized vocabulary): load the
+            base model that adapter was trained on.
+    """
+    keys = {peft: ours for ours, peft in peft_key_map(model, state.name).items()}
+    out = {}
+    for key, value in tensors.items():
+        path = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        base = base_layer_of(submodule(model, path)) if path and path in state.targets else None
+        if isinstance(base, nn.Embedding):
+            if value.shape != base.weight.shape or not torch.allclose(value.to(base.weight), base.weight):
+                raise AdapterFileError(
+                    f"the HF PEFT adapter saves the embedding table {path} ({list(value.shape)}) and it differs from this "
+                    f"base model's ({list(base.weight.shape)}): it was trained on a changed vocabulary; load that base "
+                    f"model (with its resized embeddings) before importing"
+                )
+            continue
+        out[keys.get(key, key)] = value
+    return out
 
 
 def from_peft_config(data: dict[str, Any]) -> LoraConfig:
     # every other field (exclude_modules, lora_bias, trainable_token_indices, layer_replication, aLoRA's
-    # alora_invocation_tokens, use_qalora, target_parameters, layers_to_transform, megatron_config, ... and any
+    # alora_invocation_tokens, use_qalora, layers_to_transform, megatron_config, ... and any
     # field a newer peft adds) is refused by name when set: peftlab does not implement it, and loading the
     # weights without it would compute something else
     unsupported = {
@@ -123,6 +163,10 @@ def from_peft_config(data: dict[str, Any]) -> LoraConfig:
     targets = data.get("target_modules")
     if isinstance(targets, (list, set, tuple)):
         targets = sorted(targets)
+    parameters = data.get("target_parameters")
+    parameters = sorted(parameters) if parameters else None
+    if parameters and not targets:
+        targets = None  # HF PEFT's target_modules=[] with target_parameters: the parameters alone
     return LoraConfig(
         r=data["r"],
         alpha=data.get("lora_alpha", 8),
@@ -135,6 +179,7 @@ def from_peft_config(data: dict[str, Any]) -> LoraConfig:
         modules_to_save=data.get("modules_to_save"),
         use_dora=bool(data.get("use_dora", False)),
         init=from_peft_init(data),
+        target_parameters=parameters,
     )
 
 

@@ -10,30 +10,54 @@ from torch import nn
 
 from ...core.layer import is_conv1d, weight_shape
 from ...core.registry import Injected, Method, register_method
-from ...core.state import base_layer_of
+from ...core.state import base_layer_of, submodule
 from ...core.structure import is_linear
 from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
 from .config import LoraConfig
-from .interop import from_peft_config, from_peft_key, prepare_peft_export, to_peft_config, to_peft_key
+from .embedding import EmbeddingLoraSlot
+from .interop import (
+    from_peft_config,
+    from_peft_key,
+    prepare_peft_export,
+    prepare_peft_import,
+    to_peft_config,
+    to_peft_key,
+)
+from .params import ParamLoraSlot, parameter_specs
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
 from .variants import apply_init
 
 
 def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
-    """Give every target a :class:`LoraSlot`; set bias trainability per ``config.bias``."""
-    targets = resolve_targets(model, config.target_modules, predicate=is_linear, skip=txn.skip)
-    check_patterns(config, targets)
+    """Give every target a :class:`LoraSlot` (and every targeted parameter's module a :class:`ParamLoraSlot`);
+    set bias trainability per ``config.bias``."""
+    param_specs = parameter_specs(model, config, txn.skip)
+    if config.target_parameters and config.target_modules is None:
+        targets = []  # HF PEFT: target_parameters alone adapts no module
+    else:
+        targets = resolve_targets(model, config.target_modules, predicate=is_lora_target, skip=txn.skip)
+    both = sorted(set(targets) & set(param_specs))
+    if both:
+        raise ConfigError(
+            f"module(s) {both[:3]} are targeted both by target_modules and target_parameters; a module's LoRA goes "
+            f"on its output or on its parameters, not both (HF PEFT refuses this too): drop one of them"
+        )
+    check_patterns(config, targets + [f"{p}.{n}" for p, specs in param_specs.items() for n in specs])
     shapes, init_state = {}, {}
     for path in targets:
-        base = base_layer_of(model.get_submodule(path))
+        base = base_layer_of(submodule(model, path))
         shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
         scaling = config.scaling(r, alpha)
-        tensors = LoraSlot.make_tensors(base, r)
-        cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
+        if isinstance(base, nn.Embedding):
+            check_embedding_config(config, path)
+            tensors, cls = EmbeddingLoraSlot.make_tensors(base, r), EmbeddingLoraSlot
+        else:
+            tensors = LoraSlot.make_tensors(base, r)
+            cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
         txn.add_slot(
             path,
             lambda layer, r=r, alpha=alpha, scaling=scaling, cls=cls: cls(
@@ -41,14 +65,35 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
             ),
             tensors,
         )
+    for path, specs in param_specs.items():
+        base = base_layer_of(submodule(model, path))
+        shapes.update({f"{path}.{n}": list(getattr(base, n).shape) for n in specs})
+        tensors = ParamLoraSlot.make_tensors(base, specs, gaussian=config.init == "gaussian")
+        txn.add_slot(path, lambda layer, specs=specs: ParamLoraSlot(layer, config.adapter_name, specs), tensors)
     extra: list[str] = []
     if config.bias == "all":
         skip = tuple(f"{path}." for path in txn.skip)  # modules_to_save copies carry their own biases
         extra = [n for n, p in model.named_parameters() if "bias" in n and ".lora_" not in n and not n.startswith(skip)]
     elif config.bias == "lora_only":
-        extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(model.get_submodule(path)), "bias", None) is not None]
-    fan_in_fan_out = any(is_conv1d(base_layer_of(model.get_submodule(t))) for t in targets)
-    return Injected(targets=targets, shapes=shapes, extra_keys=extra, info={"fan_in_fan_out": fan_in_fan_out})
+        extra = [f"{path}.base_layer.bias" for path in targets if getattr(base_layer_of(submodule(model, path)), "bias", None) is not None]
+    fan_in_fan_out = any(is_conv1d(base_layer_of(submodule(model, t))) for t in targets)
+    info = {"fan_in_fan_out": fan_in_fan_out}
+    if param_specs:
+        info["target_parameters"] = [f"{p}.{n}" for p, specs in param_specs.items() for n in specs]
+    return Injected(targets=targets + list(param_specs), shapes=shapes, extra_keys=extra, info=info)
+
+
+def is_lora_target(module: nn.Module) -> bool:
+    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding`` when named."""
+    return is_linear(module) or isinstance(module, nn.Embedding)
+
+
+def check_embedding_config(config: LoraConfig, path: str) -> None:
+    if config.use_dora or config.init not in ("default", "gaussian"):
+        raise ConfigError(
+            f"LoRA on the embedding {path} takes the default init (A = 0, B ~ N(0, 1), as HF PEFT) without DoRA; got "
+            f"init={config.init!r}, use_dora={config.use_dora}. Leave the embedding out of target_modules for these"
+        )
 
 
 def check_patterns(config, targets: list[str]) -> None:
@@ -67,6 +112,11 @@ def check_patterns(config, targets: list[str]) -> None:
 def prepare_export(model: nn.Module, tensors: dict, state) -> dict:
     """HF PEFT export: exact ``target_modules`` (:func:`.interop.prepare_peft_export`), PiSSA/OLoRA folded."""
     return residual_export(model, prepare_peft_export(model, tensors, state), state)
+
+
+def prepare_import(model: nn.Module, tensors: dict, state) -> dict:
+    """HF PEFT import: parameter LoRA's nested keys mapped back, PiSSA/OLoRA residuals taken from our init."""
+    return residual_import(model, prepare_peft_import(model, tensors, state), state)
 
 
 def examples(adapter_name: str, r: int) -> dict[str, LoraConfig]:
@@ -88,6 +138,6 @@ register_method(
         to_peft_key=to_peft_key,
         from_peft_key=from_peft_key,
         prepare_export=prepare_export,
-        prepare_import=residual_import,
+        prepare_import=prepare_import,
     )
 )

@@ -1,0 +1,172 @@
+"""LoRA on parameters (``target_parameters``): per-expert LoRA on 3-D MoE expert stacks and on a router's weight.
+
+References: a hand-written per-expert loop (W_e + s·B_e A_e with HF PEFT's factor layout) and HF PEFT itself
+(``PeftModel.from_pretrained`` on our export computes our logits; native HF PEFT counts the same parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from arch_zoo import build, inputs, labels, logits
+
+import peftlab
+from helpers import perturb
+from peftlab.util.errors import ConfigError, TargetError
+
+peft = pytest.importorskip("peft")
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def _out(model, arch):
+    with torch.no_grad():
+        return logits(model(**inputs(arch)))
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _peft_native(arch, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(build(arch), peft.LoraConfig(r=2, lora_alpha=4, **kw))
+
+
+@pytest.mark.parametrize("arch", ["Qwen3-MoE", "GPT-OSS"])  # (E, out, in) and GPT-OSS's transposed (E, in, out)
+def test_per_expert_update_matches_a_loop_over_experts(arch):
+    """Adapted logits == the base model whose expert e is W_e + s·B_e A_e (B_e = B.view(d_out, r, E)[:, :, e])."""
+    model = peftlab.wrap(build(arch), peftlab.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS))
+    perturb(model, scale=0.2)
+    reference = build(arch)
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            if not hasattr(module, "lora_param_A"):
+                continue
+            base = reference.get_submodule(path)
+            transposed = getattr(base, "is_transposed", False)
+            for param in ("gate_up_proj", "down_proj"):
+                a, b = module.lora_param_A["default"][param], module.lora_param_B["default"][param]
+                w = getattr(base, param)
+                experts, r = w.shape[0], a.shape[0] // w.shape[0]
+                for e in range(experts):
+                    a_e = a[e * r : (e + 1) * r]  # (r, d_in)
+                    b_e = b.view(b.shape[0], r, experts)[:, :, e]  # (d_out, r)
+                    delta = 2.0 * (b_e @ a_e)  # s = alpha / r = 2, (d_out, d_in)
+                    w[e] += delta.t() if transposed else delta
+    assert torch.allclose(_out(model, arch), _out(reference, arch), atol=1e-5)
+    assert not torch.allclose(_out(model, arch), _out(build(arch), arch), atol=1e-3)
+
+
+def test_merge_and_unmerge_are_exact():
+    arch = "Mixtral"
+    model = peftlab.wrap(build(arch), peftlab.LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    perturb(model, scale=0.2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n and "lora" not in n}
+    expected = _out(model, arch)
+    peftlab.merge(model)
+    assert torch.allclose(_out(model, arch), expected, atol=1e-5)
+    merged = dict(model.named_parameters())
+    assert any(not torch.equal(merged[n], v) for n, v in before.items())  # the stacks changed
+    peftlab.unmerge(model)
+    assert torch.allclose(_out(model, arch), expected, atol=1e-5)
+    after = dict(model.named_parameters())
+    assert all(torch.allclose(after[n], v, atol=1e-6) for n, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "arch, kw",
+    [
+        ("Qwen3-MoE", dict(target_modules="all-linear")),  # experts (gate_up at 2r, as HF PEFT) + router + attention
+        ("Mixtral", dict(target_parameters=EXPERTS)),  # the parameters alone (HF PEFT: target_modules=[])
+        ("GPT-OSS", dict(target_modules=["q_proj", "v_proj"], target_parameters=EXPERTS)),  # transposed stacks
+    ],
+)
+def test_export_loads_in_peft_with_our_logits_and_imports_back(tmp_path, arch, kw):
+    model = peftlab.wrap(build(arch), peftlab.LoraConfig(r=2, alpha=4, **kw))
+    perturb(model, scale=0.2)
+    ours = _out(model, arch)
+    peftlab.export_peft(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build(arch), tmp_path).eval()
+    assert torch.allclose(_out(loaded, arch), ours, atol=1e-5)
+    native = _peft_native(arch, target_modules=kw.get("target_modules", []), target_parameters=kw.get("target_parameters"))
+    assert _trainable(model) == _trainable(native)
+    back = peftlab.import_peft(build(arch), tmp_path)
+    assert torch.allclose(_out(back, arch), ours, atol=1e-6)
+
+
+def test_all_linear_adapts_the_experts_and_router_as_peft_does():
+    model = peftlab.wrap(build("Qwen3-MoE"), peftlab.LoraConfig(r=2, alpha=4, target_modules="all-linear"))
+    adapted = model.peftlab_adapters["default"].info["target_parameters"]
+    assert sorted({p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in adapted}) == [
+        "experts.down_proj", "experts.gate_up_proj", "gate.weight"
+    ]  # fmt: skip
+    assert _trainable(model) == _trainable(_peft_native("Qwen3-MoE", target_modules="all-linear"))
+
+
+def test_all_linear_warns_naming_the_stacks_it_leaves_frozen():
+    """GPT-OSS's experts were never linear layers (HF PEFT's all-linear skips them too): a warning names them."""
+    with pytest.warns(UserWarning, match=r"experts\.gate_up_proj.*target_parameters=\['down_proj', 'gate_up_proj'\]"):
+        model = peftlab.wrap(build("GPT-OSS"), peftlab.LoraConfig(r=2, target_modules="all-linear"))
+    assert "target_parameters" not in model.peftlab_adapters["default"].info
+
+
+def test_llama4_router_is_adapted_as_a_parameter():
+    """Llama-4's router subclasses nn.Linear but returns (scores, logits): LoRA goes on its weight, and the
+    module's own forward runs (an output-adding LoRA would crash on the tuple)."""
+    model = peftlab.wrap(build("Llama-4"), peftlab.LoraConfig(r=2, target_modules="all-linear", target_parameters=EXPERTS))
+    info = model.peftlab_adapters["default"].info["target_parameters"]
+    assert any(p.endswith("router.weight") for p in info)
+    perturb(model)
+    _out(model, "Llama-4")
+
+
+def test_training_updates_the_expert_factors_and_lowers_the_loss():
+    arch = "OLMoE"
+    model = peftlab.wrap(build(arch), peftlab.LoraConfig(r=4, alpha=8, target_parameters=EXPERTS)).train()
+    batch = dict(inputs(arch, batch=4), labels=labels(arch, batch=4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    start = copy.deepcopy({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
+    assert any("lora_param_B" in n and "gate_up_proj" in n for n in moved)
+
+
+def test_bad_target_parameters_are_refused_with_the_reason():
+    with pytest.raises(TargetError, match="experts.up_proj.*3-D expert parameters here: model.layers.0.mlp.experts"):
+        peftlab.wrap(build("Qwen3-MoE"), peftlab.LoraConfig(target_parameters=["experts.up_proj"]))
+    with pytest.raises(ConfigError, match="dropout=0.1"):
+        peftlab.LoraConfig(target_parameters=EXPERTS, dropout=0.1)
+    with pytest.raises(ConfigError, match="target_parameters must be a non-empty list"):
+        peftlab.LoraConfig(target_parameters="experts.down_proj")
+    with pytest.raises(ConfigError, match="both by target_modules and target_parameters"):
+        peftlab.wrap(build("Llama-4"), peftlab.LoraConfig(target_modules=["gate_proj"], target_parameters=["gate_proj.weight"]))
+    model = build("Qwen3-MoE")
+    state = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(TargetError):
+        peftlab.wrap(model, peftlab.LoraConfig(target_modules=["q_proj"], target_parameters=["nothing_here"]))
+    assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())  # all or nothing
+    assert not hasattr(model, "peftlab_adapters")
+
+
+def test_mixed_batches_and_combine_refuse_parameter_adapters():
+    model = peftlab.wrap(build("Qwen3-MoE"), peftlab.LoraConfig(target_parameters=EXPERTS, adapter_name="a"))
+    peftlab.wrap(model, peftlab.LoraConfig(target_parameters=EXPERTS, adapter_name="b"))
+    with pytest.raises(RuntimeError, match="adapt parameters of"):
+        with torch.no_grad():
+            model(**inputs("Qwen3-MoE"), adapter_names=["a", "b"])
+    with pytest.raises(ConfigError, match="adapts parameters of .*experts"):
+        peftlab.combine(model, ["a", "b"], [0.5, 0.5], how="svd", new_name="c")
