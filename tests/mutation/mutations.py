@@ -84,8 +84,10 @@ MUTATIONS = [
              (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
     Mutation("dora-bias-grad", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
              "grad_b = (g_sum * (1.0 - scale)).to(bias.dtype)", "grad_b = (g_sum * (1.0 - scale) * 0.01).to(bias.dtype)",
-             (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",),
-             survives="DoRA with a trainable bias (bias='lora_only') has no test"),
+             (f"{VARIANTS}::test_dora_trainable_bias_equals_fp64_formula",)),
+    Mutation("dora-magnitude-grad-ignores-bias", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
+             "gy = gy - bias.detach().float() * g_sum", "gy = gy",
+             (f"{VARIANTS}::test_dora_trainable_bias_equals_fp64_formula",)),
     # ---- mixed-batch routing -----------------------------------------------------------------------------
     Mutation("router-rows-shuffled", "peftlab.serving.router:_lora_torch",
              "per_row = tables.for_router(router)[1]", "per_row = tables.for_router(router)[1].flip(0)",
