@@ -102,6 +102,10 @@ MUTATIONS = [
     Mutation("estimate-ignores-dora-variant", "peftlab.estimator.estimate:_method_of",
              "rules.for_config(config) if rules.for_config is not None else rules", "rules",
              (f"{ESTIMATE}::test_activation_rules_match_autograd[llama-dora-None]",)),
+    # ---- selective checkpointing ---------------------------------------------------------------------------
+    Mutation("selective-keeps-everything", "peftlab.training.memory:_keep_matmuls",
+             "return CheckpointPolicy.PREFER_RECOMPUTE", "return CheckpointPolicy.MUST_SAVE",
+             ("tests/training/test_memory.py::test_selective_checkpointing_same_grads_no_gemm_recompute",)),
     # ---- mixed-batch routing -----------------------------------------------------------------------------
     Mutation("router-rows-shuffled", "peftlab.serving.router:_lora_torch",
              "per_row = tables.for_router(router)[1]", "per_row = tables.for_router(router)[1].flip(0)",
