@@ -127,9 +127,9 @@ MUTATIONS = [
     Mutation("dare-not-rescaled", "peftlab.persist.combine:drop",
              "return delta * keep / density", "return delta * keep", (f"{COMBINE}::test_dare_is_seeded_and_unbiased",)),
     # ---- atomic files and locks -------------------------------------------------------------------------------
-    Mutation("write-in-place-no-rename", "peftlab.util.files:_atomic",
-             "write(tmp)\n        os.chmod(tmp, _umask_mode())\n        os.replace(tmp, path)",
-             "write(str(path))\n        os.chmod(path, _umask_mode())",
+    Mutation("write-in-place-no-rename", "peftlab.util.files:FolderWriter._write",
+             "write(tmp)\n    os.chmod(tmp, _umask_mode())\n    os.replace(tmp, target)",
+             "write(str(target))\n    os.chmod(target, _umask_mode())",
              (f"{FILES}::test_kill_9_mid_save_leaves_old_or_new_adapter", f"{FILES}::test_concurrent_saves_into_one_folder_never_mix")),
     Mutation("lock-is-a-no-op", "peftlab.util.files:FolderWriter.__enter__",
              "fcntl.flock(fd, fcntl.LOCK_EX)", "fcntl.LOCK_EX", (f"{FILES}::test_concurrent_saves_into_one_folder_never_mix",)),
