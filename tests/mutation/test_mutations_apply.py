@@ -1,8 +1,9 @@
 """Every named mutation still applies to the code (its snippet occurs once in its function), and there are ≥ 20.
 
 This is cheap and runs with the suite, so a refactor that moves a mutated line shows up at once. Whether each
-mutation is *caught* is the mutation job itself: ``.venv/bin/python tests/mutation/run.py`` (forks one child per
-mutation, runs only its target tests; see ``mutations.py``).
+mutation is *caught* is the mutation job itself, which ``.ci/run`` runs after the suite:
+``.venv/bin/python tests/mutation/run.py`` (forks one child per mutation, runs only its target tests; see
+``mutations.py``).
 """
 
 from __future__ import annotations

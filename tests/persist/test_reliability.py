@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import random
 import signal
 import stat
 import threading
-import time
 
 import pytest
 import torch
