@@ -133,6 +133,6 @@ MUTATIONS = [
              (f"{FILES}::test_kill_9_mid_save_leaves_old_or_new_adapter", f"{FILES}::test_concurrent_saves_into_one_folder_never_mix")),
     Mutation("lock-is-a-no-op", "peftlab.util.files:FolderWriter.__enter__",
              "fcntl.flock(fd, fcntl.LOCK_EX)", "fcntl.LOCK_EX", (f"{FILES}::test_concurrent_saves_into_one_folder_never_mix",)),
-    Mutation("umask-ignored", "peftlab.util.files:_atomic",
+    Mutation("umask-ignored", "peftlab.util.files:FolderWriter._write",
              "os.chmod(tmp, _umask_mode())", "os.chmod(tmp, 0o600)", (f"{FILES}::test_saved_files_honour_the_umask",)),
 ]
