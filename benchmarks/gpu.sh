@@ -9,7 +9,8 @@
 #      then here `python benchmarks/scale.py --merge DIR1 DIR2 --out benchmarks/results/gpu/<date>_<device>`
 #      (benchmarks/README.md; the same --out on a still-warm box: part 2 keeps part 1's rows by itself)
 #   0b. dora-norm: the fused DoRA norm kernel's tests on CUDA and its microbenchmark (benchmarks/kernels/dora_norm.py)
-#   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET)
+#   1. pytest tests/kernels on CUDA (bf16 included; no TRITON_INTERPRET), then the layer (fused path with dropout),
+#      mixed-batch, variant and quant test files
 #   2. benchmarks/kernels/lora_linear.py --dtype bf16 (8192 tokens 4096x4096 r=16 and the 135M-8B shapes)
 #   3. benchmarks/efficiency.py on CUDA, SmolLM2-135M, bf16 base, torch.cuda.max_memory_allocated; then
 #      QLoRA (when bitsandbytes imports) and DoRA, each against the same method in HF PEFT; a profiled
@@ -125,7 +126,7 @@ fi
 # 0. environment. Caps from the H200 runs of 2026-11-26: every benchmark process costs 22-26 s there
 #    (imports, CUDA start, model load), so the steps after scale/dora-norm need ~11 min, more than one call
 #    (10 min): run two more after the two scale calls (header),
-#      --only kernel-tests,kernel-bench,kernel-profile,efficiency     (30 + 90 + 60 + 40 + 160 s = 6.3 min)
+#      --only kernel-tests,kernel-bench,kernel-profile,efficiency     (30 + 240 + 60 + 40 + 160 s = 8.8 min)
 #      --only efficiency-variants,step-profile,multi-adapter           (30 + 120 + 120 + 150 s = 7 min)
 step environment "$(cap 30)" "$PY" -c '
 import platform, torch, sys
@@ -167,7 +168,12 @@ if [ "$DRY" = 1 ]; then
     "tests/kernels/test_fallback.py::test_autotune_key_buckets_tokens" \
     --junitxml="$OUT/kernel-tests.xml"
 else
-  step kernel-tests "$(cap 90)" $PYTEST -q -p no:cacheprovider -rs tests/kernels --junitxml="$OUT/kernel-tests.xml"
+  # the kernels, then the files that reach them through the layer (the fused path with dropout), the mixed batch,
+  # the variants and the quantized bases, on CUDA (issue 35)
+  step kernel-tests "$(cap 240)" $PYTEST -q -p no:cacheprovider -rs tests/kernels \
+    tests/methods/lora/test_fused_layer_dropout.py tests/methods/lora/test_lora.py \
+    tests/serving/test_mixed_batch.py tests/methods/lora/test_lora_variants.py \
+    tests/backends/test_quant.py tests/backends/test_quant_backends.py --junitxml="$OUT/kernel-tests.xml"
 fi
 
 # 2. kernel benchmark: base / HF PEFT / peftlab triton / peftlab torch, fwd+bwd

@@ -54,6 +54,8 @@ class EstimateRules:
         quantized_base: whether the method trains on a quantized (QLoRA-style) base.
         params_in_model_dtype: adapter tensors take the model dtype (else fp32 on half or quantized bases).
         activation: ``config -> name`` of the adapter's nonlinearity, for its saved activations.
+        for_config: ``config -> EstimateRules``: the rules for one config when a variant counts differently
+            (LoRA with ``use_dora``: DoRA's magnitude and saved LoRA output); None: these rules for every config.
     """
 
     adapted_linears: Callable | None = None
@@ -64,6 +66,7 @@ class EstimateRules:
     quantized_base: bool = False
     params_in_model_dtype: bool = False
     activation: Callable | None = None
+    for_config: Callable | None = None
 
 
 @dataclass

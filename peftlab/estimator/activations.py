@@ -258,6 +258,8 @@ def head_cost(counts, x_rg: bool, b: int, s: int, e: int, device: str) -> int:
             )  # the head's dW needs its input (unfused loss; the fused one keeps dW itself)
         return g.total()
     pooler = counts.other.get("bert.pooler.dense")
+    if pooler is not None and pooler.kind == "adapted":  # the method's rule on the B pooled rows (LoRA's xa, ...)
+        g.linear("x", "pooler", pooler, b)
     if pooler is not None and pooler.kind != "frozen":
         g.save(
             "x", m * h * e

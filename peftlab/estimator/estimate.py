@@ -150,7 +150,8 @@ def _method_of(config) -> tuple[str, EstimateRules | None]:
             f"estimate() takes a peftlab config of {names}, or None / 'full' for full fine-tuning; "
             f"got {type(config).__name__}"
         )
-    return method.name, method.estimate
+    rules = method.estimate
+    return method.name, rules.for_config(config) if rules.for_config is not None else rules
 
 
 def _optimizer_bytes(name: str, numels: list[int], e: int) -> tuple[int, bool]:

@@ -129,14 +129,26 @@ def test_int8_storage_and_report_kinds(tiny):
 
 @pytest.mark.parametrize("bits,quant_type", [(8, "nf4"), (4, "nf4"), (4, "fp4")])
 def test_quantized_outputs_stay_close_to_fp32(tiny, bits, quant_type):
+    import copy
+
+    from peftlab.backends.quant.bnb import dequantize_weight
+
     ref_model = tiny("llama")
     x = torch.randint(0, 100, (2, 16))
+    dense = copy.deepcopy(ref_model)
     with torch.no_grad():
         ref = ref_model(x).logits
-        out = quantize(ref_model, bits=bits, quant_type=quant_type)(x).logits
+        model = quantize(ref_model, bits=bits, quant_type=quant_type)
+        out = model(x).logits
+        for layer in bnb_layers(model):  # the fp32 model with the dequantized weights
+            path = next(n for n, m in model.named_modules() if m is layer)
+            dense.get_submodule(path).weight.copy_(dequantize_weight(layer).float())
+        same_weights = dense(x).logits
     rel = ((out - ref).abs().mean() / ref.abs().mean()).item()
-    assert rel < {8: 0.05, 4: 0.9}[bits]
-    assert not torch.equal(out, ref)  # quantization really happened
+    # scaled to the measured error (int8 0.0046, NF4 0.052, FP4 0.076 on this model): ~1.6x headroom
+    assert 0 < rel < {(8, "nf4"): 0.0075, (4, "nf4"): 0.08, (4, "fp4"): 0.12}[bits, quant_type]
+    if bits == 4:  # the 4-bit forward is exactly the dequantized weights' (int8 also quantizes x)
+        assert ((out - same_weights).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 def test_layer_forward_is_dequantized_matmul():
@@ -483,12 +495,25 @@ def test_qlora_training_path_equals_the_generic_path(tiny, monkeypatch, quant_ty
     loss_f, gx_f, grads_f, calls_f = run(True)
     loss_g, gx_g, grads_g, calls_g = run(False)
     assert calls_f > 0 and calls_g == 0  # the fused function really ran, and only there
-    tol = {"rtol": 1e-5, "atol": 1e-6} if compute == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    torch.testing.assert_close(loss_f, loss_g, **tol)
-    torch.testing.assert_close(gx_f, gx_g, **tol)
     assert grads_f.keys() == grads_g.keys() and grads_f
+    if compute == torch.float32:
+        tol = {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(loss_f, loss_g, **tol)
+        torch.testing.assert_close(gx_f, gx_g, **tol)
+        for name in grads_f:
+            torch.testing.assert_close(grads_f[name], grads_g[name], **tol, msg=name)
+        return
+    # bf16: the two paths round differently, so compare each tensor by its relative norm error, scaled to the
+    # tensor (elementwise atol = 2e-2 passed a 25% error on gradients of at most 0.066). Measured: ≤ 1.9e-2
+    # for dX, ≤ 2.5e-2 for dA / dB (bf16 thin products); a 25% error in one tensor reads 0.25.
+    torch.testing.assert_close(loss_f, loss_g, rtol=1e-2, atol=0)  # bf16 ulp at ~4.6 is 0.7%
+    assert _rel_norm(gx_f, gx_g) < 5e-2
     for name in grads_f:
-        torch.testing.assert_close(grads_f[name], grads_g[name], **tol, msg=name)
+        assert _rel_norm(grads_f[name], grads_g[name]) < 5e-2, name
+
+
+def _rel_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_qlora_fused_path_only_in_training(tiny, monkeypatch):

@@ -1,6 +1,7 @@
 """benchmarks/gpu.sh --dry-run: the steps of the GPU script run at toy sizes on the CPU (kernels in Triton's
 interpreter), so the script cannot break unnoticed before a GPU is lent. Three steps run elsewhere in the
-suite and are not repeated here: ``kernel-tests`` and ``dora-norm`` are tests/kernels itself, and ``scale``'s
+suite and are not repeated here: ``kernel-tests`` and ``dora-norm`` are suite files (tests/kernels, the layer, mixed-batch,
+variant and quant files), and ``scale``'s
 dry run is tests/bench/test_scale_dry_run.py."""
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ CLAIMS = TABLE["claims"]
 NOT_MEASURED = TABLE.get("not_measured", [])
 
 FIGURE = re.compile(
-    r"(?<![\w.])[+−-]?\d+(?:\.\d+)?(?:\s?(?:×(?!\s?\d)|%|MB\b|MiB\b|GB\b|ms\b|tok/s)|e[+−-]?\d+\b)"
+    r"(?<![\w.])[+−-]?\d+(?:\.\d+)?(?:\s?(?:×(?!\s?\d)|%|MB\b|MiB\b|GB\b|ms\b|tok/s|s\b|min\b)|e[+−-]?\d+\b)"
 )
 
 

@@ -17,6 +17,8 @@ VARIANTS = "tests/methods/lora/test_lora_variants.py"
 MIXED = "tests/serving/test_mixed_batch.py"
 COMBINE = "tests/core/test_multi_adapter.py"
 FILES = "tests/persist/test_reliability.py"
+FUSED = "tests/methods/lora/test_fused_layer_dropout.py"
+ESTIMATE = "tests/estimator/test_estimate.py"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ MUTATIONS = [
              "scaling = scaling / (1.0 - _effective_p(p))", "scaling = scaling",
              (f"{LORA}::test_lean_autograd_matches_reference", f"{LORA}::test_branch_autograd_matches_reference_and_saves_no_dropped_copy")),
     Mutation("branch-scaling-dropped", f"{OPS}:LoraBranchFunction.forward",
-             ".mul_(scaling)", ".mul_(1.0)", (f"{LORA}::test_branch_autograd_matches_reference_and_saves_no_dropped_copy",)),
+             ".mul(scaling)", ".mul(1.0)", (f"{LORA}::test_branch_autograd_matches_reference_and_saves_no_dropped_copy",)),
     # ---- gradients -------------------------------------------------------------------------------------
     Mutation("grad-B-unscaled", f"{OPS}:_lora_grads",
              "grad_B = _as((g_lora.t() @ xa).mul_(s), b_dtype)", "grad_B = _as((g_lora.t() @ xa), b_dtype)",
@@ -70,6 +72,12 @@ MUTATIONS = [
              "xin = xin.masked_fill(drop, 0)", "xin = xin", (f"{LORA}::test_lean_autograd_matches_reference",)),
     Mutation("grad-x-ignores-mask", f"{OPS}:_lora_grads",
              "grad_lora_x.masked_fill_(drop, 0)", "grad_lora_x.mul_(1)", (f"{LORA}::test_lean_autograd_matches_reference",)),
+    Mutation("fused-path-drops-dropout", f"{OPS}:lora_forward",
+             "slot.scaling, p,\n                                strict=", "slot.scaling, 0.0,\n                                strict=",
+             (f"{FUSED}::test_fused_dropout_output_statistics_equal_torch_path_and_expectation",)),
+    Mutation("fused-forward-mask-missing", "peftlab.kernels.lora:TritonLoraLinear.forward",
+             "xa = thin(x2, lora_A.t(), p, seed)", "xa = thin(x2, lora_A.t(), 0.0, seed)",
+             (f"{FUSED}::test_fused_dropout_output_and_grads_equal_reference_with_the_kernels_mask",)),
     # ---- DoRA norms and gradients ------------------------------------------------------------------------
     Mutation("dora-norm-cross-term", "peftlab.methods.lora.dora:lora_row_norm",
              "beta=2.0 * scaling", "beta=scaling", (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
@@ -84,8 +92,20 @@ MUTATIONS = [
              (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",)),
     Mutation("dora-bias-grad", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
              "grad_b = (g_sum * (1.0 - scale)).to(bias.dtype)", "grad_b = (g_sum * (1.0 - scale) * 0.01).to(bias.dtype)",
-             (f"{VARIANTS}::test_dora_output_grads_merge_equal_fp64_formula",),
-             survives="DoRA with a trainable bias (bias='lora_only') has no test"),
+             (f"{VARIANTS}::test_dora_trainable_bias_equals_fp64_formula",)),
+    Mutation("dora-magnitude-grad-ignores-bias", "peftlab.methods.lora.dora:DoraScaleFunction.backward",
+             "gy = gy - bias.detach().float() * g_sum", "gy = gy",
+             (f"{VARIANTS}::test_dora_trainable_bias_equals_fp64_formula",)),
+    # ---- the memory estimator's rules ------------------------------------------------------------------------
+    Mutation("estimate-dora-misses-lora-output", "peftlab.methods.lora.dora:dora_saved_bytes",
+             '"y_lora": m * d_out * y_bytes', '"y_lora": 0', (f"{ESTIMATE}::test_dora_rule_matches_saved_tensors",)),
+    Mutation("estimate-ignores-dora-variant", "peftlab.estimator.estimate:_method_of",
+             "rules.for_config(config) if rules.for_config is not None else rules", "rules",
+             (f"{ESTIMATE}::test_activation_rules_match_autograd[llama-dora-None]",)),
+    # ---- selective checkpointing ---------------------------------------------------------------------------
+    Mutation("selective-keeps-everything", "peftlab.training.memory:_keep_matmuls",
+             "return CheckpointPolicy.PREFER_RECOMPUTE", "return CheckpointPolicy.MUST_SAVE",
+             ("tests/training/test_memory.py::test_selective_checkpointing_same_grads_no_gemm_recompute",)),
     # ---- mixed-batch routing -----------------------------------------------------------------------------
     Mutation("router-rows-shuffled", "peftlab.serving.router:_lora_torch",
              "per_row = tables.for_router(router)[1]", "per_row = tables.for_router(router)[1].flip(0)",
@@ -107,12 +127,12 @@ MUTATIONS = [
     Mutation("dare-not-rescaled", "peftlab.persist.combine:drop",
              "return delta * keep / density", "return delta * keep", (f"{COMBINE}::test_dare_is_seeded_and_unbiased",)),
     # ---- atomic files and locks -------------------------------------------------------------------------------
-    Mutation("write-in-place-no-rename", "peftlab.util.files:_atomic",
-             "write(tmp)\n        os.chmod(tmp, _umask_mode())\n        os.replace(tmp, path)",
-             "write(str(path))\n        os.chmod(path, _umask_mode())",
+    Mutation("write-in-place-no-rename", "peftlab.util.files:FolderWriter._write",
+             "write(tmp)\n    os.chmod(tmp, _umask_mode())\n    os.replace(tmp, target)",
+             "write(str(target))\n    os.chmod(target, _umask_mode())",
              (f"{FILES}::test_kill_9_mid_save_leaves_old_or_new_adapter", f"{FILES}::test_concurrent_saves_into_one_folder_never_mix")),
     Mutation("lock-is-a-no-op", "peftlab.util.files:FolderWriter.__enter__",
              "fcntl.flock(fd, fcntl.LOCK_EX)", "fcntl.LOCK_EX", (f"{FILES}::test_concurrent_saves_into_one_folder_never_mix",)),
-    Mutation("umask-ignored", "peftlab.util.files:_atomic",
+    Mutation("umask-ignored", "peftlab.util.files:FolderWriter._write",
              "os.chmod(tmp, _umask_mode())", "os.chmod(tmp, 0o600)", (f"{FILES}::test_saved_files_honour_the_umask",)),
 ]

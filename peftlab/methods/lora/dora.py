@@ -103,6 +103,15 @@ class DoraScaleFunction(torch.autograd.Function):
         return grad_y, grad_m, None, grad_b
 
 
+def dora_saved_bytes(m: int, d_out: int, y_bytes: int) -> dict[str, int]:
+    """What :class:`DoraScaleFunction` saves for backward beyond LoRA's own function (the estimator's DoRA rule).
+
+    y_lora: (M, d_out) in the activation dtype (``y_bytes``), the LoRA output dL/dm needs; the norm n and the
+    scale m/n: two (d_out,) fp32 vectors. The bias, when there is one, is a parameter (not counted).
+    """
+    return {"y_lora": m * d_out * y_bytes, "norm_scale": 2 * d_out * 4}
+
+
 def _weight_key(base: nn.Module) -> tuple | None:
     """Identity of the base weight's current values (storage, version, dtype, device); None if untrackable."""
     weight = getattr(base, "weight", None)

@@ -1,6 +1,8 @@
 """How the memory estimator counts LoRA: one (r, d_in) A and (d_out, r) B per target, what the LoRA autograd
 function saves (:func:`peftlab.backends.lora_ops.lora_saved_bytes`: x and x·Aᵀ, the dropout mask regenerated),
-and the biases its ``bias`` mode trains."""
+and the biases its ``bias`` mode trains. DoRA (``use_dora``) adds a (d_out,) magnitude per target and what its
+scale function saves (:func:`peftlab.methods.lora.dora.dora_saved_bytes`: the LoRA output y_lora, which dL/dm
+needs, and two (d_out,) vectors)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from torch import nn
 from ...backends.lora_ops import HALF_PRODUCT_DEVICES, lora_gemm_outputs, lora_saved_bytes
 from ...core.registry import EstimateRules
 from ...core.targeting import resolve_targets
+from .dora import dora_saved_bytes
 from .params import param_layout, parameter_specs
 
 
@@ -52,11 +55,22 @@ def trains_base(config, path: str, pname: str, is_target: bool) -> bool:
     return config.bias == "lora_only" and is_target and pname == "bias"
 
 
+def dora_linear_params(r: int, d_in: int, d_out: int) -> list[int]:
+    return [*linear_params(r, d_in, d_out), d_out]  # + the magnitude m
+
+
+def dora_linear_saved(graph, x: str, out: str, lin, m: int) -> None:
+    """LoRA's saves, then DoraScaleFunction's: y_lora (M, d_out), the scale's private input, and n, m/n."""
+    linear_saved(graph, x, out, lin, m)
+    for name, nbytes in dora_saved_bytes(m, lin.d_out, graph.e).items():
+        graph.save(f"{out}.dora.{name}", nbytes)
+
+
+_COMMON = dict(adapted_linears=adapted_linears, trains_base=trains_base, quantized_base=True, extra_params=parameter_lora)
+DORA_RULES = EstimateRules(linear_params=dora_linear_params, linear_saved=dora_linear_saved, **_COMMON)
 RULES = EstimateRules(
-    adapted_linears=adapted_linears,
     linear_params=linear_params,
     linear_saved=linear_saved,
-    trains_base=trains_base,
-    extra_params=parameter_lora,
-    quantized_base=True,
+    for_config=lambda config: DORA_RULES if config.use_dora else RULES,
+    **_COMMON,
 )

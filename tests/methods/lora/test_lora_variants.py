@@ -91,6 +91,43 @@ def test_dora_output_grads_merge_equal_fp64_formula(family, path):
         assert _rel(_layer_and_dense(model, path)[2], weight) < 1e-6
 
 
+@pytest.mark.parametrize("family,path", [
+    ("bert", "bert.encoder.layer.0.attention.self.query"),  # nn.Linear
+    ("gpt2", "transformer.h.0.attn.c_attn"),  # Conv1D (weight stored transposed)
+])  # fmt: skip
+def test_dora_trainable_bias_equals_fp64_formula(family, path):
+    """bias="lora_only": the base bias trains; dL/db = Σ_rows g (b sits outside the rescaled direction), and a
+    non-zero b enters dL/dm = Σ g ⊙ (y − b)/n. Two steps: the second after an update of A, B, m and b."""
+    model = tiny_model(family)
+    peftlab.wrap(model, peftlab.LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True, bias="lora_only"))
+    perturb(model, 0.3)
+    layer, slot, weight = _layer_and_dense(model, path)
+    bias = layer.base_layer.bias
+    assert bias.requires_grad
+    with torch.no_grad():
+        bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(2)))  # a zero b hides its terms
+    layer.train()
+    x = torch.randn(3, 5, weight.shape[1], generator=torch.Generator().manual_seed(0), requires_grad=True)
+    probe = torch.randn(3, 5, weight.shape[0], generator=torch.Generator().manual_seed(1))
+    params = {"A": slot.lora_A, "B": slot.lora_B, "m": slot.magnitude, "b": bias}
+    for _ in range(2):
+        y = layer(x)
+        (y * probe).sum().backward()
+        ref_in = {k: p.detach().double().requires_grad_() for k, p in params.items()}
+        x64 = x.detach().double().requires_grad_()
+        ref = _dora_reference(x64, weight.double(), ref_in["b"], ref_in["A"], ref_in["B"], ref_in["m"], slot.scaling)
+        (ref * probe.double()).sum().backward()
+        assert _rel(y.detach(), ref.detach()) < 1e-5
+        assert _rel(x.grad, x64.grad) < 1e-5
+        for k, p in params.items():
+            assert _rel(p.grad, ref_in[k].grad) < 1e-5, k
+        with torch.no_grad():
+            for p in params.values():
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+            x.grad = None
+
+
 def test_dora_norm_never_forms_the_full_update(monkeypatch):
     """The norm is thin products only: no (d_out, d_in) product B A is built in forward or backward."""
     model = tiny_model("llama")
@@ -168,6 +205,33 @@ def test_dora_trainable_count_equals_hf(targets):
     peftlab.wrap(ours, peftlab.LoraConfig(r=4, alpha=8, target_modules=targets, use_dora=True))
     hf = _hf(tiny_model("llama"), r=4, lora_alpha=8, target_modules=targets, use_dora=True)
     assert peftlab.count_parameters(ours)[0] == _hf_trainable(hf)
+
+
+def test_dora_trainable_bias_equals_hf_peft():
+    """DoRA with bias="lora_only" on BERT (Linear) and GPT-2 (Conv1D) against HF PEFT at the same values: the
+    logits and the gradient of every trainable tensor (A, B, m and the base biases)."""
+    for family, targets in (("bert", ["query", "value", "dense"]), ("gpt2", ["c_attn", "c_fc"])):
+        cfg = dict(r=4, target_modules=targets, use_dora=True, bias="lora_only")
+        ours = tiny_model(family)
+        peftlab.wrap(ours, peftlab.LoraConfig(alpha=8, **cfg))
+        hf = peft.get_peft_model(tiny_model(family), peft.LoraConfig(lora_alpha=8, **cfg))
+        gen = torch.Generator().manual_seed(3)
+        theirs = {n.removeprefix("base_model.model.").removesuffix(".weight").replace("_vector", ""): p
+                  for n, p in hf.named_parameters() if p.requires_grad}  # fmt: skip
+        mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+        assert sorted(mine) == sorted(theirs) and any(n.endswith(".bias") for n in mine)
+        with torch.no_grad():
+            for n, p in theirs.items():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+                mine[n].copy_(p)
+        ids = _ids()
+        kw = {"labels": torch.tensor([0, 1])} if family == "bert" else {"labels": ids}
+        out, ref = ours(input_ids=ids, **kw), hf(input_ids=ids, **kw)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        out.loss.backward()
+        ref.loss.backward()
+        for n, p in mine.items():
+            assert _rel(p.grad, theirs[n].grad) < 1e-4, n
 
 
 def test_dora_export_loads_in_peft_and_peft_dora_imports(tmp_path):
