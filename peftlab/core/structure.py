@@ -30,8 +30,19 @@ def linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+#: Predicates registered by higher layers for linear layers that are not ``nn.Linear`` (e.g. a quantized
+#: backend's own module type); see :func:`register_linear_predicate`.
+_LINEAR_PREDICATES: list = []
+
+
+def register_linear_predicate(predicate) -> None:
+    """Count modules for which ``predicate(module)`` is true as linear layers (targets of ``"all-linear"``)."""
+    if predicate not in _LINEAR_PREDICATES:
+        _LINEAR_PREDICATES.append(predicate)
+
+
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, linear_types())
+    return isinstance(module, linear_types()) or any(p(module) for p in _LINEAR_PREDICATES)
 
 
 def head_module_names(model: nn.Module) -> set[str]:
