@@ -200,6 +200,68 @@ def run_one(name: str, model_name: str, steps: int, batch: int, seq: int) -> dic
     }
 
 
+BYTES_SPECS = {  # (backend, scheme, options of bytes_for) per quantized row
+    "bitsandbytes nf4 (+dq)": ("bitsandbytes", "nf4", {"double_quant": True}),
+    "bitsandbytes nf4": ("bitsandbytes", "nf4", {"double_quant": False}),
+    "bitsandbytes fp4": ("bitsandbytes", "fp4", {"double_quant": False}),
+    "bitsandbytes int8": ("bitsandbytes", "int8", {}),
+    "torchao int8": ("torchao", "int8", {}),
+    "torchao int4 (g64)": ("torchao", "int4", {"group_size": 64}),
+    "torchao float8": ("torchao", "float8", {}),
+    "fp8 e4m3 (128×128 blocks)": ("fp8", "fp8", {}),
+}
+
+
+def bytes_rows(model_name: str) -> dict:
+    """Stored bytes of every backend for the model's block linears, from each backend's ``bytes_for`` (which
+    ``tests/backends/test_quant_backends.py::test_estimator_bytes_equal_what_each_backend_stores`` checks against
+    what the backend stores); the model is built on the meta device (no weights read). The rest of the model
+    (embeddings, norms, output head; tied weights once) stays fp32."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftlab.backends.quant.base import get_backend
+
+    config = AutoConfig.from_pretrained(model_path(model_name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    seen, rest = set(), 0
+    linear_weights = {id(m.weight) for m in linears}
+    for p in model.parameters():
+        if id(p) in seen or id(p) in linear_weights:
+            continue
+        seen.add(id(p))
+        rest += p.numel() * 4
+    n = sum(m.weight.numel() for m in linears)
+    rows = [{"config": "fp32", "linear_bytes": 4 * n, "bits_per_param": 32.0, "model_mb": (4 * n + rest) / 1e6}]
+    for name, (backend, scheme, opts) in BYTES_SPECS.items():
+        b = sum(get_backend(backend).bytes_for(m.out_features, m.in_features, scheme, **opts) for m in linears)
+        rows.append({"config": name, "linear_bytes": b, "bits_per_param": 8 * b / n, "model_mb": (b + rest) / 1e6})
+    return {"model": model_name, "linears": len(linears), "linear_params": n, "other_fp32_bytes": rest, "rows": rows}
+
+
+def bytes_table(tables: list[dict]) -> str:
+    lines = [
+        "# Stored bytes of each quantized-base backend (block linears quantized, the rest fp32)",
+        "",
+        "From each backend's `bytes_for` (checked against what the backend stores by "
+        "`tests/backends/test_quant_backends.py::test_estimator_bytes_equal_what_each_backend_stores`), on the "
+        "model built on the meta device. MB = 10⁶ bytes. Command: see COMMAND.",
+        "",
+        "| model | backend | bits/param (block linears) | block linears MB | model MB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for t in tables:
+        for r in t["rows"]:
+            lines.append(
+                f"| {t['model']} | {r['config']} | {r['bits_per_param']:.3f} | {r['linear_bytes'] / 1e6:.1f} "
+                f"| {r['model_mb']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _ratio_cell(values: list[float]) -> str:
     if not values:
         return "-"
@@ -224,7 +286,8 @@ def table(rounds: list[list[dict]], meta: dict) -> str:
         f"tokens of SST-2 sentences, the same batches in every row; {len(rounds)} round(s), each configuration in "
         f"its own process. Load average {meta['load_before']} before, {meta['load_after']} after (2 cores shared "
         "with other jobs): step times are only meaningful as ratios to fp32 LoRA in the same round "
-        "(median [min–max] over rounds). Bytes, memory and errors do not depend on the load. "
+        "(median [min–max] over rounds; with fewer than 3 steps a run has no steady step and none is shown). "
+        "Bytes, memory and errors do not depend on the load. "
         "Command: see COMMAND. MB = 10⁶ bytes.",
         "",
         "| backend | bits/param (quantized linears) | quantized linears MB | model MB | output error vs fp32 base "
@@ -241,7 +304,7 @@ def table(rounds: list[list[dict]], meta: dict) -> str:
         exact = r["unmerge_exact_weights"] and r["unmerge_exact_packed"]
         lines.append(
             f"| {r['config']} | {bpp} | {qmb} | {r['model_mb']:.0f} | {err} | {rss_s} "
-            f"| {_ratio_cell(ratios[r['config']])} | {100 * r['merge_rel']:.3g}% | {'yes' if exact else 'NO'} |"
+            f"| {_ratio_cell(ratios[r['config']]) if meta['steps'] >= 3 else 'not measured'} | {100 * r['merge_rel']:.3g}% | {'yes' if exact else 'NO'} |"
         )
     lines += [
         "",
@@ -265,7 +328,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quant_backends")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--bytes-only", action="store_true", help="only the stored bytes of every backend, "
+                        "for every model, from the backends' byte counts (seconds, no weights loaded)")  # fmt: skip
     args = parser.parse_args()
+    if args.bytes_only:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tables = [bytes_rows(m) for m in MODELS]
+        (out / "quant_backends_bytes.json").write_text(json.dumps(tables, indent=1))
+        (out / "quant_backends_bytes.md").write_text(bytes_table(tables))
+        print(bytes_table(tables))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, args.seq)))
         return
