@@ -30,13 +30,24 @@ def linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+#: Predicates registered by higher layers for linear layers that are not ``nn.Linear`` (e.g. a quantized
+#: backend's own module type); see :func:`register_linear_predicate`.
+_LINEAR_PREDICATES: list = []
+
+
+def register_linear_predicate(predicate) -> None:
+    """Count modules for which ``predicate(module)`` is true as linear layers (targets of ``"all-linear"``)."""
+    if predicate not in _LINEAR_PREDICATES:
+        _LINEAR_PREDICATES.append(predicate)
+
+
 def is_linear(module: nn.Module) -> bool:
     """A linear layer: ``y = x Wᵀ + b``. A MoE router that subclasses ``nn.Linear`` with its own forward is not one
     (Llama-4's ``Llama4Router`` returns ``(scores, logits)``); its weight takes LoRA as a parameter
     (``LoraConfig.target_parameters``). Other subclasses with their own forward (Falcon's ``FalconLinear``,
-    quantized linears) are."""
+    quantized linears) are, and so are modules a registered predicate accepts (a quantized backend's own type)."""
     if not isinstance(module, linear_types()):
-        return False
+        return any(p(module) for p in _LINEAR_PREDICATES)
     cls = type(module)
     return not ("router" in cls.__name__.lower() and cls.forward is not nn.Linear.forward)
 

@@ -103,6 +103,8 @@ def merge_quantized(
     safe: bool = False,
     requantize: str = "plain",
     calibration: Any = None,
+    validation: Any = None,
+    damp: float = 0.01,
 ) -> dict[str, Any]:
     """Merge an adapter into a (partly) quantized base and report the measured rounding error.
 
@@ -125,6 +127,12 @@ def merge_quantized(
     the relative RMS output error on it of the plain and of the stored requantization; the model-level
     ``calib_rel_plain_mean`` / ``calib_rel_mean`` and ``layers_halved`` (how many layers at most half
     the plain error) summarise them.
+
+    ``validation`` (a batch or list of batches the rounding does not see): every layer also reports
+    ``valid_rel_plain`` / ``valid_rel`` on it, summarised as ``valid_rel_plain_mean`` / ``valid_rel_mean`` and
+    ``valid_layers_halved``: whether the accurate rounding generalises beyond its calibration inputs.
+    ``damp``: the error-feedback rounding's damping of H, as a fraction of its mean diagonal (default 0.01;
+    larger trusts a small calibration set less).
     """
     if requantize not in REQUANTIZE_MODES:
         raise ConfigError(f"requantize must be one of {REQUANTIZE_MODES}, got {requantize!r}")
@@ -134,6 +142,7 @@ def merge_quantized(
     if requantize == "accurate" and calibration is None:
         raise ConfigError("requantize='accurate' needs a calibration batch: pass calibration= (or probe_inputs=)")
     hessians = calibration_hessians(model, calibration, name) if calibration is not None else {}
+    valid = calibration_hessians(model, validation, name) if validation is not None else {}
     before = base = None
     if probe_inputs is not None:
         before = _run(model, probe_inputs)
@@ -141,7 +150,7 @@ def merge_quantized(
             base = _run(model, probe_inputs)
     old = quiet_merge_warnings(True)
     try:
-        with requantize_mode(requantize, hessians):
+        with requantize_mode(requantize, hessians, valid, damp):
             merge(model, name, safe=safe)
     finally:
         quiet_merge_warnings(old)
@@ -153,6 +162,11 @@ def merge_quantized(
         report["calib_rel_plain_mean"] = sum(e["calib_rel_plain"] for e in calib) / len(calib)
         report["calib_rel_mean"] = sum(e["calib_rel"] for e in calib) / len(calib)
         report["layers_halved"] = sum(e["calib_rel"] <= 0.5 * e["calib_rel_plain"] for e in calib)
+    checked = [e for e in report["layers"].values() if "valid_rel" in e]
+    if checked:
+        report["valid_rel_plain_mean"] = sum(e["valid_rel_plain"] for e in checked) / len(checked)
+        report["valid_rel_mean"] = sum(e["valid_rel"] for e in checked) / len(checked)
+        report["valid_layers_halved"] = sum(e["valid_rel"] <= 0.5 * e["valid_rel_plain"] for e in checked)
     if before is not None:
         after = _run(model, probe_inputs)
         diff = (after - before).abs()

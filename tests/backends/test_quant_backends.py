@@ -171,6 +171,28 @@ def test_accurate_merge_lowers_each_layers_calibrated_error_and_still_unmerges_e
     assert all(all(torch.equal(x, y) for x, y in zip(stored(m), b)) for m, b in zip(quantized_bases(model), before))
 
 
+def test_accurate_merge_reports_held_out_error_and_damping_reaches_the_rounding(tiny):
+    """validation= is measured on, never rounded for (on the calibration batch itself it reads the calibration
+    error); a damping far above H's diagonal turns the error feedback off (round to nearest, plain's error); bad
+    damp refused."""
+    model, _ = lora_train(quantize(tiny("llama"), bits=4), steps=4, lr=2e-2)
+    calib = {"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(3))}
+    with pytest.raises(ConfigError, match="damp must be a finite number >= 0, got -1"):
+        merge_quantized(model, requantize="accurate", calibration=calib, damp=-1)
+    assert not peftlab.is_merged(model)
+    same = merge_quantized(model, requantize="accurate", calibration=calib, validation=calib)
+    for path, e in same["layers"].items():
+        assert e["valid_rel"] == pytest.approx(e["calib_rel"], rel=1e-4), path
+        assert e["valid_rel_plain"] == pytest.approx(e["calib_rel_plain"], rel=1e-4), path
+    assert same["valid_layers_halved"] == same["layers_halved"]
+    peftlab.unmerge(model)
+    assert same["calib_rel_mean"] < 0.85 * same["calib_rel_plain_mean"]
+    nearest = merge_quantized(model, requantize="accurate", calibration=calib, damp=1e6)
+    # nearest on the stored (double-quantized) scales: plain's error up to the few elements at a rounding boundary
+    assert nearest["calib_rel_mean"] == pytest.approx(nearest["calib_rel_plain_mean"], rel=0.05)
+    peftlab.unmerge(model)
+
+
 def test_accurate_merge_needs_a_calibration_batch_and_a_reroundable_format(tiny):
     model, _ = lora_train(quantize(tiny("llama"), bits=4), steps=1)
     with pytest.raises(ConfigError, match="calibration"):
@@ -300,6 +322,16 @@ def test_quantize_with_the_fp8_backend_and_dequantize_back(tiny):
     assert not quantized_bases(model)
     with torch.no_grad():
         torch.testing.assert_close(model(X).logits, out)
+
+
+def test_all_linear_targets_the_fp8_backends_own_layers(tiny):
+    """Fp8BlockLinear is no nn.Linear: "all-linear" still finds it (the 135M backend table once failed here)."""
+    model = quantize(tiny("llama"), backend="fp8")
+    n = len(quantized_bases(model))
+    model, losses = lora_train(model, steps=4, lr=2e-2)
+    assert len([m for m in model.modules() if hasattr(m, "base_layer")]) == n
+    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Fp8BlockLinear"
+    assert losses[-1] < losses[0]
 
 
 # ---- bytes ------------------------------------------------------------------------------------------------

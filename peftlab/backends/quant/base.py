@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...core.layer import register_weight_handler
+from ...core.structure import register_linear_predicate
 from ...util.errors import ConfigError, MergeError, PeftlabError
 
 #: Rows of the fixed Gaussian probe batch used to measure a layer's merge rounding error.
@@ -122,10 +123,12 @@ class QuantBackend:
         """Store the level indices ``codes`` (d_out, d_in; into :meth:`rounding_grid`'s L) keeping the scales."""
         raise NotImplementedError
 
-    def requantize_accurate(self, module: nn.Module, dense: torch.Tensor, hessian: torch.Tensor) -> None:
+    def requantize_accurate(
+        self, module: nn.Module, dense: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01
+    ) -> None:
         """Requantize ``dense`` choosing the rounding that minimises the output error on a calibration batch
         (``hessian`` = XᵀX / n, (d_in, d_in)): the scales of the plain requantization, levels by
-        :func:`gptq_round`."""
+        :func:`gptq_round` (``damp``: its damping)."""
         self.requantize(module, dense)
         grid = self.rounding_grid(module)
         if grid is None:
@@ -134,7 +137,7 @@ class QuantBackend:
                 f"use requantize='plain' or dequantize first"
             )
         scale, levels = grid
-        codes = gptq_round(dense.float(), hessian.to(dense.device), scale, levels)
+        codes = gptq_round(dense.float(), hessian.to(dense.device), scale, levels, damp=damp)
         self.write_levels(module, codes)
 
     def snapshot(self, module: nn.Module) -> dict[str, Any]:
@@ -263,12 +266,21 @@ def quiet_merge_warnings(flag: bool) -> bool:
 
 class requantize_mode:
     """Context: merges inside it requantize with ``mode`` (``"plain"`` or ``"accurate"``), the latter with the
-    calibration Hessians ``{id(base layer): H}``."""
+    calibration Hessians ``{id(base layer): H}`` and the damping ``damp``; ``validation`` Hessians (same keys,
+    from inputs the rounding never saw) are only measured on."""
 
-    def __init__(self, mode: str, hessians: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        hessians: dict[int, torch.Tensor] | None = None,
+        validation: dict[int, torch.Tensor] | None = None,
+        damp: float = 0.01,
+    ) -> None:
         if mode not in REQUANTIZE_MODES:
             raise ConfigError(f"requantize must be one of {REQUANTIZE_MODES}, got {mode!r}")
-        self.mode, self.hessians = mode, hessians or {}
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 <= damp < math.inf):
+            raise ConfigError(f"damp must be a finite number >= 0, got {damp!r}")
+        self.mode, self.hessians, self.validation, self.damp = mode, hessians or {}, validation or {}, float(damp)
 
     def __enter__(self):
         self.old = getattr(_LOCAL, "mode", None)
@@ -293,18 +305,24 @@ def set_and_measure(module: nn.Module, dense: torch.Tensor) -> None:
     """Requantize ``dense`` into ``module`` (plain, or accurate inside :class:`requantize_mode`) and record
     ``module.peftlab_merge_error = {"max_abs", "mean_abs", "rel", "bits", "scheme"}`` on the Gaussian probe
     (rel = mean |E| / mean |X W_targetᵀ|), plus ``"calib_rel_plain"`` / ``"calib_rel"`` (relative RMS output
-    error on the calibration batch, :func:`output_error`) when a calibration Hessian is known."""
+    error on the calibration batch, :func:`output_error`) when a calibration Hessian is known, and
+    ``"valid_rel_plain"`` / ``"valid_rel"`` (the same on a validation batch the rounding never saw)."""
     backend = backend_of(module)
     target = dense.float()
     mode = getattr(_LOCAL, "mode", None)
     hessian = mode.hessians.get(id(module)) if mode is not None else None
+    valid = mode.validation.get(id(module)) if mode is not None else None
     report: dict[str, Any] = {}
     backend.requantize(module, dense)
+    if valid is not None:
+        report["valid_rel_plain"] = output_error(backend.dequantize(module), target, valid)
     if hessian is not None:
         report["calib_rel_plain"] = output_error(backend.dequantize(module), target, hessian)
         if mode.mode == "accurate":
-            backend.requantize_accurate(module, dense, hessian)
+            backend.requantize_accurate(module, dense, hessian, damp=mode.damp)
         report["calib_rel"] = output_error(backend.dequantize(module), target, hessian)
+    if valid is not None:
+        report["valid_rel"] = output_error(backend.dequantize(module), target, valid)
     stored = backend.dequantize(module).float()
     x = _probe(target.shape[1], target.device)
     ref = x @ target.t()
@@ -348,3 +366,4 @@ def _restore(module: nn.Module, record: dict[str, Any]) -> None:
 
 
 register_weight_handler(is_quantized_layer, _dequantize, set_and_measure, _snapshot, _restore)
+register_linear_predicate(is_quantized_layer)  # a backend's own layer type (FP8 blocks) is a LoRA target too
