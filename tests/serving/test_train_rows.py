@@ -43,6 +43,7 @@ CONFIGS = {
                                                      orth_reg_weight=0.0, adapter_name=name),
     "bottleneck": lambda name, j: peftlab.AdapterConfig(bottleneck_size=[4, 8, 6][j], dropout=0.1 * (j % 2),
                                                         style=["houlsby", "parallel", "pfeiffer"][j], adapter_name=name),
+    "prefix": lambda name, j: peftlab.PrefixConfig(num_virtual_tokens=[3, 5, 4][j], adapter_name=name),
     "head_copy": lambda name, j: lora(name, [2, 4, 8][j], modules_to_save=["lm_head"]),
 }
 
@@ -148,7 +149,7 @@ def test_lora_joint_equals_separate(opt_kind, lora_path):
     check("lora", opt_kind, [0.05, 0.02, 0.1] if opt_kind == "sgd" else [1e-2, 3e-3, 2e-2])
 
 
-@pytest.mark.parametrize("method", ["dora", "adalora", "bottleneck", "head_copy"])
+@pytest.mark.parametrize("method", ["dora", "adalora", "bottleneck", "prefix", "head_copy"])
 def test_other_methods_joint_equal_separate(method):
     """Two jobs per method (different sizes, the second with dropout where the method has it), AdamW."""
     check(method, "adamw", [3e-2, 1e-2])
