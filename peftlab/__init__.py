@@ -32,6 +32,7 @@ from .persist.format import load_adapter, save_adapter
 from .persist.hf_peft import export_peft, import_peft
 from .persist.merged import save_merged
 from .persist.quantized_merge import merge_quantized
+from .training.many import Recipe, TrainJob, train_many
 from .training.memory import disable_gradient_checkpointing, enable_gradient_checkpointing, make_optimizer
 from .util.errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .util.models import load_model, resolve_model_path
@@ -61,6 +62,9 @@ __all__ = [
     "enable_gradient_checkpointing",
     "disable_gradient_checkpointing",
     "make_optimizer",
+    "train_many",
+    "TrainJob",
+    "Recipe",
     "load_model",
     "load_quantized",
     "quantize",

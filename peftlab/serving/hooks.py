@@ -47,6 +47,7 @@ class MixedState:
         self.router: Router | None = None
         self.routed = False
         self.streams: dict[str, torch.Generator] = {}  # per-adapter random streams (set_row_streams)
+        self.lengths: dict[str, int] = {}  # per-adapter sequence lengths of a right-padded pack (set_row_streams)
 
 
 def _state(model: nn.Module) -> MixedState:
@@ -92,14 +93,18 @@ def refresh(model: nn.Module, names: Sequence[str] | None = None) -> int:
     return state.version
 
 
-def set_row_streams(model: nn.Module, streams: dict[str, torch.Generator] | None) -> None:
+def set_row_streams(
+    model: nn.Module, streams: dict[str, torch.Generator] | None, lengths: dict[str, int] | None = None
+) -> None:
     """Give adapters their own CPU random streams for mixed batches in training (None: back to the global one).
 
     Every random draw an adapter makes for its rows (its dropout) then comes from its own generator, swapped
     in for the global one (:func:`peftlab.serving.train_rows.job_rng`), so a job trained in a pack draws what it
-    draws alone, where the global generator was seeded as the stream was.
+    draws alone, where the global generator was seeded as the stream was. ``lengths``: {adapter: its rows' own
+    sequence length} when they are right-padded to a longer batch (the draws then cover the own length only).
     """
     install(model)
+    _state(model).lengths = dict(lengths or {})
     if streams is not None:
         bad = sorted(n for n, g in streams.items() if not isinstance(g, torch.Generator) or g.device.type != "cpu")
         if bad:
@@ -197,7 +202,7 @@ def _pre_hook(model: nn.Module, args, kwargs):
     router = state.router
     if router is None or router.names != names or router.version != state.version:
         router = state.router = Router(names, state.version)
-    router.streams = state.streams
+    router.streams, router.lengths = state.streams, state.lengths
     _route(model, state, router)
     for method in state.methods:  # whole-model adapters (prefix tuning) route their own per-row state
         if method.route_rows is not None:

@@ -29,7 +29,9 @@ draws are those of a separate run.
 **Per-job random streams.** :func:`peftlab.serving.hooks.set_row_streams` gives each adapter its own CPU
 generator; every random draw an adapter makes for its rows (dropout seeds and masks) runs under
 :func:`job_rng`, which swaps that generator in for the global one. A job trained in a pack therefore draws
-exactly the masks it draws alone from the same seed. Dropout inside the base model itself (``nn.Dropout``
+exactly the masks it draws alone from the same seed; where a pack right-pads a job's rows to a longer
+sequence (``lengths`` of :func:`peftlab.serving.hooks.set_row_streams`), its draws cover its own length
+only. Dropout inside the base model itself (``nn.Dropout``
 and functional dropout in attention) still draws over the whole batch from the global generator: packed
 runs equal separate runs only with the base model's own dropout off.
 """
@@ -62,6 +64,15 @@ def on_stream(gen: torch.Generator | None):
     finally:
         gen.set_state(torch.get_rng_state())
         torch.set_rng_state(saved)
+
+
+def _own_length(router, j: int, x: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Job j's rows cut to its own sequence length when a pack right-padded them (``router.lengths``), so its
+    random draws have the shapes they have alone."""
+    own = (getattr(router, "lengths", None) or {}).get(router.adapters[j])
+    if own is not None and xs.dim() == 3 and own < xs.shape[1]:
+        return xs[:, :own]
+    return xs
 
 
 def _tables(entries, n: int, dtype, device):
@@ -98,11 +109,14 @@ def add_lora_train(layer, router, x: torch.Tensor, result: torch.Tensor, present
     entries = []
     for j, slot in present:  # each job's dropout, on its own stream (x' has the dropped rows)
         rows = router.rows_of(j, x.device)
-        xs = xin.index_select(0, rows)
+        xs = _own_length(router, j, x, xin.index_select(0, rows))
         with job_rng(router, router.adapters[j]):
             dropped, c = slot.dropout_input(xs)
         if dropped is not xs:
-            xin = xin.index_copy(0, rows, dropped.to(dtype))
+            dropped = dropped.to(dtype)
+            if dropped.shape[1] < tokens:  # the padding past the job's own length stays undropped
+                dropped = torch.cat([dropped, xin.index_select(0, rows)[:, dropped.shape[1]:]], dim=1)
+            xin = xin.index_copy(0, rows, dropped)
         entries.append((j, slot, c))
     n = len(router.adapters)
     a_tab, b_tab = _tables(entries, n, dtype, x.device)
@@ -130,12 +144,18 @@ def segment_train(layer, router, x: torch.Tensor, result: torch.Tensor | None, o
         captured = getattr(slot, "captured", None)
         if captured is not None:  # parallel bottleneck: the sublayer input its pre-hook captured
             slot.captured = captured.index_select(0, rows)
-        xs = x.index_select(0, rows)
+        xs = _own_length(router, j, x, x.index_select(0, rows))
+        own = xs.shape[1] if xs.dim() == 3 and xs.shape[1] < x.shape[1] else None
+        if own is not None and getattr(slot, "captured", None) is not None:
+            slot.captured = slot.captured[:, :own]
         with job_rng(router, router.adapters[j]):
             part = slot.fused_forward(xs, 1.0) if not args and not kwargs else None
             if part is None and slot.replaces_base:
                 part = slot.contribute(xs, None, 1.0, *args, **kwargs)
             elif part is None:
-                part = slot.contribute(xs, result.index_select(0, rows), 1.0)
+                base_rows = result.index_select(0, rows)
+                part = slot.contribute(xs, base_rows[:, :own] if own is not None else base_rows, 1.0)
+        if own is not None:  # the padding past the job's own length keeps the base output
+            part = torch.cat([part.to(result.dtype), result.index_select(0, rows)[:, own:]], dim=1)
         result = result.index_copy(0, rows, part.to(result.dtype))
     return result
