@@ -213,6 +213,9 @@ def _pre_hook(model: nn.Module, args, kwargs):
 def _post_hook(model: nn.Module, args, kwargs, output):
     state = model.__dict__.get(ROUTING_ATTR)
     if state is not None and state.routed and state.pending is None:
+        if torch.is_grad_enabled() and any(layer.training for layer in state.layers):
+            return output  # training: gradient checkpointing recomputes layers in backward, routed the same;
+            # the next forward of the model clears or replaces the routing
         _clear(model, state)
     return output
 

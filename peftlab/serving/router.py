@@ -325,7 +325,7 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     if lora and not others and not args and not kwargs and len(router.adapters) == 1 and router.counts[0] == router.batch:
         # every row runs the same adapter: the single-adapter fused path (no gather, no stacked tables)
         slot = layer.slots.get(router.adapters[0])
-        with train_rows.job_rng(router, router.adapters[0]) if train else contextlib.nullcontext():
+        with train_rows.job_rng(router, router.adapters[0], layer) if train else contextlib.nullcontext():
             out = slot.fused_forward(x, 1.0) if slot is not None else None
         if out is not None:
             return out

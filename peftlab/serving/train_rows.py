@@ -45,9 +45,29 @@ import torch
 import torch.nn.functional as F
 
 
-def job_rng(router, name: str):
-    """Run the block on adapter ``name``'s own random stream (the global CPU generator swapped for it)."""
-    return on_stream((getattr(router, "streams", None) or {}).get(name))
+@contextlib.contextmanager
+def job_rng(router, name: str, layer=None):
+    """Run the block on adapter ``name``'s own random stream (the global CPU generator swapped for it).
+
+    Gradient checkpointing recomputes a layer's forward during backward; the recompute must draw what the
+    forward drew. So the stream's state before each (layer, adapter) block is kept on the router, and a
+    block run inside backward replays from it (on a copy) without advancing the stream.
+    """
+    gen = (getattr(router, "streams", None) or {}).get(name)
+    if gen is None:
+        yield
+        return
+    marks = router.__dict__.setdefault("stream_marks", {})
+    key = (id(layer), name)
+    if torch._C._current_graph_task_id() != -1 and key in marks:  # a recompute inside backward: replay
+        replay = torch.Generator()
+        replay.set_state(marks[key])
+        with on_stream(replay):
+            yield
+        return
+    marks[key] = gen.get_state()
+    with on_stream(gen):
+        yield
 
 
 @contextlib.contextmanager
@@ -110,7 +130,7 @@ def add_lora_train(layer, router, x: torch.Tensor, result: torch.Tensor, present
     for j, slot in present:  # each job's dropout, on its own stream (x' has the dropped rows)
         rows = router.rows_of(j, x.device)
         xs = _own_length(router, j, x, xin.index_select(0, rows))
-        with job_rng(router, router.adapters[j]):
+        with job_rng(router, router.adapters[j], layer):
             dropped, c = slot.dropout_input(xs)
         if dropped is not xs:
             dropped = dropped.to(dtype)
@@ -148,7 +168,7 @@ def segment_train(layer, router, x: torch.Tensor, result: torch.Tensor | None, o
         own = xs.shape[1] if xs.dim() == 3 and xs.shape[1] < x.shape[1] else None
         if own is not None and getattr(slot, "captured", None) is not None:
             slot.captured = slot.captured[:, :own]
-        with job_rng(router, router.adapters[j]):
+        with job_rng(router, router.adapters[j], layer):
             part = slot.fused_forward(xs, 1.0) if not args and not kwargs else None
             if part is None and slot.replaces_base:
                 part = slot.contribute(xs, None, 1.0, *args, **kwargs)

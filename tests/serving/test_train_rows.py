@@ -188,3 +188,38 @@ def test_gemms_do_not_grow_with_the_number_of_jobs(lora_path):
         assert all(g is not None and g.abs().sum() > 0 for k, g in grads.items() if k.endswith(".a1"))
         assert all(g is None or g.abs().sum() == 0 for k, g in grads.items() if not k.endswith(".a1"))
     assert counts[2] == counts[8], counts
+
+
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_gradient_checkpointing_recomputes_the_same_rows_and_draws(checkpointing):
+    """Recompute in backward runs routed as the forward did and replays each job's dropout draws: the
+    gradients equal those without checkpointing (a recompute that drew anew, or ran unrouted, would differ)."""
+    def grads(enable):
+        model = tiny_model("llama")
+        streams = {}
+        for j in range(2):
+            gen = streams[f"job{j}"] = torch.Generator().manual_seed(100 + j)
+            with on_stream(gen):
+                peftlab.wrap(model, lora(f"job{j}", 2 + 2 * j, dropout=0.3))
+        perturb_b(model)
+        set_row_streams(model, streams)
+        peftlab.set_trainable(model, list(streams))
+        if enable:
+            peftlab.enable_gradient_checkpointing(model, selective=checkpointing == "selective")
+        model.train()
+        ids, names, _ = interleave(2, 0)
+        model(input_ids=ids, adapter_names=names).logits.pow(2).mean().backward()
+        return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+    want, got = grads(False), grads(True)
+    assert want.keys() == got.keys() and len(want) > 0
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL)
+
+
+def perturb_b(model):
+    """B away from zero, so that A and the input get gradients through the dropped inputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
