@@ -32,7 +32,6 @@ from .persist.format import load_adapter, save_adapter
 from .persist.hf_peft import export_peft, import_peft
 from .persist.merged import save_merged
 from .persist.quantized_merge import merge_quantized
-from .training.many import Recipe, TrainJob, train_many
 from .training.memory import disable_gradient_checkpointing, enable_gradient_checkpointing, make_optimizer
 from .util.errors import AdapterFileError, ConfigError, MergeError, PeftlabError, TargetError, WrapError
 from .util.models import load_model, resolve_model_path
@@ -93,7 +92,8 @@ __all__ = [
 
 # Names whose modules pull in heavy optional dependencies (transformers.trainer_utils imports peft,
 # which imports bitsandbytes): imported on first use, so ``import peftlab`` stays fast and silent.
-_LAZY = {"PeftlabCallback": ".training.callbacks"}
+_LAZY = {"PeftlabCallback": ".training.callbacks", "train_many": ".training.many", "TrainJob": ".training.many",
+         "Recipe": ".training.many"}
 
 
 def __getattr__(name: str):
