@@ -95,3 +95,33 @@ def test_bad_jobs_are_refused_with_what_is_valid(tmp_path):
     short[0].data = short[0].data[:3]
     with pytest.raises(peftlab.ConfigError, match=r"job 'a': its data ran out after 3 batches; it needs 10"):
         train_many(tiny_model("llama"), short)
+
+
+def test_one_job_equals_a_hand_written_loop(tmp_path):
+    """The recipe means what it says: AdamW with decoupled weight decay, linear warm-up then linear decay on the
+    job's own steps, clipping on the job's own gradient norm (a pack of one against the plain loop)."""
+    job = jobs(tmp_path, (0,))[0]
+    got_model = tiny_model("llama")
+    got = train_many(got_model, [job])["a"]
+
+    model = tiny_model("llama")
+    torch.manual_seed(job.seed)
+    peftlab.wrap(model, peftlab.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           adapter_name="a"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.1)
+    losses = []
+    for step, batch in enumerate(data(0, 10, 2, 6)):
+        opt.param_groups[0]["lr"] = 2e-2 * ((step + 1) / 2 if step < 2 else (10 - step) / 8)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 100), batch["labels"][:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.25)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(losses), **TOL)
+    want = weights(model, "a")
+    for key, value in weights(got_model, "a").items():
+        torch.testing.assert_close(value, want[key], **TOL)
