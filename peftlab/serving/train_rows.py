@@ -126,18 +126,22 @@ def add_lora_train(layer, router, x: torch.Tensor, result: torch.Tensor, present
     tokens = x.numel() // (B * d_in) if B else 0
     dtype = present[0][1].low_rank_factors()[0].dtype
     xin = x.to(dtype).reshape(B, tokens, d_in)
-    entries = []
+    entries, changed_rows, changed = [], [], []
     for j, slot in present:  # each job's dropout, on its own stream (x' has the dropped rows)
         rows = router.rows_of(j, x.device)
-        xs = _own_length(router, j, x, xin.index_select(0, rows))
+        full = xin.index_select(0, rows)
+        xs = _own_length(router, j, x, full)
         with job_rng(router, router.adapters[j], layer):
             dropped, c = slot.dropout_input(xs)
         if dropped is not xs:
             dropped = dropped.to(dtype)
             if dropped.shape[1] < tokens:  # the padding past the job's own length stays undropped
-                dropped = torch.cat([dropped, xin.index_select(0, rows)[:, dropped.shape[1]:]], dim=1)
-            xin = xin.index_copy(0, rows, dropped)
+                dropped = torch.cat([dropped, full[:, dropped.shape[1]:]], dim=1)
+            changed_rows.append(rows)
+            changed.append(dropped)
         entries.append((j, slot, c))
+    if changed:  # one scatter for every job's dropped rows (a copy per job would keep n copies of x for backward)
+        xin = xin.index_copy(0, torch.cat(changed_rows), torch.cat(changed))
     n = len(router.adapters)
     a_tab, b_tab = _tables(entries, n, dtype, x.device)
     if router.use_segments(tokens):
