@@ -15,9 +15,9 @@ adapter's initialisation and its dropout) comes from its own generator seeded wi
 tensors are frozen, its group leaves the optimizer, its adapter is saved; the other jobs go on unchanged.
 
 So each job's losses, gradient norms and weights equal those of ``train_many(model, [job])``, the job run
-alone (tests/training/test_train_many.py). Two things are shared by the pack and therefore excluded:
-dropout inside the base model (off by default, ``base_dropout=False``, as it would draw over the whole
-batch) and losses that a method adds to the model's own ``output.loss`` (AdaLoRA's orthogonal regulariser;
+alone (tests/training/test_train_many.py). Dropout inside the base model is off by default
+(``base_dropout=False``); with ``base_dropout=True`` it draws per job segment from each job's stream
+(:func:`peftlab.serving.base_rows.base_dropout_rows`), as the job draws alone. Excluded: losses that a method adds to the model's own ``output.loss`` (AdaLoRA's orthogonal regulariser;
 the jobs' losses are computed from the logits).
 """
 
@@ -40,6 +40,7 @@ from ..core.registry import get_method
 from ..core.state import adapter_layers, adapters, get_state
 from ..core.tensors import adapter_tensors
 from ..persist.format import save_adapter
+from ..serving.base_rows import base_dropout_rows
 from ..serving.hooks import set_row_streams
 from ..serving.train_rows import on_stream
 from ..util.errors import ConfigError
@@ -108,6 +109,9 @@ class TrainJob:
 
     ``loss``: ``(logits of the job's rows, its batch) -> scalar`` (default :func:`default_job_loss`);
     ``save_dir``: where its adapter is saved when it finishes (None: not saved).
+    ``initial``: the adapter's starting tensors ({path: tensor} as :func:`peftlab.core.tensors.adapter_tensors`
+    names them), e.g. those of the job's separate run; ``rng_state``: its stream's state when training starts
+    (``torch.get_rng_state()`` of the separate run there). Default: both drawn from ``seed``.
     """
 
     config: Any
@@ -116,6 +120,8 @@ class TrainJob:
     seed: int = 0
     loss: Callable[[torch.Tensor, dict], torch.Tensor] | None = None
     save_dir: str | Path | None = None
+    initial: dict[str, torch.Tensor] | None = None
+    rng_state: torch.Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -208,7 +214,25 @@ def _add_jobs(model: nn.Module, jobs: list[TrainJob]) -> dict[str, torch.Generat
         gen = streams[job.name] = torch.Generator().manual_seed(job.seed)
         with on_stream(gen):
             wrap(model, job.config)
+        if job.initial is not None:
+            _load_initial(model, job)
+        if job.rng_state is not None:
+            gen.set_state(job.rng_state)
     return streams
+
+
+def _load_initial(model: nn.Module, job: TrainJob) -> None:
+    live = adapter_tensors(model, job.name)
+    missing, extra = sorted(set(live) - set(job.initial)), sorted(set(job.initial) - set(live))
+    if missing or extra:
+        raise ConfigError(f"job {job.name!r}: initial tensors do not match its adapter (missing {missing[:3]}, "
+                          f"unknown {extra[:3]})")
+    with torch.no_grad():
+        for key, t in live.items():
+            src = job.initial[key]
+            if src.shape != t.shape:
+                raise ConfigError(f"job {job.name!r}: initial {key} has shape {tuple(src.shape)}, the adapter's is {tuple(t.shape)}")
+            t.copy_(src)
 
 
 def _optimizers(model: nn.Module, jobs: list[TrainJob]) -> tuple[list[torch.optim.Optimizer], dict[str, dict]]:
@@ -271,7 +295,13 @@ def train_many(
             widths = {job.name: b["input_ids"].shape[1] for job, b in zip(running, batches)
                       if b.get("input_ids") is not None and b["input_ids"].dim() == 2}
             set_row_streams(model, streams, widths)
-            logits = model(**inputs, adapter_names=names).logits
+            _train_modes(model, base_dropout)  # on_step may have evaluated
+            if base_dropout:  # the base's own dropout per job segment, on the job's stream
+                segments = [(r, streams[job.name], widths.get(job.name)) for job, r in zip(running, rows)]
+                with base_dropout_rows(model, segments):
+                    logits = model(**inputs, adapter_names=names).logits
+            else:
+                logits = model(**inputs, adapter_names=names).logits
             losses = [(job.loss or default_job_loss)(_own_rows(logits, r, b), {k: v.to(device) for k, v in b.items()})
                       for job, r, b in zip(running, rows, batches)]
             torch.stack([loss.float() for loss in losses]).sum().backward()
