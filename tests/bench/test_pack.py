@@ -1,0 +1,62 @@
+"""Packed sweeps (``peftlab bench --pack N``): runs packed over one frozen base equal their separate runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftlab.bench import pack, worker
+from peftlab.bench.sweep import expand
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory, minilm_dir):
+    """A tiny random BERT encoder (hidden and attention dropout 0.1) with MiniLM's tokenizer; the
+    classification head is missing, so each run's seed initialises its own (as with MiniLM)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_dir)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_sst2(tmp_path_factory, sst2_dir):
+    """The first rows of each SST-2 split (reading the whole training file per run costs seconds)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "sst2").mkdir()
+    for f in sst2_dir.iterdir():
+        if f.suffix == ".tsv":
+            (root / "sst2" / f.name).write_text("".join(f.read_text().splitlines(True)[:60]))
+    return str(root)
+
+
+def _sweep(model: str, data: str, **extra) -> list[dict]:
+    sweep = {
+        "models": [model], "tasks": ["sst2"], "seeds": [0, 1], "data": data,
+        "train": {"max_steps": 4, "batch_size": 4, "lr": [1.0e-3, 3.0e-3], "max_length": 24, "eval_every": 2,
+                  "train_limit": 24, "dev_limit": 16, "test_limit": 16, "progress": False},
+        "methods": [{"method": "lora", "params": {"r": [2, 4], "alpha": 8, "dropout": 0.1}}],
+        **extra,
+    }
+    return expand(sweep)
+
+
+SAME = ("status", "dev", "test", "test_examples", "evals", "best_step", "steps", "trainable_params", "total_params")
+
+
+def test_packed_runs_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_dir, small_sst2):
+    specs = _sweep(tiny_bert_dir, small_sst2)
+    chosen = [specs[0], specs[-1]]  # seeds 0/1, lr 1e-3/3e-3, r 2/4
+    assert len({(s["seed"], s["train"]["lr"], s["params"]["r"]) for s in chosen}) == 2
+    packed = pack.run_pack(chosen, tmp_path)
+    for spec, got in zip(chosen, packed):
+        alone = worker.run(spec)
+        assert {k: got[k] for k in SAME} == {k: alone[k] for k in SAME}
+        assert got["final_train_loss"] == pytest.approx(alone["final_train_loss"], abs=1e-5)
+        assert got["packed"]["runs"] == 2 and (tmp_path / f"{spec['run_id']}.result.json").is_file()
