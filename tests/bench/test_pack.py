@@ -60,3 +60,22 @@ def test_packed_runs_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_d
         assert {k: got[k] for k in SAME} == {k: alone[k] for k in SAME}
         assert got["final_train_loss"] == pytest.approx(alone["final_train_loss"], abs=1e-5)
         assert got["packed"]["runs"] == 2 and (tmp_path / f"{spec['run_id']}.result.json").is_file()
+
+
+def test_sweep_packs_resumes_per_run_and_notes_unpacked(tmp_path, tiny_bert_dir, small_sst2, capsys, monkeypatch):
+    from peftlab.bench import runner
+    from peftlab.bench.runner import read_results, run_sweep
+
+    # in this process (a worker process costs seconds of imports): the runner's planning, claims and records
+    monkeypatch.setattr(runner, "run_in_subprocess", lambda spec, work, timeout: {**spec, **worker.run(spec)})
+    monkeypatch.setattr(runner, "run_pack_in_subprocess", lambda specs, work, timeout: pack.run_pack(specs, work))
+    specs = _sweep(tiny_bert_dir, small_sst2, seeds=[0])  # 4 runs: lr × r
+    first = run_sweep(specs[:1], tmp_path, progress=False)  # one run finished before the packed sweep
+    records = run_sweep(specs, tmp_path, progress=True, pack=2)
+    out = capsys.readouterr().out
+    assert "resuming: 1 of 4" in out and out.count("pack of ") == 2 and "pack of 1" in out
+    assert {r["run_id"]: r["status"] for r in records} == {s["run_id"]: "ok" for s in specs}
+    assert read_results(tmp_path)[0]["test_examples"] == first[0]["test_examples"]
+    assert "packed" not in first[0] and sum("packed" in r for r in records) == 3
+    packs, alone = pack.plan([*specs, {**specs[0], "method": "adalora"}], 3)
+    assert [len(p) for p in packs] == [3, 1] and "method adalora" in alone[0][1]
