@@ -79,3 +79,12 @@ def test_sweep_packs_resumes_per_run_and_notes_unpacked(tmp_path, tiny_bert_dir,
     assert "packed" not in first[0] and sum("packed" in r for r in records) == 3
     packs, alone = pack.plan([*specs, {**specs[0], "method": "adalora"}], 3)
     assert [len(p) for p in packs] == [3, 1] and "method adalora" in alone[0][1]
+
+
+def test_pack_key_in_sweep_files_is_checked():
+    base = {"models": ["m"], "tasks": ["sst2"], "methods": ["lora"]}
+    assert len(expand({**base, "pack": "4"})) == 1  # read as a number, not part of the run ids
+    assert expand({**base, "pack": 4})[0]["run_id"] == expand(base)[0]["run_id"]
+    for bad in (0, 1.5, True, "many"):
+        with pytest.raises(Exception, match=r"pack: must be a whole number ≥ 1 .*e\.g\. pack: 4"):
+            expand({**base, "pack": bad})
