@@ -105,18 +105,19 @@ def _prepare(spec: dict) -> dict:
     model = get_provider(spec["method"])(model, params, {"task_kind": task.kind, "total_steps": steps})
     trainable, total = count_parameters(model)
     try:
-        from ..estimate_cli import bench_estimate_mb
+        from ..estimate_cli import bench_estimate
 
-        estimate_mb = bench_estimate_mb(spec, model, task.kind, "cpu", steps)
+        estimate = bench_estimate(spec, model, task.kind, "cpu", steps)
     except Exception:
-        estimate_mb = None
+        estimate = None
     name = job_name(spec)
     return {
         "spec": spec, "task": task, "rows": rows, "tokenizer": tokenizer, "base": base, "steps": steps,
         "config": get_state(model, name).config,
         "initial": {k: v.detach().clone() for k, v in adapter_tensors(model, name).items()},
         "rng_state": torch.get_rng_state(),
-        "trainable": trainable, "total": total, "estimate_mb": estimate_mb,
+        "trainable": trainable, "total": total, "estimate": estimate,
+        "estimate_mb": None if estimate is None else estimate.total_peak / 2**20,
     }
 
 
@@ -150,6 +151,10 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
     for prep in preps:
         _check_base(model, prep)
         prep.pop("base")
+    estimates = [p.pop("estimate") for p in preps]
+    from ..estimate_cli import pack_peak_mb
+
+    pack_estimate_mb = pack_peak_mb(estimates) if all(e is not None for e in estimates) else None
     jobs, by_name = [], {}
     for prep in preps:
         spec, cfg, task = prep["spec"], prep["spec"]["train"], prep["task"]
@@ -207,7 +212,7 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
             "trainable_pct": 100 * prep["trainable"] / prep["total"],
             "peak_memory_mb": peak_memory_mb("cpu"), "peak_memory_mb_per_process": [peak_memory_mb("cpu")],
             "estimate_mb": prep["estimate_mb"], "processes": 1,
-            "packed": {"runs": len(specs), "run_ids": [s["run_id"] for s in specs]},
+            "packed": {"runs": len(specs), "run_ids": [s["run_id"] for s in specs], "estimate_mb": pack_estimate_mb},
             "median_step_s": res.seconds / max(1, res.steps), "train_seconds": res.seconds,
             "tokens_per_s": None,
             "final_train_loss": statistics.fmean(res.losses[-20:]),

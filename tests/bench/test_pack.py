@@ -59,6 +59,7 @@ def test_packed_runs_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_d
         alone = worker.run(spec)
         assert {k: got[k] for k in SAME} == {k: alone[k] for k in SAME}
         assert got["final_train_loss"] == pytest.approx(alone["final_train_loss"], abs=1e-5)
+        assert got["packed"]["estimate_mb"] > got["estimate_mb"] == alone["estimate_mb"]
         assert got["packed"]["runs"] == 2 and (tmp_path / f"{spec['run_id']}.result.json").is_file()
 
 
@@ -88,3 +89,16 @@ def test_pack_key_in_sweep_files_is_checked():
     for bad in (0, 1.5, True, "many"):
         with pytest.raises(Exception, match=r"pack: must be a whole number ≥ 1 .*e\.g\. pack: 4"):
             expand({**base, "pack": bad})
+
+
+def test_pack_peak_estimate_is_one_base_and_the_stacked_batch():
+    import peftlab
+    from peftlab.estimate_cli import pack_peak_mb
+    from peftlab.estimator.estimate import estimate
+
+    cfg = peftlab.LoraConfig(r=8, modules_to_save=["classifier"])
+    one, double = (estimate("minilm-l6", cfg, b, 64, precision="fp32", kind="seq-cls", device="cpu") for b in (32, 64))
+    assert pack_peak_mb([one]) == one.total_peak / 2**20
+    # two runs of 32 rows: one run of 64 rows plus a second adapter's weights, gradients and optimizer states
+    extra = (one.adapter_weights + one.gradients + one.optimizer_states) / 2**20
+    assert 0 < pack_peak_mb([one, one]) - double.total_peak / 2**20 <= extra
