@@ -131,6 +131,15 @@ def _check_base(model, prep: dict) -> None:
                                "(a randomly initialised module that no head copy covers)")
 
 
+def _counted(batches, prep: dict):
+    """``batches``, with each one's tokens (its attention mask's sum) appended to ``prep["tokens"]``."""
+    prep["tokens"] = []
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        prep["tokens"].append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        yield batch
+
+
 def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
     """Train ``specs`` in one pack; each run's record goes to ``out_dir/<run_id>.result.json`` when it ends."""
     from ..api import set_active_adapters
@@ -160,14 +169,14 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
         spec, cfg, task = prep["spec"], prep["spec"]["train"], prep["task"]
         bs, max_len, grouped = cfg["batch_size"], cfg["max_length"], cfg.get("group_by_length", True)
         tok, rows, seed = prep["tokenizer"], prep["rows"]["train"], spec["seed"]
-        batches = cycle(lambda epoch, t=task, tok=tok, r=rows, s=seed, b=bs, m=max_len, g=grouped:
-                        t.batches(tok, r, b, m, s * 1000 + epoch, g))
+        batches = _counted(cycle(lambda epoch, t=task, tok=tok, r=rows, s=seed, b=bs, m=max_len, g=grouped:
+                                 t.batches(tok, r, b, m, s * 1000 + epoch, g)), prep)
         steps = prep["steps"]
         recipe = Recipe(lr=cfg["lr"], steps=steps, warmup_steps=int(cfg.get("warmup_ratio", 0.06) * steps),
                         schedule="linear", weight_decay=cfg.get("weight_decay", 0.0), max_grad_norm=1.0)
         job = TrainJob(prep["config"], batches, recipe, seed=seed, initial=prep["initial"], rng_state=prep["rng_state"])
         jobs.append(job)
-        prep.update(name=job.name, seen=0, evals=[], best=None, best_step=None, best_state=None, tokens=0)
+        prep.update(name=job.name, seen=0, evals=[], best=None, best_step=None, best_state=None, step_times=[])
         by_name[job.name] = prep
 
     def evaluate(prep: dict, split: str, examples=None) -> dict:
@@ -177,12 +186,16 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
         return ranks.evaluate(prep["task"], model, prep["tokenizer"], prep["rows"][split],
                               cfg.get("eval_batch_size", 64), cfg["max_length"], examples=examples)
 
+    clock = [time.perf_counter()]
+
     def on_step(pack_step: int, results) -> None:
+        step_s = time.perf_counter() - clock[0]  # the pack's step (evaluations not counted)
         for name, res in results.items():
             prep = by_name[name]
             if res.steps == prep["seen"]:
                 continue
             prep["seen"] = res.steps
+            prep["step_times"].append(step_s)
             cfg, steps = prep["spec"]["train"], prep["steps"]
             every = cfg.get("eval_every") or steps
             if res.steps % every == 0 or res.steps == steps:
@@ -194,6 +207,7 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
                                           if isinstance(t, torch.nn.Parameter)}
             if res.finished_at == pack_step:
                 _finish(prep, res)
+        clock[0] = time.perf_counter()
 
     def _finish(prep: dict, res) -> None:
         live = adapter_tensors(model, prep["name"])
@@ -204,6 +218,7 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
         examples: dict = {}
         test = evaluate(prep, "test", examples)
         spec, rows = prep["spec"], prep["rows"]
+        times, tokens = prep["step_times"], prep["tokens"][: len(prep["step_times"])]
         record = {
             **spec, "status": "ok", "metric": prep["task"].metric, "dev": dev, "test": test,
             "test_examples": examples, "dev_size": len(rows["dev"]), "dev_chance": prep["task"].chance(rows["dev"]),
@@ -213,8 +228,11 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
             "peak_memory_mb": peak_memory_mb("cpu"), "peak_memory_mb_per_process": [peak_memory_mb("cpu")],
             "estimate_mb": prep["estimate_mb"], "processes": 1,
             "packed": {"runs": len(specs), "run_ids": [s["run_id"] for s in specs], "estimate_mb": pack_estimate_mb},
-            "median_step_s": res.seconds / max(1, res.steps), "train_seconds": res.seconds,
-            "tokens_per_s": None,
+            "median_step_s": statistics.median(times), "train_seconds": sum(times),
+            # this run's tokens over the pack's steps after the first (as the worker counts); the pack's
+            # throughput is the sum over its runs
+            "tokens_per_s": sum(tokens) * (len(times) - 1) / len(times) / max(sum(times[1:]), 1e-9)
+            if len(times) > 1 else sum(tokens) / times[0],
             "final_train_loss": statistics.fmean(res.losses[-20:]),
             "wall_s": time.perf_counter() - start, "env": environment("cpu"),
         }

@@ -60,6 +60,7 @@ def test_packed_runs_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_d
         assert {k: got[k] for k in SAME} == {k: alone[k] for k in SAME}
         assert got["final_train_loss"] == pytest.approx(alone["final_train_loss"], abs=1e-5)
         assert got["packed"]["estimate_mb"] > got["estimate_mb"] == alone["estimate_mb"]
+        assert got["tokens_per_s"] > 0 and got["median_step_s"] > 0
         assert got["packed"]["runs"] == 2 and (tmp_path / f"{spec['run_id']}.result.json").is_file()
 
 
@@ -78,6 +79,10 @@ def test_sweep_packs_resumes_per_run_and_notes_unpacked(tmp_path, tiny_bert_dir,
     assert {r["run_id"]: r["status"] for r in records} == {s["run_id"]: "ok" for s in specs}
     assert read_results(tmp_path)[0]["test_examples"] == first[0]["test_examples"]
     assert "packed" not in first[0] and sum("packed" in r for r in records) == 3
+    from peftlab.bench.report import write_report
+
+    text = write_report(records, tmp_path).read_text()  # packed records report as any others
+    assert "lora" in text and "Failed runs" not in text
     packs, alone = pack.plan([*specs, {**specs[0], "method": "adalora"}], 3)
     assert [len(p) for p in packs] == [3, 1] and "method adalora" in alone[0][1]
 
