@@ -149,17 +149,20 @@ def run_pack(specs: list[dict], out_dir: str | Path) -> list[dict]:
     from ..util.files import atomic_write_json
     from ..util.models import load_model
     from .multiprocess import process_context
+    from .tasks import get_task
     from .worker import environment, peak_memory_mb
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     ranks = process_context(specs[0]["train"], "cpu")
-    preps = [_prepare(spec) for spec in specs]
-    first = preps[0]
-    model, _ = load_model(first["spec"]["model"], kind=first["task"].kind, **first["task"].model_kwargs())
-    for prep in preps:
+    task = get_task(specs[0]["task"])
+    model, _ = load_model(specs[0]["model"], kind=task.kind, **task.model_kwargs())  # the one frozen base
+    preps = []
+    for spec in specs:  # one run's replayed model at a time (its copy of the base is dropped after the check)
+        prep = _prepare(spec)
         _check_base(model, prep)
         prep.pop("base")
+        preps.append(prep)
     estimates = [p.pop("estimate") for p in preps]
     from ..estimate_cli import pack_peak_mb
 
