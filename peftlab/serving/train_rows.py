@@ -31,9 +31,9 @@ generator; every random draw an adapter makes for its rows (dropout seeds and ma
 :func:`job_rng`, which swaps that generator in for the global one. A job trained in a pack therefore draws
 exactly the masks it draws alone from the same seed; where a pack right-pads a job's rows to a longer
 sequence (``lengths`` of :func:`peftlab.serving.hooks.set_row_streams`), its draws cover its own length
-only. Dropout inside the base model itself (``nn.Dropout``
-and functional dropout in attention) still draws over the whole batch from the global generator: packed
-runs equal separate runs only with the base model's own dropout off.
+only. Dropout inside the base model itself (``nn.Dropout`` and the attention dropout) draws per job segment
+from the same streams while :func:`peftlab.serving.base_rows.base_dropout_rows` is active (``train_many``'s
+``base_dropout=True``); otherwise it draws over the whole batch from the global generator.
 """
 
 from __future__ import annotations
