@@ -44,6 +44,8 @@ def unpackable(spec: dict) -> str | None:
     cfg = spec["train"]
     if spec["method"] not in PACKABLE_METHODS:
         return f"method {spec['method']} (packable: {', '.join(PACKABLE_METHODS)})"
+    if (spec.get("params") or {}).get("train_layernorm"):
+        return "train_layernorm (trains base tensors, which a pack shares)"
     if get_task(spec["task"]).kind not in PACKABLE_KINDS:
         return f"task kind {get_task(spec['task']).kind} (packable: {', '.join(PACKABLE_KINDS)})"
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -50,10 +50,11 @@ def _sweep(model: str, data: str, **extra) -> list[dict]:
 SAME = ("status", "dev", "test", "test_examples", "evals", "best_step", "steps", "trainable_params", "total_params")
 
 
-def test_packed_runs_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_dir, small_sst2):
+def test_packed_runs_of_several_methods_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_dir, small_sst2):
     specs = _sweep(tiny_bert_dir, small_sst2)
-    chosen = [specs[0], specs[-1]]  # seeds 0/1, lr 1e-3/3e-3, r 2/4
-    assert len({(s["seed"], s["train"]["lr"], s["params"]["r"]) for s in chosen}) == 2
+    other = _sweep(tiny_bert_dir, small_sst2, methods=[{"method": "houlsby", "params": {"bottleneck_size": 8, "dropout": 0.1, "layers": [1]}}])[1]
+    chosen = [specs[0], specs[-1], other]  # seeds 0/1, lr 1e-3/3e-3, LoRA r 2/4 (q, v) and Houlsby adapters
+    assert len({(s["seed"], s["train"]["lr"], s["params"].get("r")) for s in chosen}) == 3
     packed = pack.run_pack(chosen, tmp_path)
     for spec, got in zip(chosen, packed):
         alone = worker.run(spec)
@@ -61,7 +62,7 @@ def test_packed_runs_equal_separate_runs_with_base_dropout(tmp_path, tiny_bert_d
         assert got["final_train_loss"] == pytest.approx(alone["final_train_loss"], abs=1e-5)
         assert got["packed"]["estimate_mb"] > got["estimate_mb"] == alone["estimate_mb"]
         assert got["tokens_per_s"] > 0 and got["median_step_s"] > 0
-        assert got["packed"]["runs"] == 2 and (tmp_path / f"{spec['run_id']}.result.json").is_file()
+        assert got["packed"]["runs"] == 3 and (tmp_path / f"{spec['run_id']}.result.json").is_file()
 
 
 def test_sweep_packs_resumes_per_run_and_notes_unpacked(tmp_path, tiny_bert_dir, small_sst2, capsys, monkeypatch):
