@@ -19,6 +19,7 @@ COMBINE = "tests/core/test_multi_adapter.py"
 FILES = "tests/persist/test_reliability.py"
 TRAIN_ROWS = "tests/serving/test_train_rows.py"
 MANY = "tests/training/test_train_many.py"
+PACK = "tests/bench/test_pack.py::test_packed_runs_of_several_methods_equal_separate_runs_with_base_dropout"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,12 @@ MUTATIONS = [
              (f"{MANY}::test_one_job_equals_a_hand_written_loop",)),
     Mutation("train-many-schedule-flat", "peftlab.training.many:Recipe.factor",
              "return max(0.0, 1.0 - done)", "return 1.0", (f"{MANY}::test_one_job_equals_a_hand_written_loop",)),
+    Mutation("base-dropout-global-stream", "peftlab.serving.base_rows:_segments",
+             "with on_stream(gen):", "with on_stream(None):", (PACK,)),
+    Mutation("base-attention-dropout-global-stream", "peftlab.serving.base_rows:_attention",
+             "with on_stream(gen):", "with on_stream(None):", (PACK,)),
+    Mutation("pack-rng-state-not-replayed", "peftlab.training.many:_add_jobs",
+             "gen.set_state(job.rng_state)", "pass", (PACK,)),
     # ---- combine modes -------------------------------------------------------------------------------------
     Mutation("combine-linear-ignores-weights", "peftlab.persist.combine:combine",
              "b = torch.cat([w * f[2] * f[1].detach().float()", "b = torch.cat([f[2] * f[1].detach().float()",
