@@ -183,7 +183,7 @@ def cmd_bench(args) -> int:
     print(f"sweep {sweep['name']!r}: {len(mine)} runs{f' (part {args.part} of {len(specs)})' if args.part else ''} -> {out}")
     from .bench.sweep_schema import number
 
-    pack = args.pack or number(sweep.get("pack")) or 1
+    pack = args.pack if args.pack is not None else number(sweep.get("pack") or 1)
     records = run_sweep(mine, out, timeout=args.timeout, pack=pack)
     if args.part:  # the report covers every part's finished runs
         from .bench.runner import read_results
