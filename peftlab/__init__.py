@@ -61,6 +61,9 @@ __all__ = [
     "enable_gradient_checkpointing",
     "disable_gradient_checkpointing",
     "make_optimizer",
+    "train_many",
+    "TrainJob",
+    "Recipe",
     "load_model",
     "load_quantized",
     "quantize",
@@ -89,7 +92,8 @@ __all__ = [
 
 # Names whose modules pull in heavy optional dependencies (transformers.trainer_utils imports peft,
 # which imports bitsandbytes): imported on first use, so ``import peftlab`` stays fast and silent.
-_LAZY = {"PeftlabCallback": ".training.callbacks"}
+_LAZY = {"PeftlabCallback": ".training.callbacks", "train_many": ".training.many", "TrainJob": ".training.many",
+         "Recipe": ".training.many"}
 
 
 def __getattr__(name: str):

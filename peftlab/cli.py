@@ -219,7 +219,10 @@ def cmd_bench(args) -> int:
     out = Path(args.out or f"runs/{sweep['name']}")  # the name is checked by expand(): a plain folder name
     mine = _sweep_part(args.part, specs)
     print(f"sweep {sweep['name']!r}: {len(mine)} runs{f' (part {args.part} of {len(specs)})' if args.part else ''} -> {out}")
-    records = run_sweep(mine, out, timeout=args.timeout)
+    from .bench.sweep_schema import number
+
+    pack = args.pack if args.pack is not None else number(sweep.get("pack") or 1)
+    records = run_sweep(mine, out, timeout=args.timeout, pack=pack)
     if args.part:  # the report covers every part's finished runs
         from .bench.runner import read_results
 
@@ -353,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--label-column", metavar="C", help="with --data FILE: as in peftlab train")
     bench.add_argument("--out", help="output folder (default: runs/<sweep name>)")
     bench.add_argument("--timeout", type=float, help="seconds per run before it is recorded as failed")
+    bench.add_argument(
+        "--pack",
+        type=int,
+        help="train up to N compatible runs (same model and task; peftlab LoRA / bottleneck methods on a CPU) "
+        "together in one process over one frozen base, results equal to separate runs (default: pack: in the "
+        "sweep file, else 1)",
+    )
     bench.add_argument(
         "--part",
         help="K/N: run only every N-th run of the sweep starting at the K-th, so N processes (one per core, "

@@ -128,6 +128,26 @@ _BENCH = {
 def bench_estimate_mb(spec: dict, model, kind: str, device: str, steps: int) -> float | None:
     """The estimated total peak (MiB) of a benchmark run (``peftlab.bench.worker``); None for HF PEFT peers.
 
+    :func:`bench_estimate` gives the whole breakdown."""
+    est = bench_estimate(spec, model, kind, device, steps)
+    return None if est is None else est.total_peak / 2**20
+
+
+def pack_peak_mb(estimates: list) -> float:
+    r"""The estimated peak (MiB) of runs packed over one frozen base (``peftlab bench --pack``)::
+
+        peak ≈ W_base + Σ_j (peak_j − W_base,j)
+
+    the base weights once, and per run what its step adds (its adapter, gradients, optimizer states and the
+    activations of its rows: a pack's activations are those of the stacked batch, linear in its rows).
+    ``estimates``: each run's :class:`peftlab.estimator.estimate.Estimate` alone."""
+    base = max(e.frozen_weights for e in estimates)
+    return (base + sum(e.total_peak - e.frozen_weights for e in estimates)) / 2**20
+
+
+def bench_estimate(spec: dict, model, kind: str, device: str, steps: int):
+    """The estimate (:class:`peftlab.estimator.estimate.Estimate`) of a benchmark run; None for HF PEFT peers.
+
     Uses the run's batch size and max_length (grouped batches are usually shorter: an upper bound) and counts
     tensors only: the measured CPU peak RSS also holds the Python/torch runtime and the data.
     """

@@ -384,6 +384,14 @@ def lora_delta(slot, x: torch.Tensor, scaling: float) -> torch.Tensor:
     return LoraBranchFunction.apply(x, slot.lora_A, slot.lora_B, scaling, p, seed)
 
 
+def lora_dropout_input(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(x ⊙ m, 1/(1-p)): the dropped input of :func:`lora_forward` / :func:`lora_delta` for x (..., d_in), the
+    mask drawn as they draw it (one seed from the CPU generator, the mask of x's flattened (M, d_in) shape)."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    drop = _dropout_drop((x.numel() // x.shape[-1], x.shape[-1]), p, seed, x.device).view(x.shape)
+    return x.masked_fill(drop, 0), 1.0 / (1.0 - _effective_p(p))
+
+
 # ---- memory accounting rules: peftlab.estimator counts with these; tests/estimator/test_estimate.py checks them ----------
 # ---- against what the autograd functions above actually save (keep the two in step) ---------------------------
 

@@ -165,10 +165,74 @@ def run_in_subprocess(spec: dict, work: Path, timeout: float | None) -> dict:
     }
 
 
+def run_pack_in_subprocess(specs: list[dict], work: Path, timeout: float | None) -> list[dict]:
+    """Run ``specs`` packed in one worker process (:mod:`peftlab.bench.pack`); one record per run (a run
+    without a result file is recorded failed, with the end of the worker's error output)."""
+    import sys
+
+    pack_path = work / f"pack-{specs[0]['run_id']}.json"
+    atomic_write_json(pack_path, specs)
+    for spec in specs:
+        (work / f"{spec['run_id']}.result.json").unlink(missing_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONSAFEPATH": "1",
+           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    error = ""
+    try:
+        proc = procs.run([sys.executable, "-m", "peftlab.bench.pack", str(pack_path), str(work)],
+                         timeout=timeout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            error = f"pack worker exited with code {proc.returncode}: {(proc.stderr or '').strip()[-2000:]}"
+    except subprocess.TimeoutExpired:
+        error = f"the pack timed out after {timeout:.0f} s"
+    records = []
+    for spec in specs:
+        path = work / f"{spec['run_id']}.result.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text()))
+        else:
+            records.append({**spec, "status": "failed", "error": error or "the pack wrote no result for this run"})
+    return records
+
+
+def _run_packs(specs: list[dict], out: Path, work: Path, size: int, timeout, progress: bool) -> list[dict]:
+    """Run the packable specs in packs of at most ``size`` (each run claimed and recorded on its own, so a
+    resumed sweep redoes only unfinished runs); returns the specs left to run unpacked."""
+    from .pack import plan
+
+    packs, alone = plan(specs, size)
+    for spec, why in alone:
+        if progress:
+            print(f"run {spec['run_id']} ({spec['label']} {spec['task']} seed={spec['seed']}) runs unpacked: {why}")
+    for group in packs:
+        mine = [s for s in group if claim_run(out, s)]
+        if not mine:
+            continue
+        if progress:
+            print(f"pack of {len(mine)}: " + ", ".join(f"{s['label']} seed={s['seed']}" for s in mine))
+        try:
+            records = run_pack_in_subprocess([{**s, "train": {**s["train"], "progress": False}} for s in mine],
+                                             work, None if timeout is None else timeout * len(mine))
+            for spec, record in zip(mine, records):
+                record["train"] = spec["train"]
+                append_result(out, record)
+                if record.get("status") != "ok" and progress:
+                    tqdm.write(f"run {spec['run_id']} ({spec['label']} on {spec['task']}) failed: {record.get('error')}")
+        finally:
+            for spec in mine:
+                release_run(out, spec)
+    return [spec for spec, _ in alone]
+
+
 def run_sweep(
-    specs: list[dict], out_dir: str | Path, timeout: float | None = None, progress: bool = True
+    specs: list[dict], out_dir: str | Path, timeout: float | None = None, progress: bool = True, pack: int = 1
 ) -> list[dict]:
-    """Run every spec not finished yet; returns all records of this sweep's runs."""
+    """Run every spec not finished yet; returns all records of this sweep's runs.
+
+    ``pack`` > 1: compatible runs train up to ``pack`` at a time in one process over one frozen base
+    (:mod:`peftlab.bench.pack`, records equal to the separate runs'); the others run one by one as before.
+    """
+    if not isinstance(pack, int) or isinstance(pack, bool) or pack < 1:
+        raise ConfigError(f"pack must be a whole number >= 1 (runs per process), got {pack!r}")
     out = Path(out_dir)
     work = out / "runs"
     work.mkdir(parents=True, exist_ok=True)
@@ -178,6 +242,8 @@ def run_sweep(
         check_train_config(spec["train"])
     if progress and len(todo) < len(specs):
         print(f"resuming: {len(specs) - len(todo)} of {len(specs)} runs already finished in {out / RESULTS}")
+    if pack > 1:
+        todo = _run_packs(todo, out, work, pack, timeout, progress)
     bar = tqdm(todo, desc="sweep", disable=not progress, dynamic_ncols=True)
     for spec in bar:
         if not claim_run(out, spec):  # finished or running in another sweep process on this --out

@@ -40,7 +40,7 @@ from .sweep_schema import safe_stem, validate
 from .tasks import TASKS
 from .user_data import USER_TASKS, check_task
 
-SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device", "order"}
+SWEEP_KEYS = {"name", "models", "tasks", "methods", "seeds", "train", "data", "device", "order", "pack"}
 #: run order: every seed of a method before the next method (default), or every method of a seed first
 ORDERS = ("method-major", "seed-major")
 TASK_KEYS = {"name", "models", "train"}

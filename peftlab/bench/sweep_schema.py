@@ -135,6 +135,12 @@ def validate(sweep: dict, train_keys: set[str], task_keys: set[str], method_keys
         ):
             raise ConfigError(f"seeds: must be a non-empty list of whole numbers ≥ 0, got {out['seeds']!r}; e.g. {EXAMPLES['seeds']}")
         out["seeds"] = seeds
+    if out.get("pack") is not None:
+        pack = number(out["pack"])
+        if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+            raise ConfigError(f"pack: must be a whole number ≥ 1 (runs trained together in one process), got "
+                              f"{out['pack']!r}; e.g. pack: 4")
+        out["pack"] = pack
     out["train"] = train_block(out.get("train"), "train", train_keys)
     if out.get("device") is not None and not isinstance(out["device"], str):
         raise ConfigError(f"device: must be a string, got {out['device']!r}")

@@ -180,6 +180,16 @@ class Slot:
         """
         return None
 
+    def dropout_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x', c): the adapter input of a training forward with the slot's dropout applied, drawn exactly as the
+        slot's own training forward draws it (same calls on the same RNG), and the factor c its low-rank term
+        takes on top of ``low_rank_factors``'s s (inverted dropout's 1/(1-p) where x' leaves it out).
+
+        Mixed batches in training call it once per segment of rows (under that job's random stream) for the
+        slots that answer ``low_rank_factors()``. Default: no dropout, (x, 1.0).
+        """
+        return x, 1.0
+
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 update ΔW of an additive variant."""
         raise MergeError(f"{type(self).__name__} adapters cannot be merged into the base weights")

@@ -46,6 +46,8 @@ class MixedState:
         self.pending: tuple[str, ...] | None = None
         self.router: Router | None = None
         self.routed = False
+        self.streams: dict[str, torch.Generator] = {}  # per-adapter random streams (set_row_streams)
+        self.lengths: dict[str, int] = {}  # per-adapter sequence lengths of a right-padded pack (set_row_streams)
 
 
 def _state(model: nn.Module) -> MixedState:
@@ -91,6 +93,25 @@ def refresh(model: nn.Module, names: Sequence[str] | None = None) -> int:
     return state.version
 
 
+def set_row_streams(
+    model: nn.Module, streams: dict[str, torch.Generator] | None, lengths: dict[str, int] | None = None
+) -> None:
+    """Give adapters their own CPU random streams for mixed batches in training (None: back to the global one).
+
+    Every random draw an adapter makes for its rows (its dropout) then comes from its own generator, swapped
+    in for the global one (:func:`peftlab.serving.train_rows.job_rng`), so a job trained in a pack draws what it
+    draws alone, where the global generator was seeded as the stream was. ``lengths``: {adapter: its rows' own
+    sequence length} when they are right-padded to a longer batch (the draws then cover the own length only).
+    """
+    install(model)
+    _state(model).lengths = dict(lengths or {})
+    if streams is not None:
+        bad = sorted(n for n, g in streams.items() if not isinstance(g, torch.Generator) or g.device.type != "cpu")
+        if bad:
+            raise ConfigError(f"set_row_streams: adapter(s) {bad} need a CPU torch.Generator each")
+    _state(model).streams = dict(streams or {})
+
+
 def _routing_methods(states) -> list:
     """The distinct methods of the model's adapters that take part in routing beyond their slots."""
     methods = {st.config.method: get_method(st.config.method) for st in states.values()}
@@ -101,18 +122,11 @@ def check_names(model: nn.Module, names: Any, batch: int | None = None) -> tuple
     """Validate ``adapter_names`` for a mixed batch; returns them as a tuple.
 
     Raises:
-        WrapError: the model is in training mode (mixed batches are inference only).
         ConfigError: not one string per row, or an unknown name (the message lists the loaded ones).
         MergeError: an adapter is merged into the base weights (every row would get it).
     """
     loaded = list(adapters(model))
     valid = f"loaded adapters: {', '.join(loaded)}; '{BASE}' runs a row without adapter"
-    if model.training:
-        raise WrapError(
-            "adapter_names (a mixed batch) is for inference only: call model.eval() first. In training mode "
-            "no gradient would reach the adapters (the mixed path reads detached stacked copies of them) and "
-            "dropout would differ per row; train each adapter with set_active_adapters instead"
-        )
     if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"adapter_names must be a list with one adapter name per row, got {names!r} ({valid})")
     if batch is not None and len(names) != batch:
@@ -188,6 +202,7 @@ def _pre_hook(model: nn.Module, args, kwargs):
     router = state.router
     if router is None or router.names != names or router.version != state.version:
         router = state.router = Router(names, state.version)
+    router.streams, router.lengths = state.streams, state.lengths
     _route(model, state, router)
     for method in state.methods:  # whole-model adapters (prefix tuning) route their own per-row state
         if method.route_rows is not None:
@@ -198,6 +213,9 @@ def _pre_hook(model: nn.Module, args, kwargs):
 def _post_hook(model: nn.Module, args, kwargs, output):
     state = model.__dict__.get(ROUTING_ATTR)
     if state is not None and state.routed and state.pending is None:
+        if torch.is_grad_enabled() and any(layer.training for layer in state.layers):
+            return output  # training: gradient checkpointing recomputes layers in backward, routed the same;
+            # the next forward of the model clears or replaces the routing
         _clear(model, state)
     return output
 

@@ -37,14 +37,16 @@ rows. Prefix tuning: the prefixes of the rows' adapters are stacked into one per
 to the longest prefix, with a per-row mask over the padded prefix columns and per-row position
 shifts (the prefix method's routing hooks, :mod:`peftlab.methods.prefix.mixed_rows`).
 
-Inference only: a mixed batch in training mode is refused (the tables are detached copies, so no
-gradient would reach the adapters), as is a model with a merged adapter (its update is in the base
-weights every row shares). Slot weights from :func:`peftlab.set_active_adapters` do not apply: a row
+In training mode with gradients on, the layers take the differentiable path of
+:mod:`peftlab.serving.train_rows` instead (tables stacked from the parameters per forward, every row's
+dropout from its job's own random stream). A model with a merged adapter is refused (its update is in
+the base weights every row shares). Slot weights from :func:`peftlab.set_active_adapters` do not apply: a row
 runs its adapter with weight 1, as it would alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 from collections.abc import Sequence
@@ -53,6 +55,7 @@ from typing import Any
 import torch
 
 from ..kernels import triton_available
+from . import train_rows
 
 BASE = "__base__"
 ROUTING_ATTR = "_peftlab_mixed"
@@ -325,12 +328,21 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         lora = len(others) < len(present)
         plan = layer.__dict__[LAYER_PLAN_ATTR] = (router.uid, lora, others, lora and _use_triton(layer, x))
     _, lora, others, triton = plan
+    train = layer.training and torch.is_grad_enabled()
     if lora and not others and not args and not kwargs and len(router.adapters) == 1 and router.counts[0] == router.batch:
         # every row runs the same adapter: the single-adapter fused path (no gather, no stacked tables)
         slot = layer.slots.get(router.adapters[0])
-        out = slot.fused_forward(x, 1.0) if slot is not None else None
+        with train_rows.job_rng(router, router.adapters[0], layer) if train else contextlib.nullcontext():
+            out = slot.fused_forward(x, 1.0) if slot is not None else None
         if out is not None:
             return out
+    if train:  # differentiable tables, per-job random streams (peftlab.serving.train_rows)
+        result = layer.base_layer(x, *args, **kwargs)
+        if lora:
+            present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
+                       if n in layer.slots and n not in layer.disabled and is_lora_like(layer.slots[n])]
+            result = train_rows.add_lora_train(layer, router, x, result, present)
+        return train_rows.segment_train(layer, router, x, result, others, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
     if lora:
         result = _add_lora(layer, router, x, result, triton)

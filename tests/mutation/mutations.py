@@ -19,6 +19,9 @@ COMBINE = "tests/core/test_multi_adapter.py"
 FILES = "tests/persist/test_reliability.py"
 FUSED = "tests/methods/lora/test_fused_layer_dropout.py"
 ESTIMATE = "tests/estimator/test_estimate.py"
+TRAIN_ROWS = "tests/serving/test_train_rows.py"
+MANY = "tests/training/test_train_many.py"
+PACK = "tests/bench/test_pack.py::test_packed_runs_of_several_methods_equal_separate_runs_with_base_dropout"
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,23 @@ MUTATIONS = [
     Mutation("router-segments-misplaced", "peftlab.serving.router:_lora_torch",
              "out3.index_add_(0, rows, delta.to(out3.dtype))", "out3.index_add_(0, rows.flip(0), delta.to(out3.dtype))",
              (f"{MIXED}::test_forward_rows_equal_single_adapter_runs", f"{MIXED}::test_cost_does_not_grow_with_the_number_of_adapters")),
+    Mutation("train-rows-segments-misplaced", "peftlab.serving.train_rows:add_lora_train",
+             "index_add(0, rows, delta.to(result.dtype))", "index_add(0, rows.flip(0), delta.to(result.dtype))",
+             (f"{TRAIN_ROWS}::test_lora_joint_equals_separate",)),
+    Mutation("train-rows-own-length-ignored", "peftlab.serving.train_rows:_own_length",
+             "if own is not None and xs.dim() == 3 and own < xs.shape[1]:", "if False:",
+             (f"{MANY}::test_packed_jobs_equal_each_job_alone",)),
+    Mutation("train-many-clipping-ignored", "peftlab.training.many:train_many",
+             'r.max_grad_norm if r.max_grad_norm else float("inf")', 'float("inf")',
+             (f"{MANY}::test_one_job_equals_a_hand_written_loop",)),
+    Mutation("train-many-schedule-flat", "peftlab.training.many:Recipe.factor",
+             "return max(0.0, 1.0 - done)", "return 1.0", (f"{MANY}::test_one_job_equals_a_hand_written_loop",)),
+    Mutation("base-dropout-global-stream", "peftlab.serving.base_rows:_segments",
+             "with on_stream(gen):", "with on_stream(None):", (PACK,)),
+    Mutation("base-attention-dropout-global-stream", "peftlab.serving.base_rows:_attention",
+             "with on_stream(gen):", "with on_stream(None):", (PACK,)),
+    Mutation("pack-rng-state-not-replayed", "peftlab.training.many:_add_jobs",
+             "gen.set_state(job.rng_state)", "pass", (PACK,)),
     # ---- combine modes -------------------------------------------------------------------------------------
     Mutation("combine-linear-ignores-weights", "peftlab.persist.combine:combine",
              "b = torch.cat([w * f[2] * f[1].detach().float()", "b = torch.cat([f[2] * f[1].detach().float()",

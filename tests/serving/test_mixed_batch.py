@@ -246,12 +246,6 @@ def test_merged_adapter_is_refused_with_how_to_unmerge():
         model(input_ids=ids(2), adapter_names=["a", BASE])
 
 
-def test_training_mode_is_refused_with_the_reason():
-    model = lora_zoo().train()
-    with pytest.raises(peftlab.WrapError, match=r"inference only.*model.eval\(\).*no gradient would reach the adapters"):
-        model(input_ids=ids(2), adapter_names=["a", "b"])
-
-
 # ---- caching, lifecycle, cost -------------------------------------------------------------------------
 
 

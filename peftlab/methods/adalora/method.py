@@ -129,6 +129,11 @@ class AdaLoraSlot(LowRankTensors, Slot):
         """(Q ⊙ λ (r, d_in), P (d_out, r), s): the contribution is s·(x (Q ⊙ λ)ᵀ) Pᵀ."""
         return self.lora_A * self.lora_E, self.lora_B, self.scaling
 
+    def dropout_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(D(x), 1): ``F.dropout`` as :meth:`contribute` applies it."""
+        xin = x.to(self.lora_A.dtype)
+        return (F.dropout(xin, self.dropout_p, self.training) if self.dropout_p else xin), 1.0
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ (self.lora_A * self.lora_E).float()) * self.scaling
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ...backends.lora_ops import lora_delta, lora_forward
+from ...backends.lora_ops import lora_delta, lora_dropout_input, lora_forward
 from ...core.layer import AdapterLayer, Slot, is_conv1d, layer_dims
 
 
@@ -92,6 +92,11 @@ class LoraSlot(LowRankTensors, Slot):
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A (r, d_in), B (d_out, r), s): the contribution is s·(x Aᵀ) Bᵀ."""
         return self.lora_A, self.lora_B, self.scaling
+
+    def dropout_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x ⊙ m, 1/(1-p)) with m drawn as :func:`lora_forward` draws it (one seed from the CPU generator)."""
+        p = self.dropout_p if self.training else 0.0
+        return lora_dropout_input(x, p) if p > 0 else (x, 1.0)
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A, shape (d_out, d_in), fp32."""

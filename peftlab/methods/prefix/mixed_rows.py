@@ -60,8 +60,12 @@ class PrefixRows:
         return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), attention_mask
 
 
-def prefix_rows(model: nn.Module, router, device) -> PrefixRows:
-    """The stacked per-row prefix table of a mixed batch (``router``: its :class:`peftlab.serving.router.Router`)."""
+def prefix_rows(model: nn.Module, router, device, grad: bool = False) -> PrefixRows:
+    """The stacked per-row prefix table of a mixed batch (``router``: its :class:`peftlab.serving.router.Router`).
+
+    ``grad``: build it differentiably from the prefix tables (training: each row's gradient reaches its own
+    adapter's table only, through the per-row gather); else a detached copy.
+    """
     holder = getattr(model, PREFIX_HOLDER_ATTR)
     states = adapters(model)
     prefixed = [n for n in router.adapters if states[n].config.method == "prefix" and n not in holder.disabled]
@@ -75,7 +79,7 @@ def prefix_rows(model: nn.Module, router, device) -> PrefixRows:
             f"models), which a mixed batch cannot fill per row; run them in their own batch with set_active_adapters"
         )
     tables = getattr(model, PREFIX_TABLES_ATTR)
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         kvs = []
         for name in prefixed:
             enc = tables[name]
@@ -118,7 +122,10 @@ def route_rows(model: nn.Module, router, args, kwargs: dict) -> dict:
         return kwargs
     ref = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
     device = ref.device if isinstance(ref, torch.Tensor) else next(model.parameters()).device
-    rows = router.cached(("prefix", str(device)), lambda: prefix_rows(model, router, device))
+    if model.training and torch.is_grad_enabled():  # training: a fresh differentiable table every forward
+        rows = prefix_rows(model, router, device, grad=True)
+    else:
+        rows = router.cached(("prefix", str(device)), lambda: prefix_rows(model, router, device))
     holder.rows = rows
     if rows.kv is not None and "position_ids" in inspect.signature(type(model).forward).parameters:
         kwargs = shift_positions(args, kwargs, rows.shift)
