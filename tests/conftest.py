@@ -28,6 +28,15 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from helpers import DATA_DIR, minilm_path, smollm2_path, tiny_model  # noqa: E402
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread inside a test only (tiny GEMMs, where threads cost more than they give)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -51,12 +51,7 @@ finally:
     torch.set_num_threads(_THREADS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def logits(model) -> torch.Tensor:

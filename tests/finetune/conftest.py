@@ -8,11 +8,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test in this folder on one torch thread (tests/conftest.py's one_torch_thread)."""
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,7 @@ STEPS, T = 10, 6
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread inside these tests only (tiny GEMMs; two threads on a loaded machine cost 20×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lora(name, r, dropout=0.0, **kw):

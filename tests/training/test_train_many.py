@@ -17,13 +17,7 @@ from peftlab.training.many import Recipe, TrainJob, train_many
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread inside these tests only (tiny GEMMs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def data(j, steps, rows, t):
