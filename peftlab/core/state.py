@@ -111,10 +111,11 @@ def submodule(model: nn.Module, path: str) -> nn.Module:
 
 def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     """(the module holding ``path``'s last component, that component); inside a wrapped module (a wrapper around a
-    whole MoE block) the holder is the wrapper's base module."""
+    whole MoE block) the holder is the wrapper's base module, as in :func:`submodule`; the wrapper's own children
+    (``base_layer`` itself, its adapter weights) stay the wrapper's."""
     parent_path, _, child = path.rpartition(".")
     parent = submodule(model, parent_path)
-    if isinstance(parent, AdapterLayer):
+    if isinstance(parent, AdapterLayer) and child in parent.base_layer._modules:
         parent = parent.base_layer
     return parent, child
 
