@@ -46,8 +46,8 @@ def test_sweep_grid_and_errors():
         expand({**sweep, "train": {"lrate": 1}})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['extra'\] in the sweep"):
         expand({**sweep, "extra": 1})
-    with pytest.raises(ConfigError, match="unknown method 'dora'; valid methods: full, lora"):
-        expand({**sweep, "methods": ["dora"]})
+    with pytest.raises(ConfigError, match="unknown method 'vera'; valid methods: full, lora, dora"):
+        expand({**sweep, "methods": ["vera"]})
     with pytest.raises(ConfigError, match="unknown task 'mnli'; valid tasks: sst2, conll2003, sst2-gen"):
         expand({**sweep, "tasks": ["mnli"]})
 

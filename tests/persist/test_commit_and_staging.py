@@ -250,7 +250,6 @@ def test_a_load_that_fails_at_adapter_n_attaches_none(tmp_path, monkeypatch, fmt
         ("layer_replication", [[0, 2]]),
         ("alora_invocation_tokens", [5, 6]),
         ("use_qalora", True),
-        ("target_parameters", ["mlp.experts.gate_up_proj"]),
         ("layers_to_transform", [0]),
         ("ensure_weight_tying", True),
         ("a_future_peft_option", {"x": 1}),
