@@ -1,4 +1,4 @@
-"""Run the method x architecture matrix (tests/contract/test_arch_matrix.py) and write its table into README.md.
+"""Run the method x architecture matrix (tests/contract/test_arch_matrix.py) and write its table into docs/architectures.md.
 
 Usage: ``.venv/bin/python scripts/arch_matrix.py`` (runs every cell: a few minutes on 2 cores).
 """
@@ -18,6 +18,6 @@ import test_arch_matrix as matrix  # noqa: E402
 if __name__ == "__main__":
     table = matrix.render()
     if matrix.readme_section() is None:
-        sys.exit(f"README.md has no {matrix.BEGIN} ... {matrix.END} markers; add them where the table goes")
+        sys.exit(f"docs/architectures.md has no {matrix.BEGIN} ... {matrix.END} markers; add them where the table goes")
     matrix.write_readme(table)
     print(table)

@@ -13,7 +13,7 @@ method's *default* targets:
   saves gives peft's logits.
 
 Otherwise ``wrap`` must refuse with a peftlab error that says why; the reason is the cell. The
-table in README.md (between the ``arch-matrix`` markers) is this test's output:
+table in docs/architectures.md (between the ``arch-matrix`` markers) is this test's output:
 ``.venv/bin/python scripts/arch_matrix.py`` rewrites it, and ``test_readme_table_is_the_matrix``
 fails when they differ.
 """
@@ -37,7 +37,7 @@ from peftlab.util.errors import MergeError, PeftlabError
 METHODS = ["LoRA", "AdaLoRA", "prefix", "Houlsby", "Pfeiffer", "parallel"]
 PEFT_METHODS = {"LoRA", "AdaLoRA", "prefix"}
 MERGEABLE = {"LoRA", "AdaLoRA", "prefix"}
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
 BEGIN, END = "<!-- arch-matrix:begin -->", "<!-- arch-matrix:end -->"
 
 
@@ -237,7 +237,7 @@ def write_readme(table: str) -> None:
 def test_readme_table_is_the_matrix():
     table = render()
     assert readme_section() == table, (
-        "README.md's architecture matrix differs from the test's output; run "
+        "docs/architectures.md's architecture matrix differs from the test's output; run "
         "`.venv/bin/python scripts/arch_matrix.py` to rewrite it"
     )
 
