@@ -253,19 +253,27 @@ def train_many(
     jobs: list[TrainJob],
     base_dropout: bool = False,
     on_step: Callable[[int, dict[str, JobResult]], None] | None = None,
+    jobs_per_pass: int | None = None,
 ) -> dict[str, JobResult]:
     """Add one adapter per job to ``model`` and train them all at once (module docstring); {name: JobResult}.
 
     ``on_step(pack_step, results)`` runs after every step (progress, evaluation). Each finished job's adapter
     is saved to its ``save_dir`` (when given) as it leaves the pack. The adapters stay on the model.
+    ``jobs_per_pass`` (default: every running job) splits a step's forward and backward into passes over at
+    most that many jobs' rows, then steps every job once: the same gradients (a job's rows are all in one
+    pass) with the activations of fewer rows held at a time.
 
     Raises:
-        ConfigError: repeated or already loaded job names, a bad recipe, batches that cannot share a pass, or
-            a job whose data ran out before its steps.
+        ConfigError: repeated or already loaded job names, a bad recipe, batches that cannot share a pass, a
+            job whose data ran out before its steps, or ``jobs_per_pass`` below 1.
     """
     jobs = list(jobs)
     if not jobs:
         raise ConfigError("train_many needs at least one TrainJob")
+    if jobs_per_pass is not None and (
+        isinstance(jobs_per_pass, bool) or not isinstance(jobs_per_pass, int) or jobs_per_pass < 1
+    ):
+        raise ConfigError(f"jobs_per_pass must be an integer ≥ 1 (or None: every job in one pass), got {jobs_per_pass!r}")
     streams = _add_jobs(model, jobs)
     set_trainable(model, list(streams))
     set_row_streams(model, streams)
@@ -287,24 +295,14 @@ def train_many(
                         f"job {job.name!r}: its data ran out after {results[job.name].steps} batches; "
                         f"it needs {job.recipe.steps} (one per step)"
                     ) from None
-            batch, rows = stack_rows(batches)
-            names = [job.name for job, r in zip(running, rows) for _ in range(len(r))]
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
             device = next(p for g in groups.values() for p in g["params"]).device
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            widths = {job.name: b["input_ids"].shape[1] for job, b in zip(running, batches)
-                      if b.get("input_ids") is not None and b["input_ids"].dim() == 2}
-            set_row_streams(model, streams, widths)
+            width = jobs_per_pass or len(running)
             _train_modes(model, base_dropout)  # on_step may have evaluated
-            if base_dropout:  # the base's own dropout per job segment, on the job's stream
-                segments = [(r, streams[job.name], widths.get(job.name)) for job, r in zip(running, rows)]
-                with base_dropout_rows(model, segments):
-                    logits = model(**inputs, adapter_names=names).logits
-            else:
-                logits = model(**inputs, adapter_names=names).logits
-            losses = [(job.loss or default_job_loss)(_own_rows(logits, r, b), {k: v.to(device) for k, v in b.items()})
-                      for job, r, b in zip(running, rows, batches)]
-            torch.stack([loss.float() for loss in losses]).sum().backward()
+            losses = []
+            for at in range(0, len(running), width):
+                losses += _forward_backward(
+                    model, running[at : at + width], batches[at : at + width], streams, base_dropout, device
+                )
             for job, loss in zip(running, losses):
                 res, group, r = results[job.name], groups[job.name], job.recipe
                 group["lr"] = r.lr * r.factor(res.steps)
@@ -336,6 +334,28 @@ def train_many(
     finally:
         set_row_streams(model, None)
     return results
+
+
+def _forward_backward(
+    model: nn.Module, jobs: list[TrainJob], batches: list[dict], streams: dict, base_dropout: bool, device
+) -> list[torch.Tensor]:
+    """One pass over the stacked rows of ``jobs``: forward with per-row adapters, Σ_j L_j backward; [L_j]."""
+    batch, rows = stack_rows(batches)
+    names = [job.name for job, r in zip(jobs, rows) for _ in range(len(r))]
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    widths = {job.name: b["input_ids"].shape[1] for job, b in zip(jobs, batches)
+              if b.get("input_ids") is not None and b["input_ids"].dim() == 2}  # fmt: skip
+    set_row_streams(model, streams, widths)
+    if base_dropout:  # the base's own dropout per job segment, on the job's stream
+        segments = [(r, streams[job.name], widths.get(job.name)) for job, r in zip(jobs, rows)]
+        with base_dropout_rows(model, segments):
+            logits = model(**inputs, adapter_names=names).logits
+    else:
+        logits = model(**inputs, adapter_names=names).logits
+    losses = [(job.loss or default_job_loss)(_own_rows(logits, r, b), {k: v.to(device) for k, v in b.items()})
+              for job, r, b in zip(jobs, rows, batches)]  # fmt: skip
+    torch.stack([loss.float() for loss in losses]).sum().backward()
+    return losses
 
 
 def _finish(model, job: TrainJob, res: JobResult, opts, groups, pack_step: int) -> None:

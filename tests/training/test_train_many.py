@@ -76,6 +76,23 @@ def test_packed_jobs_equal_each_job_alone(tmp_path):
     assert max(packed["a"].grad_norms) > 0.25  # clipping was exercised
 
 
+@pytest.mark.parametrize("jobs_per_pass", [2])  # passes of 2 and 1 jobs
+def test_passes_over_fewer_jobs_give_the_same_training(tmp_path, jobs_per_pass):
+    """A step split into passes over at most k jobs' rows equals the one-pass step (every job's rows are in one
+    pass, so its gradient is the same): losses, gradient norms and weights."""
+    one_model, split_model = tiny_model("llama"), tiny_model("llama")
+    one = train_many(one_model, jobs(tmp_path / "one"))
+    split = train_many(split_model, jobs(tmp_path / "split"), jobs_per_pass=jobs_per_pass)
+    for name in "abc":
+        torch.testing.assert_close(torch.tensor(split[name].losses), torch.tensor(one[name].losses), **TOL)
+        torch.testing.assert_close(torch.tensor(split[name].grad_norms), torch.tensor(one[name].grad_norms), **TOL)
+        want = weights(one_model, name)
+        for key, value in weights(split_model, name).items():
+            torch.testing.assert_close(value, want[key], **TOL)
+    with pytest.raises(peftlab.ConfigError, match=r"jobs_per_pass must be an integer ≥ 1 .* got 0"):
+        train_many(tiny_model("llama"), jobs(tmp_path / "bad"), jobs_per_pass=0)
+
+
 def test_bad_jobs_are_refused_with_what_is_valid(tmp_path):
     model = tiny_model("llama")
     twice = jobs(tmp_path, (0, 0))
