@@ -1,12 +1,12 @@
-"""CPU: N LoRA jobs of a learning-rate x rank grid packed in one process (peftlab.train_many) against the same jobs
-one after another, each in its own process (as a sweep runs them). MiniLM-L6 on SST-2, batch 32 per job.
+"""CPU: N LoRA jobs of a learning-rate x rank grid three ways (issue 34): packed in one process
+(peftlab.train_many), one process per job one after another (as a sweep runs them), and one process per job two
+at a time (each on half the threads). MiniLM-L6 on SST-2, batch 32 per job.
 
-Per round: the packed process, then the N separate processes; each process reports its training seconds, its
-wall seconds (model load included) and its peak RSS. Ratios per round: throughput = (Σ separate training s) /
-(packed training s); memory = packed peak / Σ separate peaks. Results also record the largest difference between
-each job's packed and separate losses (the runs are the same computation).
+Per round, each way's wall time (model loads included: what a sweep costs) and peak RSS; ratios per round:
+throughput = wall(other way) / wall(packed); memory = packed peak / Σ of the separate processes' peaks. Results
+also record the largest difference between each job's packed and separate losses (the same computation).
 
-    OMP_NUM_THREADS=1 ../shared/tools/quiet-run .venv/bin/python benchmarks/train_many_cpu.py \
+    ../shared/tools/quiet-run .venv/bin/python benchmarks/train_many_cpu.py \
         --steps 40 --rounds 2 --out benchmarks/results/train_many
 """
 
@@ -52,7 +52,7 @@ def child(args) -> dict:
         recipe = Recipe(lr=lr, steps=args.steps, warmup_steps=round(0.06 * args.steps), max_grad_norm=1.0)
         jobs.append(TrainJob(cfg, data, recipe, seed=0))
     t0 = time.perf_counter()
-    results = train_many(model, jobs)
+    results = train_many(model, jobs, jobs_per_pass=args.jobs_per_pass)
     train_s = time.perf_counter() - t0
     return {
         "train_s": train_s,
@@ -63,16 +63,49 @@ def child(args) -> dict:
     }
 
 
-def run_child(extra: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *extra], capture_output=True, text=True, check=True)
+def run_child(extra: list[str], threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, __file__, "--child", *extra], capture_output=True, text=True, check=True,
+                         env=env)  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def start_child(extra: list[str], threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen([sys.executable, __file__, "--child", *extra], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def two_at_once(common: list[str], jobs: int, threads: int) -> list[dict]:
+    """The jobs as separate processes, two running at any time (each on half the threads)."""
+    pending, running, done = list(range(jobs)), [], []
+    while pending or running:
+        while pending and len(running) < 2:
+            running.append(start_child([*common, "--index", str(pending.pop(0))], max(1, threads // 2)))
+        proc = running.pop(0)
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"a child failed with {proc.returncode}")
+        done.append(json.loads(out.strip().splitlines()[-1]))
+    return done
+
+
+def _max_loss_diff(separate: list[dict], packed: dict) -> float:
+    return max(
+        abs(a - b)
+        for s in separate
+        for name, losses in s["losses"].items()
+        for a, b in zip(losses, packed["losses"][name])
+    )
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of a lone process")
+    ap.add_argument("--jobs-per-pass", type=int, default=None, help="train_many's jobs_per_pass for the packed run")
+    ap.add_argument("--ways", default="packed,sequential,two", help="which of packed, sequential, two to run")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", action="store_true")
@@ -82,50 +115,64 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    ways = args.ways.split(",")
+    pack_extra = ["--jobs-per-pass", str(args.jobs_per_pass)] if args.jobs_per_pass else []
+    job_steps = args.jobs * args.steps
     rounds = []
     for k in range(args.rounds):
-        packed = run_child(common)
-        separate = [run_child([*common, "--index", str(i)]) for i in range(args.jobs)]
-        diff = max(
-            abs(a - b)
-            for s in separate
-            for name, losses in s["losses"].items()
-            for a, b in zip(losses, packed["losses"][name])
-        )
-        row = {
-            "packed_train_s": packed["train_s"],
-            "packed_wall_s": packed["wall_s"],
-            "packed_peak_rss_mb": packed["peak_rss_mb"],
-            "separate_train_s": sum(s["train_s"] for s in separate),
-            "separate_wall_s": sum(s["wall_s"] for s in separate),
-            "separate_peak_rss_mb_sum": sum(s["peak_rss_mb"] for s in separate),
-            "separate_peak_rss_mb_max": max(s["peak_rss_mb"] for s in separate),
-            "max_loss_diff": diff,
-        }
-        row["train_throughput_ratio"] = row["separate_train_s"] / row["packed_train_s"]
-        row["wall_ratio"] = row["separate_wall_s"] / row["packed_wall_s"]
-        row["memory_ratio_vs_sum"] = row["packed_peak_rss_mb"] / row["separate_peak_rss_mb_sum"]
+        row: dict = {}
+        packed = None
+        if "packed" in ways:
+            t0 = time.perf_counter()
+            packed = run_child([*common, *pack_extra], args.threads)
+            row["packed"] = {"wall_s": time.perf_counter() - t0, "train_s": packed["train_s"],
+                             "peak_rss_mb": packed["peak_rss_mb"]}  # fmt: skip
+        if "sequential" in ways:
+            t0 = time.perf_counter()
+            separate = [run_child([*common, "--index", str(i)], args.threads) for i in range(args.jobs)]
+            row["sequential"] = {"wall_s": time.perf_counter() - t0,
+                                 "train_s": sum(s["train_s"] for s in separate),
+                                 "peak_rss_mb_max": max(s["peak_rss_mb"] for s in separate),
+                                 "peak_rss_mb_sum": sum(s["peak_rss_mb"] for s in separate)}  # fmt: skip
+            if packed:
+                row["max_loss_diff_packed_vs_sequential"] = _max_loss_diff(separate, packed)
+        if "two" in ways:
+            t0 = time.perf_counter()
+            separate = two_at_once(common, args.jobs, args.threads)
+            row["two"] = {"wall_s": time.perf_counter() - t0,
+                          "peak_rss_mb_max": max(s["peak_rss_mb"] for s in separate),
+                          "peak_rss_mb_sum": sum(s["peak_rss_mb"] for s in separate)}  # fmt: skip
+        for way in ways:
+            row[way]["job_steps_per_s"] = job_steps / row[way]["wall_s"]
+        if packed and "sequential" in ways:
+            row["throughput_vs_sequential"] = row["sequential"]["wall_s"] / row["packed"]["wall_s"]
+            row["memory_vs_sum_of_separate"] = row["packed"]["peak_rss_mb"] / row["sequential"]["peak_rss_mb_sum"]
+        if packed and "two" in ways:
+            row["throughput_vs_two"] = row["two"]["wall_s"] / row["packed"]["wall_s"]
         rounds.append(row)
         print(json.dumps({"round": k, **row}), flush=True)
 
     def summary(key):
-        values = [r[key] for r in rounds]
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+        values = [r[key] for r in rounds if key in r]
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
 
     record = {
         "what": f"{args.jobs} LoRA jobs (lr x r grid of lora-qv in recipes-search.yaml), MiniLM-L6, SST-2, "
-        f"batch 32/job, max_length 64, {args.steps} steps each: packed (train_many) vs one process per job",
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        f"batch 32/job, max_length 64, {args.steps} steps each: packed (train_many, jobs_per_pass="
+        f"{args.jobs_per_pass}) vs one process per job one after another vs two processes at once",
+        "threads": args.threads,
+        "cpus": os.cpu_count(),
         "rounds": rounds,
-        "train_throughput_ratio": summary("train_throughput_ratio"),
-        "wall_ratio": summary("wall_ratio"),
-        "memory_ratio_vs_sum": summary("memory_ratio_vs_sum"),
+        "throughput_vs_sequential": summary("throughput_vs_sequential"),
+        "throughput_vs_two": summary("throughput_vs_two"),
+        "memory_vs_sum_of_separate": summary("memory_vs_sum_of_separate"),
         "command": " ".join(sys.argv),
     }
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"pack{args.jobs}_steps{args.steps}.json"
+        suffix = f"_pass{args.jobs_per_pass}" if args.jobs_per_pass else ""
+        path = out / f"ways{args.jobs}_steps{args.steps}{suffix}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, path)
