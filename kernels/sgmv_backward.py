@@ -122,7 +122,7 @@ def sgmv_weight_grad(t: torch.Tensor, x: torch.Tensor, seg_start: torch.Tensor, 
         ranks_t if ranks_t is not None else seg_len, scales_t if scales_t is not None else t, S, K, R,
         t.stride(0), t.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2),
         HAS_PERM=perm_t is not None, HAS_RANKS=ranks_t is not None, HAS_SCALES=scales_t is not None,
-        IEEE=_ieee(x), BLOCK_M=WGRAD_BLOCK_M, BLOCK_K=bk, BLOCK_R=br,
+        IEEE=_ieee(x), BLOCK_M=WGRAD_BLOCK_M, BLOCK_K=bk, BLOCK_R=br, num_warps=4, num_stages=2,  # as AOT_LAUNCHES
     )
     return out
 
