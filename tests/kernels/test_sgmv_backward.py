@@ -55,8 +55,7 @@ def close(got, want, dtype=torch.float32):
 
 def autograd_of_reference(p):
     """dX, dA_tab, dB_tab by torch autograd through the forward references (clean tables, fp32)."""
-    x = p["x"].float().requires_grad_()
-    a, b = p["clean_a"].float().requires_grad_(), p["clean_b"].float().requires_grad_()
+    x, a, b = (p[k].detach().float().clone().requires_grad_() for k in ("x", "clean_a", "clean_b"))
     t = reference.sgmv_shrink(x, a, *p["seg"], perm=p["perm"])
     y = reference.sgmv_expand(torch.zeros(M, N, device=DEVICE), t, b, *p["seg"], perm=p["perm"], scales=p["scales"])
     y.backward(p["dy"].float())
@@ -140,23 +139,23 @@ def test_mixed_training_batch_through_the_kernels_equals_the_torch_path(monkeypa
     from peftlab.serving import train_rows
     from peftlab.serving.hooks import set_row_streams
 
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(DEVICE)  # CPU tensors run the kernels in the interpreter
     for j, r in enumerate((1, 3, 8)):
         peftlab.wrap(model, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules=["q_proj", "down_proj"],
                                                dropout=0.2 * (j == 1), adapter_name=f"job{j}"))
-    for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
+    for i, (name, p) in enumerate(model.named_parameters()):  # B starts at zero: values, so every gradient is non-trivial
         if "lora_B" in name:
-            p.data.normal_(0, 0.2, generator=torch.Generator().manual_seed(hash(name) % 1000))
+            p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.2)
     peftlab.set_trainable(model, ["job0", "job1", "job2"])
     model.train()
     names = ["job2", "job0", "__base__", "job2", "job1", "job2", "job0"]
-    ids = torch.randint(1, 100, (len(names), 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(1, 100, (len(names), 5), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     calls = []
     wgrad = KB.sgmv_weight_grad
     monkeypatch.setattr(KB, "sgmv_weight_grad", lambda *a, **k: calls.append(1) or wgrad(*a, **k))
 
     def run(kernels):
-        monkeypatch.setattr(mixed, "_use_triton", lambda layer, x: kernels)
+        monkeypatch.setattr(mixed, "_use_triton", lambda layer, x: kernels)  # on CUDA: what it says by itself
         for module in model.modules():  # the per-layer plan (kernels or not) is cached per router
             module.__dict__.pop(mixed.LAYER_PLAN_ATTR, None)
         set_row_streams(model, {f"job{j}": torch.Generator().manual_seed(10 + j) for j in range(3)})
