@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import sgmv
 from .sgmv import INTERPRET, _check_tables, _ieee, _int32, block_r
@@ -168,6 +169,7 @@ class SgmvLoraFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, t, a_table, b_table, seg_start, seg_len, seg_adapter, perm, ranks, scales = ctx.saved_tensors
         need_x, need_a, need_b, need_base = ctx.needs_input_grad[:4]

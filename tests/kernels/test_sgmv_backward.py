@@ -170,7 +170,7 @@ def test_mixed_training_batch_through_the_kernels_equals_the_torch_path(monkeypa
     n_calls = len(calls)
     loss_t, grads_t = run(False)
     assert len(calls) == n_calls  # the torch path ran no kernel
-    assert loss_k == pytest.approx(loss_t, rel=1e-6)
+    assert loss_k == pytest.approx(loss_t, rel=1e-5)
     assert grads_k.keys() == grads_t.keys() and len(grads_k) == 3 * 2 * 4  # 3 jobs × (A, B) × 4 layers
     for key in grads_t:
         torch.testing.assert_close(grads_k[key], grads_t[key], atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
