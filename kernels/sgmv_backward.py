@@ -203,13 +203,14 @@ def sgmv_lora(x: torch.Tensor, a_table: torch.Tensor, b_table: torch.Tensor, bas
 
 
 def _aot_launches():
+    """As train_rows launches it: a permutation, per-adapter ranks, no scales (folded into B_tab)."""
     from .aot import Launch
 
     seg_ptrs = {"PERM": "*i32", "SEG_START": "*i32", "SEG_LEN": "*i32", "SEG_ADAPTER": "*i32", "RANKS": "*i32"}
     return [
         Launch(f"sgmv.wgrad{tag}", _sgmv_wgrad_kernel,
                {"T": "*fp32", "X": "*{dtype}", "OUT": "*{dtype}", "SCALES": "*fp32", **seg_ptrs},
-               {"HAS_PERM": True, "HAS_RANKS": True, "HAS_SCALES": True, "IEEE": ieee, "str_": 1, "sxk": 1,
+               {"HAS_PERM": True, "HAS_RANKS": True, "HAS_SCALES": False, "IEEE": ieee, "str_": 1, "sxk": 1,
                 "sok": 1},
                [({"BLOCK_M": 32, "BLOCK_K": bk, "BLOCK_R": br}, 4, 2) for br in (16, 32, 64)],
                tensor_cores="mma", unhinted=("S", "K", "R"), dtypes=dtypes)

@@ -141,7 +141,7 @@ def test_mixed_training_batch_through_the_kernels_equals_the_torch_path(monkeypa
 
     model = tiny_model("llama").to(DEVICE)  # CPU tensors run the kernels in the interpreter
     for j, r in enumerate((1, 3, 8)):
-        peftlab.wrap(model, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules=["q_proj", "down_proj"],
+        peftlab.wrap(model, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules=["down_proj"],
                                                dropout=0.2 * (j == 1), adapter_name=f"job{j}"))
     for i, (name, p) in enumerate(model.named_parameters()):  # B starts at zero: values, so every gradient is non-trivial
         if "lora_B" in name:
@@ -171,7 +171,7 @@ def test_mixed_training_batch_through_the_kernels_equals_the_torch_path(monkeypa
     loss_t, grads_t = run(False)
     assert len(calls) == n_calls  # the torch path ran no kernel
     assert loss_k == pytest.approx(loss_t, rel=1e-5)
-    assert grads_k.keys() == grads_t.keys() and len(grads_k) == 3 * 2 * 4  # 3 jobs × (A, B) × 4 layers
+    assert grads_k.keys() == grads_t.keys() and len(grads_k) == 3 * 2 * 2  # 3 jobs × (A, B) × 2 layers
     for key in grads_t:
         torch.testing.assert_close(grads_k[key], grads_t[key], atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
         assert grads_k[key].abs().sum() > 0, key
