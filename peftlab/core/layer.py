@@ -73,13 +73,20 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, nn.Embedding):  # a linear map of one-hot token ids: d_in = vocabulary, d_out = width
         return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.modules.conv._ConvNd):  # channels (the weight's shape: :func:`weight_shape`)
+        return module.in_channels, module.out_channels
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     raise TypeError(f"cannot read in/out features of {type(module).__name__}")
 
 
 def weight_shape(module: nn.Module) -> list[int]:
-    """The logical (out_features, in_features) shape of a linear-like module's weight."""
+    """The logical (out_features, in_features) shape of a linear-like module's weight; a convolution's whole
+    (C_out, C_in/groups, *kernel) weight shape."""
+    if isinstance(module, AdapterLayer):
+        module = module.base_layer
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return list(module.weight.shape)
     d_in, d_out = layer_dims(module)
     return [d_out, d_in]
 

@@ -11,6 +11,7 @@ from ...core.state import base_layer_of, submodule
 from ...core.targeting import exact_targets
 from ...util.errors import AdapterFileError, ConfigError
 from .config import LoraConfig
+from .conv import check_peft_export, is_conv
 from .inits import VALID_INITS, parse_init
 from .params import peft_key_map, peft_parameter_fields
 from .residual import residual_peft_config
@@ -110,6 +111,10 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
             f"({'/'.join(sorted(set(renames.values())))}), whatever path or regex names it, so these modules' LoRA "
             f"would be dropped; save with peftlab.save_adapter, or leave those modules out of an HF PEFT export"
         )
+    for path in linear:
+        base = base_layer_of(submodule(model, path))
+        if is_conv(base):
+            check_peft_export(path, base)
     state.live.objects["peft_target_modules"] = exact_targets(model, linear)
     state.live.objects["peft_parameters"] = peft_parameter_fields(model, state.name, state.config)
     keys = peft_key_map(model, state.name)

@@ -16,6 +16,7 @@ from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
 from .config import LoraConfig
+from .conv import conv_slot, is_conv
 from .embedding import EmbeddingLoraSlot
 from .interop import (
     from_peft_config,
@@ -55,6 +56,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
         if isinstance(base, nn.Embedding):
             check_embedding_config(config, path)
             tensors, cls = EmbeddingLoraSlot.make_tensors(base, r), EmbeddingLoraSlot
+        elif is_conv(base):
+            tensors, cls = conv_slot(base, r, config, path)
         else:
             tensors = LoraSlot.make_tensors(base, r)
             cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
@@ -84,8 +87,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
 
 
 def is_lora_target(module: nn.Module) -> bool:
-    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding`` when named."""
-    return is_linear(module) or isinstance(module, nn.Embedding)
+    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding`` and
+    ``nn.Conv1d/2d/3d`` when named."""
+    return is_linear(module) or isinstance(module, nn.Embedding) or is_conv(module)
 
 
 def check_embedding_config(config: LoraConfig, path: str) -> None:
