@@ -149,6 +149,9 @@ class Slot:
     #: weight) instead of adding to the module's output; empty for output-adding slots. Such a slot answers
     #: :meth:`reparametrized`, and the layer runs the base module's own forward on the adapted values.
     params: tuple[str, ...] = ()
+    #: True when the adapter adapts every module that shares the base weight alike (trainable tokens and their tied
+    #: head): merging into the shared weight then keeps the outputs of all of them, so no tie warning.
+    keeps_ties: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

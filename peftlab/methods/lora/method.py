@@ -29,6 +29,7 @@ from .interop import (
 from .params import ParamLoraSlot, parameter_specs
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
+from .tokens import inject_tokens
 from .variants import apply_init
 
 
@@ -73,6 +74,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
         shapes.update({f"{path}.{n}": list(getattr(base, n).shape) for n in specs})
         tensors = ParamLoraSlot.make_tensors(base, specs, gaussian=config.init == "gaussian")
         txn.add_slot(path, lambda layer, specs=specs: ParamLoraSlot(layer, config.adapter_name, specs), tensors)
+    token_paths = inject_tokens(model, config, txn, targets) if config.trainable_token_indices else []
+    for path in token_paths:
+        shapes[path] = weight_shape(base_layer_of(submodule(model, path)))
     extra: list[str] = []
     if config.bias == "all":
         skip = tuple(f"{path}." for path in txn.skip)  # modules_to_save copies carry their own biases
@@ -83,7 +87,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     info = {"fan_in_fan_out": fan_in_fan_out}
     if param_specs:
         info["target_parameters"] = [f"{p}.{n}" for p, specs in param_specs.items() for n in specs]
-    return Injected(targets=targets + list(param_specs), shapes=shapes, extra_keys=extra, info=info)
+    if token_paths:
+        info["trainable_tokens"] = token_paths
+    return Injected(targets=targets + list(param_specs) + token_paths, shapes=shapes, extra_keys=extra, info=info)
 
 
 def is_lora_target(module: nn.Module) -> bool:
