@@ -320,7 +320,7 @@ class AdapterLayer(nn.Module):
         values: dict[str, torch.Tensor] = {}
         for slot, weight in running:
             for param in slot.params:
-                current = values[param] if param in values else getattr(self.base_layer, param)
+                current = values[param] if param in values else self.base_layer.get_parameter(param)
                 values[param] = slot.reparametrized(param, current, weight)
         if not values:
             return self.base_layer(x, *args, **kwargs)
@@ -330,7 +330,7 @@ class AdapterLayer(nn.Module):
         """W ← W + w·ΔW for every base parameter ``slot`` adapts (w = −weight undoes it); all or nothing."""
         new = {}
         for param in slot.params:
-            current = getattr(self.base_layer, param).data
+            current = self.base_layer.get_parameter(param).data
             value = slot.reparametrized(param, current.float(), weight)
             if safe and not torch.isfinite(value).all():
                 raise MergeError(
@@ -339,7 +339,7 @@ class AdapterLayer(nn.Module):
                 )
             new[param] = value
         for param, value in new.items():
-            current = getattr(self.base_layer, param).data
+            current = self.base_layer.get_parameter(param).data
             current.copy_(value.to(current.dtype))
 
     def _refuse_training_merged(self) -> None:
@@ -403,7 +403,7 @@ class AdapterLayer(nn.Module):
         if slot.params:
             with torch.no_grad():
                 for param in slot.params:
-                    value = slot.reparametrized(param, getattr(self.base_layer, param).float(), self.weights.get(name, 1.0))
+                    value = slot.reparametrized(param, self.base_layer.get_parameter(param).float(), self.weights.get(name, 1.0))
                     if not torch.isfinite(value).all():
                         raise MergeError(
                             f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}.{param}; "

@@ -13,6 +13,9 @@ from ...util.errors import AdapterFileError, ConfigError
 from .config import LoraConfig
 from .conv import check_peft_export, is_conv
 from .inits import VALID_INITS, parse_init
+from .mha import from_peft_key as mha_from_peft_key
+from .mha import to_peft_key as mha_to_peft_key
+from .mha import warn_peft_export
 from .params import peft_key_map, peft_parameter_fields
 from .residual import residual_peft_config
 
@@ -26,6 +29,7 @@ def to_peft_key(key: str) -> str:
         return PEFT_PREFIX + key[: -len("trainable_tokens_delta")] + "token_adapter.trainable_tokens_delta"
     if key.endswith(".lora_magnitude"):  # DoRA
         key = key + "_vector"
+    key = mha_to_peft_key(key) or key  # nn.MultiheadAttention's out projection
     if key.endswith((".lora_A", ".lora_B")):
         key = key + ".weight"
     return PEFT_PREFIX + key
@@ -39,6 +43,7 @@ def from_peft_key(key: str) -> str:
         return key.replace(".lora_embedding_", ".lora_")
     if key.endswith((".lora_A.weight", ".lora_B.weight")):
         key = key[: -len(".weight")]
+        key = mha_from_peft_key(key) or key
     if key.endswith(".lora_magnitude_vector"):  # DoRA
         key = key[: -len("_vector")]
     return key
@@ -118,10 +123,14 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
             f"({'/'.join(sorted(set(renames.values())))}), whatever path or regex names it, so these modules' LoRA "
             f"would be dropped; save with peftlab.save_adapter, or leave those modules out of an HF PEFT export"
         )
+    mha = {}
     for path in linear:
         base = base_layer_of(submodule(model, path))
         if is_conv(base):
             check_peft_export(path, base)
+        if isinstance(base, nn.MultiheadAttention):
+            mha[path] = submodule(model, path)
+    warn_peft_export(mha, state.name)
     state.live.objects["peft_target_modules"] = exact_targets(model, linear)
     state.live.objects["peft_parameters"] = peft_parameter_fields(model, state.name, state.config)
     keys = peft_key_map(model, state.name)

@@ -26,6 +26,7 @@ from .interop import (
     to_peft_config,
     to_peft_key,
 )
+from .mha import IN_PARAM, mha_slot
 from .params import ParamLoraSlot, parameter_specs
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
@@ -51,7 +52,6 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     shapes, init_state = {}, {}
     for path in targets:
         base = base_layer_of(submodule(model, path))
-        shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
         scaling = config.scaling(r, alpha)
         if isinstance(base, nn.Embedding):
@@ -59,6 +59,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
             tensors, cls = EmbeddingLoraSlot.make_tensors(base, r), EmbeddingLoraSlot
         elif is_conv(base):
             tensors, cls = conv_slot(base, r, config, path)
+        elif isinstance(base, nn.MultiheadAttention):
+            tensors, cls = mha_slot(base, r, config, path)
         else:
             tensors = LoraSlot.make_tensors(base, r)
             cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
@@ -69,6 +71,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
             ),
             tensors,
         )
+        if isinstance(base, nn.MultiheadAttention):  # no (out, in) weight: the packed q/k/v one's shape
+            shapes[f"{path}.{IN_PARAM}"] = list(base.in_proj_weight.shape)
+        else:
+            shapes[path] = weight_shape(base)
     for path, specs in param_specs.items():
         base = base_layer_of(submodule(model, path))
         shapes.update({f"{path}.{n}": list(getattr(base, n).shape) for n in specs})
@@ -93,9 +99,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
 
 
 def is_lora_target(module: nn.Module) -> bool:
-    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding`` and
-    ``nn.Conv1d/2d/3d`` when named."""
-    return is_linear(module) or isinstance(module, nn.Embedding) or is_conv(module)
+    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding``,
+    ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` when named."""
+    return is_linear(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or is_conv(module)
 
 
 def check_embedding_config(config: LoraConfig, path: str) -> None:

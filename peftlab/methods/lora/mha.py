@@ -17,6 +17,7 @@ PEFT stores them: ``lora_A``/``lora_B`` of the module for the input projection, 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ def mha_slot(base: nn.Module, r: int, config, path: str) -> tuple[dict[str, nn.P
         raise ConfigError(
             f"LoRA on {path} (nn.MultiheadAttention with kdim/vdim ≠ embed_dim) is not supported: its q/k/v weights are "
             f"separate parameters, which HF PEFT's MultiheadAttention LoRA does not adapt either. Leave it out of "
-            f"target_modules, or use target_parameters=['{path}.q_proj_weight', ...]"
+            f"target_modules"
         )
     kind, _ = parse_init(config.init)
     if config.use_dora or kind not in ("default", "gaussian"):
@@ -93,6 +94,20 @@ def mha_slot(base: nn.Module, r: int, config, path: str) -> tuple[dict[str, nn.P
     if not isinstance(base.out_proj, nn.Linear):
         raise ConfigError(f"LoRA on {path}: its out_proj is a {type(base.out_proj).__name__}, not an nn.Linear")
     return MhaLoraSlot.make_tensors(base, r, gaussian=kind == "gaussian"), MhaLoraSlot
+
+
+def warn_peft_export(layers: dict[str, nn.Module], name: str) -> None:
+    """Warn when an HF PEFT export holds a non-zero out-projection LoRA (``layers``: {path: wrapper}): HF PEFT
+    (0.21) adds its delta twice in forward and merge (huggingface/peft#3774), so peft computes
+    W_out + 2·s·B_o A_o there until that fix."""
+    hit = [p for p, layer in layers.items() if layer.lora_out_B[name].detach().any()]
+    if hit:
+        warnings.warn(
+            f"HF PEFT's MultiheadAttention LoRA (0.21) applies the out_proj delta twice (huggingface/peft#3774), so "
+            f"peft's outputs for this export differ from peftlab's at {', '.join(hit[:3])}{' ...' if len(hit) > 3 else ''} "
+            f"until that fix; the tensors round-trip exactly",
+            stacklevel=4,
+        )
 
 
 def to_peft_key(key: str) -> str | None:
