@@ -24,7 +24,7 @@ from torch import nn
 from ..core.layer import SLOT_ROLES, AdapterLayer
 from ..core.registry import get_method, method_for_peft_type
 from ..core.state import adapters, get_state
-from ..core.structure import name_matches, structure, task_type
+from ..core.structure import head_module_names, name_matches, structure, task_type
 from ..core.tensors import adapter_state_dict
 from ..core.tensors import check_finite as check_tensors_finite
 from ..util.dist import gather_state_dict, is_main_process
@@ -65,9 +65,10 @@ def _with_heads(model: nn.Module, tensors: dict, state, listed) -> tuple[dict, l
     """
     saved = list(listed or [])
     out = dict(tensors)
+    output_heads = head_module_names(model)
     for head in structure(model).head:
         module = model.get_submodule(head)
-        if not isinstance(module, AdapterLayer) and any(isinstance(m, AdapterLayer) for m in module.modules()):
+        if head not in output_heads and any(isinstance(m, AdapterLayer) for m in module.modules()):
             continue  # it holds adapted modules: a backbone without attention blocks (ConvNeXt), not a head
         if isinstance(module, AdapterLayer):
             if head in state.modules_to_save:  # the trained copy is in the tensors already

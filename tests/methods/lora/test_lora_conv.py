@@ -164,3 +164,16 @@ def test_conv_lora_refuses_what_it_cannot_do(tmp_path):
     perturb(wav, 0.2)
     with pytest.raises(MergeError, match=r"parametrization \(e\.g\. weight_norm\)"):
         peftlab.merge(wav)
+
+
+def test_conv_lora_in_a_mixed_batch_equals_each_adapter_alone():
+    model = convnext()
+    peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["patch_embeddings", "downsampling_layer.1"], adapter_name="a"))
+    peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["patch_embeddings"], adapter_name="b", use_dora=True))
+    perturb(model, 0.2)
+    x = inputs("ViT")["pixel_values"]
+    with torch.no_grad():
+        mixed = model(pixel_values=x, adapter_names=["a", "b"]).logits
+        for row, name in enumerate(["a", "b"]):
+            peftlab.set_active_adapters(model, [name])
+            assert torch.allclose(mixed[row], model(pixel_values=x).logits[row], atol=1e-5)

@@ -115,3 +115,17 @@ def test_trainable_tokens_refuse_bad_input():
     with pytest.raises(ConfigError, match=r"lm_head shares its weight with transformer.wte"):
         peftlab.wrap(model, peftlab.LoraConfig(target_modules=["c_attn", "lm_head"], trainable_token_indices=[5]))
     assert not peftlab.list_adapters(model)  # all or nothing
+
+
+def test_trainable_tokens_in_a_mixed_batch_equal_each_adapter_alone():
+    model = build("GPT-2")
+    for name, ids in (("a", IDS), ("b", [2, 14])):
+        config = peftlab.LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices=ids, adapter_name=name)
+        peftlab.wrap(model, config)
+    perturb(model, 0.2)
+    x = inputs("GPT-2")
+    with torch.no_grad():
+        mixed = model(**x, adapter_names=["a", "b"]).logits
+        for row, name in enumerate(["a", "b"]):
+            peftlab.set_active_adapters(model, [name])
+            assert torch.allclose(mixed[row], model(**x).logits[row], atol=1e-5)
