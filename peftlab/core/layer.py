@@ -60,6 +60,12 @@ def restore_base_weight(module: nn.Module, record: Any) -> None:
     raise MergeError(f"no weight handler can restore a {type(module).__name__} base")
 
 
+def base_param(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor ``name`` of ``module``; a dotted name reaches into a submodule (``out_proj.weight``)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style Conv1D: weight stored as (in_features, out_features)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -320,7 +326,7 @@ class AdapterLayer(nn.Module):
         values: dict[str, torch.Tensor] = {}
         for slot, weight in running:
             for param in slot.params:
-                current = values[param] if param in values else self.base_layer.get_parameter(param)
+                current = values[param] if param in values else base_param(self.base_layer, param)
                 values[param] = slot.reparametrized(param, current, weight)
         if not values:
             return self.base_layer(x, *args, **kwargs)
@@ -330,7 +336,7 @@ class AdapterLayer(nn.Module):
         """W ← W + w·ΔW for every base parameter ``slot`` adapts (w = −weight undoes it); all or nothing."""
         new = {}
         for param in slot.params:
-            current = self.base_layer.get_parameter(param).data
+            current = base_param(self.base_layer, param).data
             value = slot.reparametrized(param, current.float(), weight)
             if safe and not torch.isfinite(value).all():
                 raise MergeError(
@@ -339,7 +345,7 @@ class AdapterLayer(nn.Module):
                 )
             new[param] = value
         for param, value in new.items():
-            current = self.base_layer.get_parameter(param).data
+            current = base_param(self.base_layer, param).data
             current.copy_(value.to(current.dtype))
 
     def _refuse_training_merged(self) -> None:
@@ -403,7 +409,7 @@ class AdapterLayer(nn.Module):
         if slot.params:
             with torch.no_grad():
                 for param in slot.params:
-                    value = slot.reparametrized(param, self.base_layer.get_parameter(param).float(), self.weights.get(name, 1.0))
+                    value = slot.reparametrized(param, base_param(self.base_layer, param).float(), self.weights.get(name, 1.0))
                     if not torch.isfinite(value).all():
                         raise MergeError(
                             f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}.{param}; "
