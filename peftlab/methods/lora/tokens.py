@@ -257,6 +257,11 @@ def inject_tokens(model: nn.Module, config, txn, lora_targets: list[str]) -> lis
             path, lambda layer, i=indices: TokenSlot(layer, config.adapter_name, i), TokenSlot.make_tensors(base, indices)
         )
         for other in tied:
+            if other in txn.skip:
+                raise ConfigError(
+                    f"{other} is in modules_to_save and shares its weight with {path}, whose rows {indices[:5]} train: "
+                    f"a trained copy of it would drop the tie; leave it out of modules_to_save (its rows follow {path}'s)"
+                )
             if other in lora_targets:
                 raise ConfigError(
                     f"{other} shares its weight with {path}, whose rows {indices[:5]} train: it cannot take a LoRA in "

@@ -114,6 +114,8 @@ def test_trainable_tokens_refuse_bad_input():
     model = build("GPT-2")
     with pytest.raises(ConfigError, match=r"lm_head shares its weight with transformer.wte"):
         peftlab.wrap(model, peftlab.LoraConfig(target_modules=["c_attn", "lm_head"], trainable_token_indices=[5]))
+    with pytest.raises(ConfigError, match=r"lm_head is in modules_to_save and shares its weight with transformer.wte"):
+        peftlab.wrap(model, peftlab.LoraConfig(target_modules=["c_attn"], modules_to_save=["lm_head"], trainable_token_indices=[5]))
     assert not peftlab.list_adapters(model)  # all or nothing
 
 
