@@ -158,6 +158,9 @@ class Slot:
     #: True when the adapter adapts every module that shares the base weight alike (trainable tokens and their tied
     #: head): merging into the shared weight then keeps the outputs of all of them, so no tie warning.
     keeps_ties: bool = False
+    #: False when ``combine`` cannot rebuild the adapter as a LoRA from its ΔW (a convolution's kernel-shaped update,
+    #: replaced embedding rows): combining it is refused with the reason.
+    combinable: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

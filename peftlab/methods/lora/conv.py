@@ -62,6 +62,8 @@ class ConvLoraSlot(LoraSlot):
     """LoRA on a convolution: ``lora_A`` (r, C_in, *k) Kaiming-uniform, ``lora_B`` (C_out, r/g, *1) zero;
     ΔW = s·B A of W's shape (module docstring). Same constructor as :class:`LoraSlot`."""
 
+    combinable = False  # ΔW has the kernel's shape: combine rebuilds (d_out, d_in) LoRAs only
+
     def __init__(self, layer, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
                  use_kernel: str = "auto") -> None:  # fmt: skip
         Slot.__init__(self, layer, name)

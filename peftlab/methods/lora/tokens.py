@@ -56,6 +56,7 @@ class TokenSlot(Slot):
     roles = (ROLE,)
     method = "lora"
     keeps_ties = True  # the modules that share the weight get a TiedTokenSlot: a merge keeps their outputs
+    combinable = False  # rows replaced, not a low-rank update
 
     def __init__(self, layer, name: str, indices: list[int]) -> None:
         super().__init__(layer, name)
@@ -125,6 +126,7 @@ class TiedTokenSlot(Slot):
     roles = ()
     method = "lora"
     keeps_ties = True
+    combinable = False
 
     def __init__(self, layer, name: str, source: TokenSlot) -> None:
         super().__init__(layer, name)

@@ -155,6 +155,9 @@ def test_conv_lora_refuses_what_it_cannot_do(tmp_path):
     before = grouped.layers[0].c1.base_layer.weight.clone()
     with pytest.raises(MergeError, match=r"groups=4 cannot be merged"):
         peftlab.merge(grouped)
+    peftlab.wrap(grouped, peftlab.LoraConfig(r=4, target_modules=["c1", "dw"], adapter_name="b"))
+    with pytest.raises(ConfigError, match=r"ConvLoraSlot on layers\.0\.c1 is not a LoRA that combine can rebuild"):
+        peftlab.combine(grouped, ["default", "b"], [0.5, 0.5], how="svd", new_name="c")
     assert torch.equal(grouped.layers[0].c1.base_layer.weight, before)  # all or nothing
     dilated = peftlab.wrap(conv_net(), peftlab.LoraConfig(r=4, target_modules=["c2"]))
     with pytest.raises(ConfigError, match=r"HF PEFT can't load the LoRA on layers\.0\.c2 .*dilation=\(2, 1\)"):

@@ -117,6 +117,10 @@ def test_trainable_tokens_refuse_bad_input():
     with pytest.raises(ConfigError, match=r"lm_head is in modules_to_save and shares its weight with transformer.wte"):
         peftlab.wrap(model, peftlab.LoraConfig(target_modules=["c_attn"], modules_to_save=["lm_head"], trainable_token_indices=[5]))
     assert not peftlab.list_adapters(model)  # all or nothing
+    for name in ("a", "b"):
+        peftlab.wrap(model, peftlab.LoraConfig(target_modules=["c_attn"], trainable_token_indices=[5], adapter_name=name))
+    with pytest.raises(ConfigError, match=r"TokenSlot on transformer\.wte is not a LoRA that combine can rebuild"):
+        peftlab.combine(model, ["a", "b"], [0.5, 0.5], how="svd", new_name="c")
 
 
 def test_trainable_tokens_in_a_mixed_batch_equal_each_adapter_alone():
