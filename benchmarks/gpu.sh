@@ -17,6 +17,9 @@
 #      DoRA / LoRA step (benchmarks/profile_step.py: device time per bucket, host time, wall time)
 #   4. benchmarks/kernels/profile_lora_linear.py (torch.profiler tables: where each provider's time goes)
 #   5. benchmarks/multi_adapter.py, when that file exists
+#   6. train-many (issue 34): benchmarks/train_many_gpu.py, 8 LoRA jobs at Llama-3.2-1B shapes trained packed in one
+#      pass (per-row adapters: Triton SGMV forward + backward) vs the torch bmm path vs one after another (~3 min;
+#      its own call: --only train-many)
 # Everything goes to benchmarks/results/gpu/<date>_<device>/ (or --out DIR), with the device name and
 # date in every file and a summary.md written at the end. A failing step is logged and the script
 # goes on; the exit status is the number of failed steps.
@@ -47,14 +50,14 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --tar) TAR="$2"; shift ;;
     --only) ONLY=",$2,"; shift ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown argument $1 (valid: --dry-run, --out DIR, --tar FILE, --only STEP,STEP, --scale-part 1|2|all)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$SCALE_PART" in 1|2|all) ;; *) echo "gpu.sh: --scale-part must be 1, 2 or all, got '$SCALE_PART'" >&2; exit 2 ;; esac
 
-STEPS="scale dora-norm kernel-tests kernel-bench kernel-profile efficiency efficiency-variants step-profile multi-adapter"
+STEPS="scale dora-norm kernel-tests kernel-bench kernel-profile efficiency efficiency-variants step-profile multi-adapter train-many"
 for name in $(echo "$ONLY" | tr ',' ' '); do
   [[ " $STEPS " == *" $name "* ]] || { echo "gpu.sh: unknown step '$name' in --only (valid: ${STEPS// /, })" >&2; exit 2; }
 done
@@ -232,6 +235,14 @@ else
   echo "| multi-adapter | skipped: benchmarks/multi_adapter.py not present | 0 | – |" >> "$STEPS_FILE"
 fi
 
+# 6. packed per-row training (issue 34): tokens/s and peak memory of 8 jobs packed (kernels, then torch) vs one
+#    after another; the script also checks the kernels' gradients against the torch path's (exit 1 if they differ)
+if [ "$DRY" = 1 ]; then
+  step train-many "$(cap 300)" "$PY" benchmarks/train_many_gpu.py --dry-run --out "$OUT/train-many"
+else
+  step train-many "$(cap 180)" "$PY" benchmarks/train_many_gpu.py --out "$OUT/train-many"
+fi
+
 TOTAL=$(( $(date +%s) - T0 ))
 {
   echo "# GPU run: $DEVICE, $STAMP$([ "$DRY" = 1 ] && echo ' (DRY RUN: CPU, toy sizes, Triton interpreter; no GPU numbers)')"
@@ -241,7 +252,7 @@ TOTAL=$(( $(date +%s) - T0 ))
   echo "| step | status | seconds | log |"
   echo "|---|---|---|---|"
   cat "$STEPS_FILE"
-  for md in "$OUT"/scale.md "$OUT"/dora-norm/dora_norm_*.md "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/step-profile/profile.md "$OUT"/multi_adapter/*.md; do
+  for md in "$OUT"/scale.md "$OUT"/dora-norm/dora_norm_*.md "$OUT"/kernels/lora_linear_*.md "$OUT"/efficiency/efficiency.md "$OUT"/efficiency-variants/efficiency.md "$OUT"/step-profile/profile.md "$OUT"/multi_adapter/*.md "$OUT"/train-many/train_many_gpu.md; do
     [ -f "$md" ] || continue
     echo
     echo "## ${md#$OUT/}"

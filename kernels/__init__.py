@@ -4,7 +4,9 @@
 LoRA linear (see :mod:`peftlab.kernels.lora`, imported lazily so that importing peftlab never
 needs Triton); ``supports`` (:mod:`peftlab.kernels.support`) and :func:`lora_linear_or_none` are what
 ``use_kernel="auto"`` dispatches with: unsupported tensors or a Triton compile/launch error fall
-back to the torch path with a one-time warning. :mod:`peftlab.kernels.reference` holds pure-torch
+back to the torch path with a one-time warning. :mod:`peftlab.kernels.sgmv` (multi-adapter SGMV/BGMV) and
+:mod:`peftlab.kernels.sgmv_backward` (its backward, for training with per-row adapters) serve mixed batches.
+:mod:`peftlab.kernels.reference` holds pure-torch
 references of every kernel; :mod:`peftlab.kernels.aot` compiles every kernel for sm_80/sm_90
 without a GPU.
 """

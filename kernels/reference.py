@@ -1,4 +1,4 @@
-r"""Pure-torch references of every kernel in :mod:`peftlab.kernels.lora` (tests and documentation).
+r"""Pure-torch references of every kernel in :mod:`peftlab.kernels` (lora, sgmv, sgmv_backward; tests and docs).
 
 Shapes: x (M, K), W (N, K), bias (N,), A (R, K), B (N, R), s a float, mask (M, K) of {0, 1/(1-p)}.
 
@@ -103,3 +103,29 @@ def bgmv_expand(y, t, b_table, idx, ranks=None, scales=None):
     if scales is not None:
         delta = delta * _f(scales.to(y.device))[idx.clamp(min=0)][:, None]
     return _f(y) + delta * (idx >= 0)[:, None]
+
+
+def sgmv_backward(dy, x, a_table, b_table, seg_start, seg_len, seg_adapter, perm=None, ranks=None, scales=None):
+    """(dX, dA_tab, dB_tab) of y = base + sgmv_expand(sgmv_shrink(x)) (peftlab.kernels.sgmv_backward), per segment:
+
+        dT_a = G_a B_a      dX_a = s_a · dT_a A_a      dA_a = s_a · dT_aᵀ X_a      dB_tab[a] = s_a · T_aᵀ G_a
+
+    with G_a, X_a the rows of dy, x in segment a's sorted order and T_a = X_a A_aᵀ. Entries past r_a, and
+    adapters without rows, get zero gradients; rows of dX outside every run segment are 0.
+    """
+    a, b = _rank_mask(a_table, ranks), _rank_mask(b_table, ranks)
+    g, xf = _f(dy), _f(x)
+    dx = torch.zeros_like(xf)
+    da, db = torch.zeros_like(a), torch.zeros_like(b)
+    for start, length, adapter in zip(seg_start.tolist(), seg_len.tolist(), seg_adapter.tolist()):
+        if adapter < 0 or length == 0:
+            continue
+        pos = torch.arange(start, start + length, device=x.device)
+        rows = perm[pos].long() if perm is not None else pos
+        scale = 1.0 if scales is None else float(scales[adapter])
+        g_a, x_a = g[rows], xf[rows]
+        dt = g_a @ b[adapter].t()  # (|a|, R)
+        dx[rows] += scale * (dt @ a[adapter])
+        da[adapter] += scale * (dt.t() @ x_a)
+        db[adapter] += scale * ((x_a @ a[adapter].t()).t() @ g_a)
+    return dx, da, db

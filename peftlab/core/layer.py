@@ -60,6 +60,12 @@ def restore_base_weight(module: nn.Module, record: Any) -> None:
     raise MergeError(f"no weight handler can restore a {type(module).__name__} base")
 
 
+def base_param(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor ``name`` of ``module``; a dotted name reaches into a submodule (``out_proj.weight``)."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style Conv1D: weight stored as (in_features, out_features)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -73,13 +79,20 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
         return module.weight.shape[0], module.weight.shape[1]
     if isinstance(module, nn.Embedding):  # a linear map of one-hot token ids: d_in = vocabulary, d_out = width
         return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.modules.conv._ConvNd):  # channels (the weight's shape: :func:`weight_shape`)
+        return module.in_channels, module.out_channels
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     raise TypeError(f"cannot read in/out features of {type(module).__name__}")
 
 
 def weight_shape(module: nn.Module) -> list[int]:
-    """The logical (out_features, in_features) shape of a linear-like module's weight."""
+    """The logical (out_features, in_features) shape of a linear-like module's weight; a convolution's whole
+    (C_out, C_in/groups, *kernel) weight shape."""
+    if isinstance(module, AdapterLayer):
+        module = module.base_layer
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return list(module.weight.shape)
     d_in, d_out = layer_dims(module)
     return [d_out, d_in]
 
@@ -142,6 +155,12 @@ class Slot:
     #: weight) instead of adding to the module's output; empty for output-adding slots. Such a slot answers
     #: :meth:`reparametrized`, and the layer runs the base module's own forward on the adapted values.
     params: tuple[str, ...] = ()
+    #: True when the adapter adapts every module that shares the base weight alike (trainable tokens and their tied
+    #: head): merging into the shared weight then keeps the outputs of all of them, so no tie warning.
+    keeps_ties: bool = False
+    #: False when ``combine`` cannot rebuild the adapter as a LoRA from its ΔW (a convolution's kernel-shaped update,
+    #: replaced embedding rows): combining it is refused with the reason.
+    combinable: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -310,7 +329,7 @@ class AdapterLayer(nn.Module):
         values: dict[str, torch.Tensor] = {}
         for slot, weight in running:
             for param in slot.params:
-                current = values[param] if param in values else getattr(self.base_layer, param)
+                current = values[param] if param in values else base_param(self.base_layer, param)
                 values[param] = slot.reparametrized(param, current, weight)
         if not values:
             return self.base_layer(x, *args, **kwargs)
@@ -320,7 +339,7 @@ class AdapterLayer(nn.Module):
         """W ← W + w·ΔW for every base parameter ``slot`` adapts (w = −weight undoes it); all or nothing."""
         new = {}
         for param in slot.params:
-            current = getattr(self.base_layer, param).data
+            current = base_param(self.base_layer, param).data
             value = slot.reparametrized(param, current.float(), weight)
             if safe and not torch.isfinite(value).all():
                 raise MergeError(
@@ -329,7 +348,7 @@ class AdapterLayer(nn.Module):
                 )
             new[param] = value
         for param, value in new.items():
-            current = getattr(self.base_layer, param).data
+            current = base_param(self.base_layer, param).data
             current.copy_(value.to(current.dtype))
 
     def _refuse_training_merged(self) -> None:
@@ -393,7 +412,7 @@ class AdapterLayer(nn.Module):
         if slot.params:
             with torch.no_grad():
                 for param in slot.params:
-                    value = slot.reparametrized(param, getattr(self.base_layer, param).float(), self.weights.get(name, 1.0))
+                    value = slot.reparametrized(param, base_param(self.base_layer, param).float(), self.weights.get(name, 1.0))
                     if not torch.isfinite(value).all():
                         raise MergeError(
                             f"merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}.{param}; "

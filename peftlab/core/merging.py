@@ -83,7 +83,7 @@ def warn_tied(model: nn.Module, names: Sequence[str]) -> None:
         for path, layer in wrapped_layers(model, name):
             weight = getattr(layer.base_layer, "weight", None)
             slot = layer.slots[name]
-            if weight is None or not slot.mergeable or slot.params:
+            if weight is None or not slot.mergeable or slot.params or slot.keeps_ties:
                 continue
             others = [h for h in holders.get(id(weight), []) if not h.startswith(f"{path}.")]
             if others:

@@ -232,6 +232,12 @@ def _validate(model, names, weights, how, new_name, density) -> None:
                 f"so a weighted sum of its tensors is not a sum of effects; LoRA-family adapters combine"
             )
         for path, slot in _target_slots(model, n).items():
+            if not slot.combinable:
+                raise ConfigError(
+                    f"cannot combine adapter {n!r}: its {type(slot).__name__} on {path} is not a LoRA that combine can "
+                    f"rebuild from ΔW (a convolution's kernel-shaped update, or trainable token rows); merge it, or "
+                    f"combine adapters without it"
+                )
             if slot.params:
                 raise ConfigError(
                     f"cannot combine adapter {n!r}: it adapts parameters of {path} ({', '.join(slot.params)}, e.g. MoE "

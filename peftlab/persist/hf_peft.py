@@ -24,7 +24,7 @@ from torch import nn
 from ..core.layer import SLOT_ROLES, AdapterLayer
 from ..core.registry import get_method, method_for_peft_type
 from ..core.state import adapters, get_state
-from ..core.structure import name_matches, structure, task_type
+from ..core.structure import head_module_names, name_matches, structure, task_type
 from ..core.tensors import adapter_state_dict
 from ..core.tensors import check_finite as check_tensors_finite
 from ..util.dist import gather_state_dict, is_main_process
@@ -65,8 +65,11 @@ def _with_heads(model: nn.Module, tensors: dict, state, listed) -> tuple[dict, l
     """
     saved = list(listed or [])
     out = dict(tensors)
+    output_heads = head_module_names(model)
     for head in structure(model).head:
         module = model.get_submodule(head)
+        if head not in output_heads and any(isinstance(m, AdapterLayer) for m in module.modules()):
+            continue  # it holds adapted modules: a backbone without attention blocks (ConvNeXt), not a head
         if isinstance(module, AdapterLayer):
             if head in state.modules_to_save:  # the trained copy is in the tensors already
                 if head not in saved:
@@ -82,13 +85,14 @@ def _with_heads(model: nn.Module, tensors: dict, state, listed) -> tuple[dict, l
 
 def _heads_in_file(model: nn.Module, raw: dict, ours: dict) -> list[str]:
     """The ``modules_to_save`` to recreate on import: the listed names and the model's head modules that
-    the file holds tensors for (HF PEFT lists ``classifier`` and ``score`` whether or not the model has them)."""
+    the file holds tensors for other than adapter tensors (HF PEFT lists ``classifier`` and ``score`` whether or
+    not the model has them; an attention-free backbone such as ConvNeXt's holds the LoRA tensors, no copy)."""
     names = list(dict.fromkeys([*(raw.get("modules_to_save") or []), *structure(model).head]))
     paths = [p for p, _ in model.named_modules() if p]
     keep = []
     for name in names:
         hits = [p for p in paths if name_matches(p, name)]
-        if hits and any(k.startswith(h + ".") for h in hits for k in ours):
+        if hits and any(k.startswith(h + ".") and not SLOT_ROLES & set(k.split(".")) for h in hits for k in ours):
             keep.append(name)
     return keep
 

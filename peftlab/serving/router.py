@@ -341,7 +341,7 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         if lora:
             present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
                        if n in layer.slots and n not in layer.disabled and is_lora_like(layer.slots[n])]
-            result = train_rows.add_lora_train(layer, router, x, result, present)
+            result = train_rows.add_lora_train(layer, router, x, result, present, kernels=triton)
         return train_rows.segment_train(layer, router, x, result, others, *args, **kwargs)
     result = layer.base_layer(x, *args, **kwargs)
     if lora:

@@ -10,10 +10,13 @@ differentiable tables padded to the largest rank R (a zero entry last, for rows 
 
     A_tab = [A_1 ; … ; A_n ; 0]  (n+1, R, d_in)        B_tab = [c_1 s_1 B_1ᵀ ; … ; 0]  (n+1, R, d_out)
 
-and the LoRA term of every row is two batched GEMMs, either over the router's padded segments
-(``(n, L·T, d_in)`` blocks, rows scattered back with ``index_add``) or over per-row gathered tables
-(``A_tab[a(m)]``), whichever moves fewer numbers (:meth:`Router.use_segments`). Autograd then gives the
-SGMV backward: with G = dY rows of segment a (sorted), t_a = X_a A_aᵀ,
+and the LoRA term of every row is, on CUDA with Triton, the SGMV kernels over the router's sorted segments
+with their own backward (:func:`peftlab.kernels.sgmv_backward.sgmv_lora`: shrink/expand forward, per-adapter
+weight-gradient reductions and a shrink/expand dX); elsewhere (CPU, or ``use_kernel="torch"``, or after a
+kernel failure) two batched GEMMs, either over the router's padded segments (``(n, L·T, d_in)`` blocks, rows
+scattered back with ``index_add``) or over per-row gathered tables (``A_tab[a(m)]``), whichever moves fewer
+numbers (:meth:`Router.use_segments`), with autograd's backward. Both compute the SGMV backward: with
+G = dY rows of segment a (sorted), t_a = X_a A_aᵀ,
 
     dB_a = c_a s_a · G_aᵀ t_a        dA_a = (c_a s_a · G_a B_a)ᵀ X_a        dX_a += (c_a s_a · G_a B_a) A_a
 
@@ -39,6 +42,7 @@ from the same streams while :func:`peftlab.serving.base_rows.base_dropout_rows` 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -96,7 +100,8 @@ def _own_length(router, j: int, x: torch.Tensor, xs: torch.Tensor) -> torch.Tens
 
 
 def _tables(entries, n: int, dtype, device):
-    """Differentiable (A_tab (n+1, R, d_in), B_tab (n+1, R, d_out)) for ``entries`` [(j, slot, c)]; zero elsewhere."""
+    """Differentiable (A_tab (n+1, R, d_in), B_tab (n+1, R, d_out)) for ``entries`` [(j, slot, c)]; zero elsewhere;
+    and the ranks [r_j] (n+1,) (0 where job j has no slot here)."""
     factors = {j: (slot.low_rank_factors(), c) for j, slot, c in entries}
     r_max = max(f[0].shape[0] for f, _ in factors.values())
     a0, b0, _ = next(iter(factors.values()))[0]
@@ -114,13 +119,41 @@ def _tables(entries, n: int, dtype, device):
         pad = r_max - a.shape[0]
         a_rows.append(F.pad(a.to(device, dtype), (0, 0, 0, pad)))
         b_rows.append(F.pad((b.to(device, dtype).t() * (s * c)), (0, 0, 0, pad)))
-    return torch.stack(a_rows), torch.stack(b_rows)
+    ranks = [factors[j][0][0].shape[0] if j in factors else 0 for j in range(n + 1)]
+    return torch.stack(a_rows), torch.stack(b_rows), ranks
 
 
-def add_lora_train(layer, router, x: torch.Tensor, result: torch.Tensor, present) -> torch.Tensor:
+#: Set after the Triton path failed once in this process: training stays on the torch path.
+_KERNELS_FAILED: list[str] = []
+
+
+def _sgmv_train(router, xin: torch.Tensor, result: torch.Tensor, a_tab, b_tab, ranks: list[int], tokens: int):
+    """result + every row's LoRA term through the SGMV kernels and their backward (CUDA), or None when they fail
+    (a one-time warning; the torch path runs from then on)."""
+    from ..kernels import sgmv_backward
+
+    B, d_in, d_out = xin.shape[0], xin.shape[-1], result.shape[-1]
+    dev = xin.device
+    try:
+        perm, start, length, max_len = router.segments(tokens, dev)
+        local = router.cached(("train_local", tuple(ranks), str(dev)), lambda: (
+            torch.tensor([j if r > 0 else -1 for j, r in enumerate(ranks[:-1])], dtype=torch.int32, device=dev),
+            torch.tensor(ranks, dtype=torch.int32, device=dev)))
+        y = sgmv_backward.sgmv_lora(xin.reshape(B * tokens, d_in), a_tab, b_tab, result.reshape(B * tokens, d_out),
+                                    start, length, local[0], max_len, perm, local[1])
+    except Exception as exc:  # noqa: BLE001 - a compile/launch failure: the torch path still trains, once loudly
+        _KERNELS_FAILED.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"mixed-batch training: the Triton SGMV kernels failed ({type(exc).__name__}: {exc}); "
+                      f"using torch from now on", stacklevel=3)
+        return None
+    return y.reshape(result.shape)
+
+
+def add_lora_train(layer, router, x: torch.Tensor, result: torch.Tensor, present, kernels: bool = False) -> torch.Tensor:
     """result (B, …, d_out) + every row's LoRA-like term, differentiable (see the module docstring).
 
-    ``present``: [(j, slot)] of the router's adapters j that run a LoRA-like slot on this layer.
+    ``present``: [(j, slot)] of the router's adapters j that run a LoRA-like slot on this layer; ``kernels``:
+    use the Triton SGMV kernels (the router decides: CUDA tensors, Triton importable, no slot asking for torch).
     """
     B, d_in, d_out = x.shape[0], x.shape[-1], result.shape[-1]
     tokens = x.numel() // (B * d_in) if B else 0
@@ -143,7 +176,11 @@ def add_lora_train(layer, router, x: torch.Tensor, result: torch.Tensor, present
     if changed:  # one scatter for every job's dropped rows (a copy per job would keep n copies of x for backward)
         xin = xin.index_copy(0, torch.cat(changed_rows), torch.cat(changed))
     n = len(router.adapters)
-    a_tab, b_tab = _tables(entries, n, dtype, x.device)
+    a_tab, b_tab, ranks = _tables(entries, n, dtype, x.device)
+    if kernels and not _KERNELS_FAILED:
+        out = _sgmv_train(router, xin, result, a_tab, b_tab, ranks, tokens)
+        if out is not None:
+            return out
     if router.use_segments(tokens):
         pad, keep, rows = router.padded(x.device)
         L = router.max_count

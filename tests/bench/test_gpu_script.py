@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 #: every step but scale, dora-norm and kernel-tests (see the module docstring)
-STEPS = ("kernel-bench", "efficiency", "efficiency-variants", "step-profile", "multi-adapter")
+STEPS = ("kernel-bench", "efficiency", "efficiency-variants", "step-profile", "multi-adapter", "train-many")
 
 
 def test_gpu_script_dry_run(tmp_path):
@@ -39,3 +39,8 @@ def test_gpu_script_dry_run(tmp_path):
     assert set(rows) == {"floor-r0", "hf-peft-lora", "peftlab-lora"}
     assert all("error" not in s for s in rows.values())
     assert rows["peftlab-lora"]["loss_rel_diff_vs_hf"] < 1e-6
+    # the packed-training step ran the SGMV kernels (interpreted) and their gradients matched the torch path's
+    packed = json.loads((out / "train-many" / "train_many_gpu.json").read_text())
+    assert packed["agreement"]["grads_compared"] > 0 and not packed["agreement"]["kernel_failures"]
+    assert packed["agreement"]["grad_max_rel_diff"] < 1e-4
+    assert set(packed["rounds"][0]) == {"packed", "packed-torch", "sequential"}

@@ -311,3 +311,15 @@ def test_parameter_lora_is_counted():
 
     model = transformers.LlamaForCausalLM(_config(TINY_LLAMA))
     assert peftlab.count_parameters(peftlab.wrap(model, cfg))[0] == est.trainable_params
+
+
+@pytest.mark.parametrize(
+    "config, what",
+    [
+        (peftlab.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]), r"model\.embed_tokens \(Embedding\)"),
+        (peftlab.LoraConfig(r=4, trainable_token_indices=[3]), "trainable_token_indices"),
+    ],
+)
+def test_targets_the_estimator_does_not_model_are_refused_by_name(config, what):
+    with pytest.raises(peftlab.util.errors.ConfigError, match=rf"models LoRA on linear layers .* not {what}"):
+        estimate(TINY_LLAMA, config, 1, 8, precision="fp32", device="cpu")

@@ -246,7 +246,6 @@ def test_a_load_that_fails_at_adapter_n_attaches_none(tmp_path, monkeypatch, fmt
     [
         ("exclude_modules", ["k_proj"]),
         ("lora_bias", True),
-        ("trainable_token_indices", [1, 2]),
         ("layer_replication", [[0, 2]]),
         ("alora_invocation_tokens", [5, 6]),
         ("use_qalora", True),

@@ -10,6 +10,7 @@ from typing import Any
 from ...core.config import PeftConfig, check_bool, check_int, check_number
 from ...util.errors import ConfigError
 from .inits import check_config
+from .tokens import check_token_indices
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -36,6 +37,9 @@ class LoraConfig(PeftConfig):
             router's weight; :mod:`peftlab.methods.lora.params`), as names or dotted suffixes
             (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``). With ``target_modules=None`` only these
             are adapted (HF PEFT's semantics). Needs dropout 0, no DoRA, init "default" or "gaussian".
+        trainable_token_indices: rows of an embedding that train in full, beside the LoRA (HF PEFT's option; new
+            tokens' embeddings): a list of token ids (the input embeddings') or ``{embedding name: ids}``. A tied
+            output head gets the same rows. Only those rows are saved (:mod:`peftlab.methods.lora.tokens`).
     """
 
     method = "lora"
@@ -51,6 +55,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     init: str = "default"
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +76,7 @@ class LoraConfig(PeftConfig):
             check_number("LoRA", f"alpha_pattern[{key!r}]", value, low=0, low_open=True)
         check_bool("LoRA", "use_dora", self.use_dora)
         self.target_parameters = check_target_parameters(self.target_parameters)
+        self.trainable_token_indices = check_token_indices(self.trainable_token_indices)
         if self.target_parameters:
             bad = [f for f, bad in (("dropout", self.dropout != 0), ("use_dora", self.use_dora),
                                     ("init", self.init not in ("default", "gaussian"))) if bad]  # fmt: skip

@@ -10,15 +10,31 @@ from torch import nn
 
 from ...backends.lora_ops import HALF_PRODUCT_DEVICES, lora_gemm_outputs, lora_saved_bytes
 from ...core.registry import EstimateRules
+from ...core.structure import is_linear
 from ...core.targeting import resolve_targets
+from ...util.errors import ConfigError
 from .dora import dora_saved_bytes
 from .params import param_layout, parameter_specs
 
 
 def adapted_linears(model: nn.Module, config, skip: list[str]) -> dict[str, int]:
+    """``{path: r}`` of the linear targets.
+
+    Raises:
+        ConfigError: a target the estimator does not model (an embedding, a convolution, multi-head attention, or
+            ``trainable_token_indices``), named with what it can model.
+    """
     if getattr(config, "target_parameters", None) and config.target_modules is None:
         return {}  # the parameters alone (HF PEFT's semantics)
-    return {path: config.rank_and_alpha(path)[0] for path in resolve_targets(model, config.target_modules, skip=skip)}
+    paths = resolve_targets(model, config.target_modules, predicate=lambda m: True, skip=skip)
+    other = [p for p in paths if not is_linear(model.get_submodule(p))]
+    if other or getattr(config, "trainable_token_indices", None):
+        what = f"{other[0]} ({type(model.get_submodule(other[0])).__name__})" if other else "trainable_token_indices"
+        raise ConfigError(
+            f"the memory estimator models LoRA on linear layers and expert parameters only, not {what}; estimate "
+            f"without it (its adapter tensors are small beside the activations), or measure with peftlab bench"
+        )
+    return {path: config.rank_and_alpha(path)[0] for path in paths}
 
 
 def parameter_lora(model: nn.Module, config, counts) -> list[int]:

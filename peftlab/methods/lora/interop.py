@@ -11,7 +11,11 @@ from ...core.state import base_layer_of, submodule
 from ...core.targeting import exact_targets
 from ...util.errors import AdapterFileError, ConfigError
 from .config import LoraConfig
+from .conv import check_peft_export, is_conv
 from .inits import VALID_INITS, parse_init
+from .mha import from_peft_key as mha_from_peft_key
+from .mha import to_peft_key as mha_to_peft_key
+from .mha import warn_peft_export
 from .params import peft_key_map, peft_parameter_fields
 from .residual import residual_peft_config
 
@@ -19,9 +23,13 @@ PEFT_PREFIX = "base_model.model."
 
 
 def to_peft_key(key: str) -> str:
-    """``x.lora_A`` -> ``base_model.model.x.lora_A.weight``; other keys just get the prefix."""
+    """``x.lora_A`` -> ``base_model.model.x.lora_A.weight``, ``x.trainable_tokens_delta`` ->
+    ``base_model.model.x.token_adapter.trainable_tokens_delta``; other keys just get the prefix."""
+    if key.endswith(".trainable_tokens_delta"):  # HF PEFT's TrainableTokensWrapper holds its layer as token_adapter
+        return PEFT_PREFIX + key[: -len("trainable_tokens_delta")] + "token_adapter.trainable_tokens_delta"
     if key.endswith(".lora_magnitude"):  # DoRA
         key = key + "_vector"
+    key = mha_to_peft_key(key) or key  # nn.MultiheadAttention's out projection
     if key.endswith((".lora_A", ".lora_B")):
         key = key + ".weight"
     return PEFT_PREFIX + key
@@ -29,10 +37,13 @@ def to_peft_key(key: str) -> str:
 
 def from_peft_key(key: str) -> str:
     key = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    if key.endswith(".token_adapter.trainable_tokens_delta"):
+        return key.replace(".token_adapter.trainable_tokens_delta", ".trainable_tokens_delta")
     if key.endswith((".lora_embedding_A", ".lora_embedding_B")):  # LoRA on an nn.Embedding
         return key.replace(".lora_embedding_", ".lora_")
     if key.endswith((".lora_A.weight", ".lora_B.weight")):
         key = key[: -len(".weight")]
+        key = mha_from_peft_key(key) or key
     if key.endswith(".lora_magnitude_vector"):  # DoRA
         key = key[: -len("_vector")]
     return key
@@ -54,6 +65,7 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
         "rank_pattern": {**config.rank_pattern, **params.get("rank_pattern", {})},
         "alpha_pattern": {**config.alpha_pattern, **params.get("alpha_pattern", {})},
         "target_parameters": params.get("target_parameters"),
+        "trainable_token_indices": config.trainable_token_indices,
         "modules_to_save": config.modules_to_save,
         "fan_in_fan_out": state.info.get("fan_in_fan_out", False),
         "init_lora_weights": to_peft_init(config)[0],
@@ -66,7 +78,7 @@ def to_peft_config(config: LoraConfig, state) -> dict[str, Any]:
 #: HF PEFT LoraConfig fields that from_peft_config maps onto ours
 PEFT_MAPPED = frozenset({
     "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "target_modules", "rank_pattern", "alpha_pattern",
-    "modules_to_save", "use_dora", "init_lora_weights", "loftq_config", "target_parameters",
+    "modules_to_save", "use_dora", "init_lora_weights", "loftq_config", "target_parameters", "trainable_token_indices",
 })  # fmt: skip
 #: fields that do not change what the adapter computes: bookkeeping, runtime settings, the layout of Conv1D
 #: weights (found from the module itself), and options that only matter together with a refused one
@@ -99,7 +111,8 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
     """
     renames = _peft_moe_renames(model)
     param_modules = {p.rpartition(".")[0] for p in state.info.get("target_parameters", [])}
-    linear = [t for t in state.targets if t not in param_modules]
+    tokens = set(state.info.get("trainable_tokens", []))  # HF PEFT finds them from trainable_token_indices
+    linear = [t for t in state.targets if t not in param_modules and t not in tokens]
     lost = [t for t in linear if t.rsplit(".", 1)[-1] in renames]
     if lost:
         model_type = model.config.model_type
@@ -110,6 +123,14 @@ def prepare_peft_export(model: nn.Module, tensors: dict, state) -> dict:
             f"({'/'.join(sorted(set(renames.values())))}), whatever path or regex names it, so these modules' LoRA "
             f"would be dropped; save with peftlab.save_adapter, or leave those modules out of an HF PEFT export"
         )
+    mha = {}
+    for path in linear:
+        base = base_layer_of(submodule(model, path))
+        if is_conv(base):
+            check_peft_export(path, base)
+        if isinstance(base, nn.MultiheadAttention):
+            mha[path] = submodule(model, path)
+    warn_peft_export(mha, state.name)
     state.live.objects["peft_target_modules"] = exact_targets(model, linear)
     state.live.objects["peft_parameters"] = peft_parameter_fields(model, state.name, state.config)
     keys = peft_key_map(model, state.name)
@@ -146,7 +167,7 @@ def prepare_peft_import(model: nn.Module, tensors: dict, state) -> dict:
 
 
 def from_peft_config(data: dict[str, Any]) -> LoraConfig:
-    # every other field (exclude_modules, lora_bias, trainable_token_indices, layer_replication, aLoRA's
+    # every other field (exclude_modules, lora_bias, layer_replication, aLoRA's
     # alora_invocation_tokens, use_qalora, layers_to_transform, megatron_config, ... and any
     # field a newer peft adds) is refused by name when set: peftlab does not implement it, and loading the
     # weights without it would compute something else
@@ -180,6 +201,7 @@ def from_peft_config(data: dict[str, Any]) -> LoraConfig:
         use_dora=bool(data.get("use_dora", False)),
         init=from_peft_init(data),
         target_parameters=parameters,
+        trainable_token_indices=data.get("trainable_token_indices"),
     )
 
 

@@ -16,6 +16,7 @@ from ...core.targeting import resolve_targets
 from ...util.errors import ConfigError
 from . import estimate
 from .config import LoraConfig
+from .conv import conv_slot, is_conv
 from .embedding import EmbeddingLoraSlot
 from .interop import (
     from_peft_config,
@@ -25,9 +26,11 @@ from .interop import (
     to_peft_config,
     to_peft_key,
 )
+from .mha import IN_PARAM, mha_slot
 from .params import ParamLoraSlot, parameter_specs
 from .residual import residual_export, residual_import
 from .slot import LoraSlot
+from .tokens import inject_tokens
 from .variants import apply_init
 
 
@@ -49,12 +52,15 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     shapes, init_state = {}, {}
     for path in targets:
         base = base_layer_of(submodule(model, path))
-        shapes[path] = weight_shape(base)
         r, alpha = config.rank_and_alpha(path)
         scaling = config.scaling(r, alpha)
         if isinstance(base, nn.Embedding):
             check_embedding_config(config, path)
             tensors, cls = EmbeddingLoraSlot.make_tensors(base, r), EmbeddingLoraSlot
+        elif is_conv(base):
+            tensors, cls = conv_slot(base, r, config, path)
+        elif isinstance(base, nn.MultiheadAttention):
+            tensors, cls = mha_slot(base, r, config, path)
         else:
             tensors = LoraSlot.make_tensors(base, r)
             cls = apply_init(model, path, base, tensors, config, r, scaling, txn, init_state)  # init, DoRA magnitude
@@ -65,11 +71,18 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
             ),
             tensors,
         )
+        if isinstance(base, nn.MultiheadAttention):  # no (out, in) weight: the packed q/k/v one's shape
+            shapes[f"{path}.{IN_PARAM}"] = list(base.in_proj_weight.shape)
+        else:
+            shapes[path] = weight_shape(base)
     for path, specs in param_specs.items():
         base = base_layer_of(submodule(model, path))
         shapes.update({f"{path}.{n}": list(getattr(base, n).shape) for n in specs})
         tensors = ParamLoraSlot.make_tensors(base, specs, gaussian=config.init == "gaussian")
         txn.add_slot(path, lambda layer, specs=specs: ParamLoraSlot(layer, config.adapter_name, specs), tensors)
+    token_paths = inject_tokens(model, config, txn, targets) if config.trainable_token_indices else []
+    for path in token_paths:
+        shapes[path] = weight_shape(base_layer_of(submodule(model, path)))
     extra: list[str] = []
     if config.bias == "all":
         skip = tuple(f"{path}." for path in txn.skip)  # modules_to_save copies carry their own biases
@@ -80,12 +93,15 @@ def inject_lora(model: nn.Module, config: LoraConfig, txn) -> dict[str, Any]:
     info = {"fan_in_fan_out": fan_in_fan_out}
     if param_specs:
         info["target_parameters"] = [f"{p}.{n}" for p, specs in param_specs.items() for n in specs]
-    return Injected(targets=targets + list(param_specs), shapes=shapes, extra_keys=extra, info=info)
+    if token_paths:
+        info["trainable_tokens"] = token_paths
+    return Injected(targets=targets + list(param_specs) + token_paths, shapes=shapes, extra_keys=extra, info=info)
 
 
 def is_lora_target(module: nn.Module) -> bool:
-    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding`` when named."""
-    return is_linear(module) or isinstance(module, nn.Embedding)
+    """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding``,
+    ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` when named."""
+    return is_linear(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or is_conv(module)
 
 
 def check_embedding_config(config: LoraConfig, path: str) -> None:
