@@ -12,9 +12,9 @@ no expert-stack logic mistakes it for a 3-D MoE parameter), element 2t in the lo
 nibble of byte t; code bit 3 is the sign, bits 0–2 index the magnitude; ``weight_scale`` (d_out, G) uint8, the biased
 exponent. 4 + 8/32 = 4.25 bits per weight. A d_in that is not a multiple of 32 is zero-padded in the last block.
 
-Quantizing (:func:`quantize_mxfp4`) picks each block's scale as the power of two at or above amax / 6 (the
-``ROUND_UP`` mode of the OpenAI triton kernels GPT-OSS was converted with: no value saturates) and rounds each
-value to the nearest e2m1 level, ties to the even code. :class:`Mxfp4Linear` (an ``nn.Linear`` subclass, so HF
+Quantizing (:func:`quantize_mxfp4`) picks each block's scale among the two powers of two around amax / 6 (the
+OCP rule and the round-up rule of the triton kernels GPT-OSS was converted with), whichever stores the block with
+the smaller squared error, and rounds each value to the nearest e2m1 level, ties to the even code. :class:`Mxfp4Linear` (an ``nn.Linear`` subclass, so HF
 PEFT wraps it as a plain linear) dequantizes in its forward, on any device; the LoRA ops dequantize inside their
 autograd function, one layer at a time, so no dense copy outlives its layer.
 """
@@ -77,21 +77,40 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
 
+def _candidate(blocks: torch.Tensor, exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (d_out, G·32), squared error per block (d_out, G)) of ``blocks`` (d_out, G, 32) with the block
+    scales 2^exp (d_out, G); values above 6 · scale saturate to ±6."""
+    scale = torch.ldexp(torch.ones_like(blocks[..., 0]), exp)
+    codes = _encode((blocks / scale[..., None]).clamp(-6.0, 6.0).reshape(blocks.shape[0], -1))
+    values = _lut(blocks.device)[codes.long()].view_as(blocks) * scale[..., None]
+    return codes, (values - blocks).square().sum(-1)
+
+
 @torch.no_grad()
 def quantize_mxfp4(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed weight (d_out, G·16) uint8, e8m0 scale (d_out, G) uint8) of dense (d_out, d_in)."""
+    """(packed weight (d_out, G·16) uint8, e8m0 scale (d_out, G) uint8) of dense (d_out, d_in).
+
+    Each block's scale is the one of two powers of two that stores the block with the smaller squared error:
+    2^(⌊log2 amax⌋ − 2) (the OCP MX rule: amax / scale in [4, 8), values above 6 · scale saturate) or the next
+    one up, 2^⌈log2(amax / 6)⌉ when it differs (the round-up rule of the triton kernels GPT-OSS was converted with:
+    nothing saturates). Besides a lower error than either rule alone, this keeps a merge stable: W + ΔW with a
+    small ΔW keeps the block scales of W, where a round-up rule alone doubles a block's scale as soon as ΔW pushes
+    its largest value past 6 · scale.
+    """
     d_out, d_in = dense.shape
     groups = -(-d_in // BLOCK)
     padded = dense.float().new_zeros(d_out, groups * BLOCK)
     padded[:, :d_in] = dense.float()
     blocks = padded.view(d_out, groups, BLOCK)
     amax = blocks.abs().amax(dim=-1)
-    # smallest power of two ≥ amax / 6 (frexp: amax/6 = m · 2^e with m in [0.5, 1); exact powers keep e − 1)
-    mant, exp = torch.frexp(amax / 6.0)
-    exp = torch.where(mant == 0.5, exp - 1, exp)
-    exp = torch.where(amax > 0, exp, torch.full_like(exp, -E8M0_BIAS)).clamp(-E8M0_BIAS, E8M0_BIAS)
-    scale = torch.ldexp(torch.ones_like(amax), exp)
-    codes = _encode((blocks / scale[..., None]).reshape(d_out, -1))
+    mant, exp = torch.frexp(amax)  # amax = mant · 2^exp, mant in [0.5, 1): ⌊log2 amax⌋ = exp − 1
+    low = (exp - 3).clamp(-E8M0_BIAS, E8M0_BIAS)
+    high = (low + 1).clamp_max(E8M0_BIAS)
+    codes_low, err_low = _candidate(blocks, low)
+    codes_high, err_high = _candidate(blocks, high)
+    pick_low = (err_low < err_high) | (amax == 0)
+    exp = torch.where(pick_low, low, high)
+    codes = torch.where(pick_low.repeat_interleave(BLOCK, 1), codes_low, codes_high)
     return _pack(codes), (exp + E8M0_BIAS).to(torch.uint8)
 
 
