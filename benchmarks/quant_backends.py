@@ -49,7 +49,7 @@ CONFIGS = {
     "torchao int8": {"backend": "torchao", "scheme": "int8"},
     "torchao int4 (g64)": {"backend": "torchao", "scheme": "int4", "group_size": 64},
     "fp8 e4m3 (128×128 blocks)": {"backend": "fp8"},
-    "mxfp4 (e2m1, 32-blocks)": {"backend": "mxfp4"},
+    "mxfp4 (e2m1 blocks of 32)": {"backend": "mxfp4"},
 }
 MODELS = ("smollm2-135m", "llama-672m")
 
@@ -210,7 +210,7 @@ BYTES_SPECS = {  # (backend, scheme, options of bytes_for) per quantized row
     "torchao int4 (g64)": ("torchao", "int4", {"group_size": 64}),
     "torchao float8": ("torchao", "float8", {}),
     "fp8 e4m3 (128×128 blocks)": ("fp8", "fp8", {}),
-    "mxfp4 (e2m1, 32-blocks)": ("mxfp4", "mxfp4", {}),
+    "mxfp4 (e2m1 blocks of 32)": ("mxfp4", "mxfp4", {}),
 }
 
 
