@@ -3,7 +3,7 @@
 For each configuration and round, in its own fresh subprocess (so peak RSS does not leak between them): load the
 model in fp32 (SmolLM2-135M, or the 672M synthetic Llama of ``benchmarks/efficiency.py``), quantize its block
 linears (bitsandbytes NF4+double quant / FP4 / int8, torchao int8 / int4 weight-only, FP8 block-scaled e4m3
-128×128), wrap LoRA (r=8, alpha=16, every block linear; seeded), train ``--steps`` AdamW steps (lr 1e-3) on
+128×128, MXFP4), wrap LoRA (r=8, alpha=16, every block linear; seeded), train ``--steps`` AdamW steps (lr 1e-3) on
 SST-2 sentences as causal-LM text (batch ``--batch`` × ``--seq`` tokens, the same batches in every configuration),
 and record:
 
@@ -49,6 +49,7 @@ CONFIGS = {
     "torchao int8": {"backend": "torchao", "scheme": "int8"},
     "torchao int4 (g64)": {"backend": "torchao", "scheme": "int4", "group_size": 64},
     "fp8 e4m3 (128×128 blocks)": {"backend": "fp8"},
+    "mxfp4 (e2m1 blocks of 32)": {"backend": "mxfp4"},
 }
 MODELS = ("smollm2-135m", "llama-672m")
 
@@ -114,14 +115,14 @@ def stored(model) -> list:
     return out
 
 
-def run_one(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
+def run_one(name: str, model_name: str, steps: int, batch: int, seq: int, threads: int = 2) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import peftlab
 
     warnings.simplefilter("ignore")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     path = model_path(model_name)
     tok = AutoTokenizer.from_pretrained(peftlab.resolve_model_path("smollm2-135m"))  # 672M: SmolLM2's tokenizer
     if tok.pad_token is None:
@@ -209,6 +210,7 @@ BYTES_SPECS = {  # (backend, scheme, options of bytes_for) per quantized row
     "torchao int4 (g64)": ("torchao", "int4", {"group_size": 64}),
     "torchao float8": ("torchao", "float8", {}),
     "fp8 e4m3 (128×128 blocks)": ("fp8", "fp8", {}),
+    "mxfp4 (e2m1 blocks of 32)": ("mxfp4", "mxfp4", {}),
 }
 
 
@@ -325,6 +327,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (1 on a shared machine)")
     parser.add_argument("--out", default="benchmarks/results/quant_backends")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -340,7 +343,7 @@ def main() -> None:
         print(bytes_table(tables))
         return
     if args.one:
-        print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, args.seq)))
+        print(json.dumps(run_one(args.one, args.model, args.steps, args.batch, args.seq, args.threads)))
         return
     bad = [c for c in args.configs if c not in CONFIGS]
     if bad:
@@ -355,7 +358,7 @@ def main() -> None:
         results = []
         for name in args.configs:
             cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--steps", str(args.steps),
-                   "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -372,7 +375,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs", "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
         "torchao": torchao.__version__, "model": args.model, "steps": args.steps, "batch": args.batch,
-        "seq": args.seq, "load_before": f"{load_before:.2f}", "load_after": f"{os.getloadavg()[0]:.2f}",
+        "seq": args.seq, "threads": args.threads, "load_before": f"{load_before:.2f}", "load_after": f"{os.getloadavg()[0]:.2f}",
     }  # fmt: skip
     (out / f"quant_backends_{args.model}.json").write_text(json.dumps({"meta": meta, "rounds": rounds}, indent=1))
     (out / f"quant_backends_{args.model}.md").write_text(table(rounds, meta))

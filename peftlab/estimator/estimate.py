@@ -225,7 +225,7 @@ def estimate(
     if precision not in DTYPES:
         raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     if quant not in QUANTS:
-        raise ConfigError(f"quant must be None, nf4, fp4 or int8, got {quant!r}")
+        raise ConfigError(f"quant must be None or one of {', '.join(q for q in QUANTS if q)}, got {quant!r}")
     ckpt = {False: "none", True: "full", None: "none"}.get(gradient_checkpointing, gradient_checkpointing)
     if ckpt not in CHECKPOINTING:
         raise ConfigError(

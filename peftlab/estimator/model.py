@@ -16,6 +16,7 @@ Quantized storage per weight of shape (d_out, d_in), n = d_out·d_in, from each 
     torchao-int8:              n bytes + d_out · 5 (row scales and int8 zero points)
     torchao-int4:              n/2 bytes + d_out · d_in/64 · 8 (a scale and a zero point per group of 64)
     fp8 (block-scaled e4m3):   n bytes + ⌈d_out/128⌉ · ⌈d_in/128⌉ · 4
+    mxfp4 (e2m1, e8m0 scales): d_out · ⌈d_in/32⌉ · 17 (16 packed bytes and one scale byte per block of 32)
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT_SCHEMES = {
     "nf4": ("bitsandbytes", "nf4"), "fp4": ("bitsandbytes", "fp4"), "int8": ("bitsandbytes", "int8"),
     "torchao-int8": ("torchao", "int8"), "torchao-int4": ("torchao", "int4"), "fp8": ("fp8", "fp8"),
+    "mxfp4": ("mxfp4", "mxfp4"),
 }  # fmt: skip
 QUANTS = (None, *QUANT_SCHEMES)
 

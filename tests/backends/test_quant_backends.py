@@ -1,4 +1,4 @@
-"""Quantized-base backends (bitsandbytes, torchao, FP8 block-scaled) behind one interface: exact unmerge,
+"""Quantized-base backends (bitsandbytes, torchao, FP8 block-scaled, MXFP4) behind one interface: exact unmerge,
 the merge warning, accurate (error-feedback) requantization, LoRA training on each backend, bytes."""
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def stored(module) -> list[torch.Tensor]:
         out += [state.absmax.clone()] + ([state.state2.absmax.clone()] if state.nested else [])
     if getattr(w, "SCB", None) is not None:
         out.append(w.SCB.clone())
-    if hasattr(module, "weight_scale_inv"):
-        out.append(module.weight_scale_inv.data.clone())
+    for name in ("weight_scale_inv", "weight_scale"):  # FP8 blocks, MXFP4
+        if hasattr(module, name):
+            out.append(getattr(module, name).data.clone())
     return out
 
 
@@ -128,7 +129,7 @@ def test_gptq_round_minimises_the_calibrated_output_error_and_is_nearest_for_a_w
 
 
 @pytest.mark.parametrize("backend,scheme", [("bitsandbytes", "nf4"), ("bitsandbytes", "fp4"), ("bitsandbytes", "int8"),
-                                            ("fp8", "fp8"), ("torchao", "int8")])  # fmt: skip
+                                            ("fp8", "fp8"), ("torchao", "int8"), ("mxfp4", "mxfp4")])  # fmt: skip
 def test_write_levels_stores_the_grid_values_in_the_format(tiny, backend, scheme):
     """write_levels(nearest codes) reproduces the plain requantization byte for byte, and any codes dequantize
     to levels[codes] · scale: the packing of the accurate path is the library's own."""
@@ -246,7 +247,7 @@ def test_a_model_quantized_by_transformers_torchaoconfig_wraps_and_trains(tiny, 
 
 def test_torchao_bad_options_say_what_is_valid(tiny):
     pytest.importorskip("torchao")
-    with pytest.raises(ConfigError, match=r"known: bitsandbytes, fp8, torchao"):
+    with pytest.raises(ConfigError, match=r"known: bitsandbytes, fp8, mxfp4, torchao"):
         quantize(tiny("llama"), backend="gptq")
     with pytest.raises(ConfigError, match=r"schemes int8, int4, float8, not 'nf4'"):
         quantize(tiny("llama"), backend="torchao", scheme="nf4")
@@ -290,7 +291,7 @@ def test_lora_trains_on_fp8_block_scaled_linears_with_no_dense_weight_kept(tiny)
     model, losses = lora_train_existing(model, steps=6)
     assert losses[-1] < losses[0] - 0.2
     before = [stored(m) for m in quantized_bases(model)]
-    with pytest.warns(UserWarning, match=r"fp8 fp8 base layer"):
+    with pytest.warns(UserWarning, match=r"a fp8 base layer"):
         peftlab.merge(model)
     peftlab.unmerge(model)
     assert all(all(torch.equal(x, y) for x, y in zip(stored(m), b)) for m, b in zip(quantized_bases(model), before))
@@ -339,7 +340,7 @@ def test_all_linear_targets_the_fp8_backends_own_layers(tiny):
 
 @pytest.mark.parametrize("quant,backend,scheme", [("nf4", "bitsandbytes", "nf4"), ("int8", "bitsandbytes", "int8"),
                                                   ("torchao-int8", "torchao", "int8"), ("torchao-int4", "torchao", "int4"),
-                                                  ("fp8", "fp8", "fp8")])  # fmt: skip
+                                                  ("fp8", "fp8", "fp8"), ("mxfp4", "mxfp4", "mxfp4")])  # fmt: skip
 def test_estimator_bytes_equal_what_each_backend_stores(quant, backend, scheme):
     if backend == "torchao":
         pytest.importorskip("torchao")

@@ -1,5 +1,5 @@
 """HF PEFT loads an adapter exported from each quantized base (issue #33) over a base quantized the same way and
-gives our logits: bitsandbytes NF4 / FP4 / int8, torchao int8 / int4. peft cannot target our own Fp8BlockLinear
+gives our logits: bitsandbytes NF4 / FP4 / int8, torchao int8 / int4, MXFP4. peft cannot target our own Fp8BlockLinear
 (no nn.Linear), which this file records. transformers' FP8Linear is an nn.Linear that peft wraps, but its forward
 needs the `kernels` package's CUDA kernel, so peft's side cannot run it on a CPU (not checked here)."""
 
@@ -24,6 +24,7 @@ SPECS = {
     "int8": {"bits": 8},
     "torchao-int8": {"backend": "torchao", "scheme": "int8"},
     "torchao-int4": {"backend": "torchao", "scheme": "int4", "group_size": 32},
+    "mxfp4": {"backend": "mxfp4"},  # peft has no MXFP4 layer: our Mxfp4Linear is an nn.Linear it wraps as one
 }
 
 

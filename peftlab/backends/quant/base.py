@@ -332,13 +332,14 @@ def set_and_measure(module: nn.Module, dense: torch.Tensor) -> None:
         "max_abs": err.max().item(),
         "mean_abs": err.mean().item(),
         "rel": err.mean().item() / max(ref.abs().mean().item(), 1e-12),
-        "bits": 8 if scheme == "int8" else (4 if scheme in ("nf4", "fp4", "int4") else None),
+        "bits": 8 if scheme == "int8" else (4 if scheme in ("nf4", "fp4", "int4", "mxfp4") else None),
         "scheme": f"{backend.name}:{scheme}",
         "requantize": mode.mode if mode is not None else "plain",
     })  # fmt: skip
     module.peftlab_merge_error = report
     if backend.lossy_merge(module) and report["max_abs"] > 0 and not getattr(_LOCAL, "quiet", False):
-        label = "int8 (LLM.int8)" if scheme == "int8" and backend.name == "bitsandbytes" else f"{backend.name} {scheme}"
+        label = f"{backend.name} {scheme}" if scheme != backend.name else scheme  # "fp8", "mxfp4": no repeat
+        label = "int8 (LLM.int8)" if scheme == "int8" and backend.name == "bitsandbytes" else label
         warnings.warn(
             f"merging into {'an' if label.startswith('int8') else 'a'} {label} base layer {list(target.shape)} is not exact: requantizing "
             f"W + ΔW changed the layer outputs on a Gaussian probe batch by max {report['max_abs']:.3g}, "

@@ -113,8 +113,8 @@ def resolve_scheme(opts: dict) -> str:
     if opts.get("scheme"):
         return opts["scheme"]
     backend = opts.get("backend", "bitsandbytes")
-    if backend == "fp8":
-        return "fp8"
+    if backend in ("fp8", "mxfp4"):
+        return backend
     if opts.get("bits", 4) == 8:
         return "int8"
     return opts.get("quant_type", "nf4") if backend == "bitsandbytes" else "int4"
@@ -165,7 +165,7 @@ def load_quantized(
         dtype: dtype of everything not quantized (embeddings, norms, head); fp32 by default.
         blocksize: 4-bit block size (64 as QLoRA). int8_threshold: LLM.int8 outlier threshold.
         backend: ``"bitsandbytes"``, ``"torchao"`` (scheme ``"int8"`` / ``"int4"`` / ``"float8"``, CUDA sm_89+
-            for float8) or ``"fp8"`` (block-scaled e4m3, 128 × 128). scheme: the backend's scheme (default
+            for float8) ``"fp8"`` (block-scaled e4m3, 128 × 128) or ``"mxfp4"`` (e2m1 in blocks of 32, e8m0 scales). scheme: the backend's scheme (default
             from ``bits`` / ``quant_type``). group_size: torchao int4 group size.
         config_kwargs: passed to ``AutoConfig.from_pretrained`` (e.g. ``num_labels=2``).
 

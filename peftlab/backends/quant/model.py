@@ -62,7 +62,7 @@ def quantize(
     group_size: int = 64,
 ) -> nn.Module:
     """Replace the linear layers of an in-memory model by quantized layers, in place (bitsandbytes by default;
-    ``backend="torchao"`` with ``scheme`` ``"int8"`` / ``"int4"`` / ``"float8"``, or ``backend="fp8"``).
+    ``backend="torchao"`` with ``scheme`` ``"int8"`` / ``"int4"`` / ``"float8"``, ``backend="fp8"`` or ``backend="mxfp4"``).
 
     For models ``load_quantized`` cannot stream (GGUF-loaded ones, models built in code).
     Each float weight is released as soon as its layer is quantized. The output head(s),
@@ -234,10 +234,12 @@ def memory_report(model: nn.Module) -> dict[str, Any]:
             key = (id(weight), 0)
             size = 0 if key in seen else backend.weight_bytes(module)
             seen.add(key)
-            d_out, d_in = weight.shape
-            params = d_out * d_in if size else 0
+            d_out, d_in = getattr(module, "out_features", None), getattr(module, "in_features", None)
+            if d_out is None or d_in is None:
+                d_out, d_in = weight.shape
+            params = d_out * d_in if size else 0  # logical weights (an MXFP4 weight is stored packed, 3-D)
             for name, t in list(module._parameters.items()) + list(module._buffers.items()):
-                if t is None or name in ("weight", "weight_scale_inv"):
+                if t is None or name in ("weight", "weight_scale_inv", "weight_scale"):
                     continue
                 b = nbytes(t)
                 size += b
