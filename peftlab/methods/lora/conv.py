@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from ...core.layer import Slot
 from ...util.errors import ConfigError, MergeError
+from .dora import DoraMerge
 from .inits import parse_init
 from .slot import LoraSlot, adapter_tensor_kwargs
 
@@ -132,7 +133,7 @@ class ConvLoraSlot(LoraSlot):
         return super().describe() + f", conv groups={self.base_layer.groups}"
 
 
-class ConvDoraSlot(ConvLoraSlot):
+class ConvDoraSlot(DoraMerge, ConvLoraSlot):
     """DoRA on a convolution: a :class:`ConvLoraSlot` plus ``lora_magnitude`` (1, C_out, 1, ...) (HF PEFT's
     ``lora_magnitude_vector`` of a conv). The norm n is a constant in backward (paper §4.3)."""
 
@@ -157,10 +158,6 @@ class ConvDoraSlot(ConvLoraSlot):
     def magnitude(self) -> nn.Parameter:
         return self.layer.lora_magnitude[self.name]
 
-    def _channel_shape(self) -> tuple[int, ...]:
-        """(C_out, 1, ...): one factor per output channel of the weight."""
-        return (-1,) + (1,) * (self.base_layer.weight.dim() - 1)
-
     def _norm(self, weight_matrix: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm((weight_matrix + lora).flatten(1), dim=1)
 
@@ -177,37 +174,14 @@ class ConvDoraSlot(ConvLoraSlot):
         out = (scale - 1.0) * base_out + scale * lora * self.scaling
         return result + (weight * out).to(result.dtype)
 
-    def _merge(self, weight_matrix: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        w64 = weight_matrix.double()
-        direction = w64 + self.product().double().to(w64.device) * self.scaling
-        norm = torch.linalg.vector_norm(direction.flatten(1), dim=1)
-        factor = (self.magnitude.detach().double().to(w64.device).flatten() / norm).view(self._channel_shape())
-        return (w64 + weight * (factor * direction - w64)).to(weight_matrix.dtype), norm
-
     def delta_weight(self) -> torch.Tensor:
         """W' − W for the current base W, fp32."""
         weight = self.base_layer.weight.float()
         return self._merge(weight, 1.0)[0] - weight
 
-    def merged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
-        """W + w·(m ⊙ (W + s·B A)/n − W), n per output channel (fp64)."""
-        out, self._merge_norm = self._merge(weight_matrix, weight)
-        return out
-
-    def unmerged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
-        """Inverse of :meth:`merged` with the n of that merge: W = (W' − w·c⊙sBA)/(1 − w + w·c), c = m/n."""
-        if self._merge_norm is None:
-            raise MergeError(
-                f"DoRA adapter {self.name!r}: unmerging needs the weight norm of its merge, which this slot does not "
-                f"have (was it merged by another process?); reload the base model instead"
-            )
-        w64 = weight_matrix.double()
-        lora = self.product().double().to(w64.device) * self.scaling
-        c = self.magnitude.detach().double().to(w64.device).flatten() / self._merge_norm.to(w64.device)
-        c = c.view(self._channel_shape())
-        restored = (w64 - weight * c * lora) / (1.0 - weight + weight * c)
-        self._merge_norm = None
-        return restored.to(weight_matrix.dtype)
+    def scaled_product64(self, device: torch.device) -> torch.Tensor:
+        """s·ΔW_conv in fp64, the kernel-shaped product of B and A (:meth:`product`)."""
+        return self.product().double().to(device) * self.scaling
 
     def describe(self) -> str:
         return super().describe() + ", dora"

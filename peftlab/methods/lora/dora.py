@@ -172,7 +172,49 @@ def lora_row_norm(
     return (wn + (b * inner).sum(1)).clamp_min_(0).sqrt_()
 
 
-class DoraSlot(LoraSlot):
+class DoraMerge:
+    """DoRA's exact merge and unmerge in fp64, for any weight whose first axis is the output channel (a linear's
+    (d_out, d_in), a convolution's (C_out, C_in/groups, *kernel)): with ΔW = s·B A (:meth:`scaled_product64`) and
+    n = ‖W + ΔW‖ per output channel, W' = W + w·(m ⊙ (W + ΔW)/n − W). The slot keeps n from its merge for the
+    unmerge."""
+
+    def scaled_product64(self, device: torch.device) -> torch.Tensor:
+        """s·B A in fp64, shaped as the base weight."""
+        return (self.lora_B.double() @ self.lora_A.double()).to(device) * self.scaling
+
+    def _merge(self, weight_matrix: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w64 = weight_matrix.double()
+        direction = w64 + self.scaled_product64(w64.device)
+        norm = torch.linalg.vector_norm(direction.flatten(1), dim=1)
+        factor = self._per_channel(self.magnitude.detach().double().to(w64.device).flatten() / norm, w64)
+        return (w64 + weight * (factor * direction - w64)).to(weight_matrix.dtype), norm
+
+    @staticmethod
+    def _per_channel(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.view((-1,) + (1,) * (like.dim() - 1))
+
+    def merged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
+        """W + w·(m ⊙ (W + s·B A)/n − W), n = ‖W + s·B A‖ per output channel (computed in fp64)."""
+        out, self._merge_norm = self._merge(weight_matrix, weight)
+        return out
+
+    def unmerged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
+        """Inverse of :meth:`merged` with the n of that merge: W = (W' − w·c⊙sBA)/(1 − w + w·c), c = m/n."""
+        if self._merge_norm is None:
+            raise MergeError(
+                f"DoRA adapter {self.name!r}: unmerging needs the weight norm of its merge, which this slot does not "
+                f"have (was it merged by another process?); reload the base model instead"
+            )
+        w64 = weight_matrix.double()
+        lora = self.scaled_product64(w64.device)
+        magnitude = self.magnitude.detach().double().to(w64.device).flatten()
+        c = self._per_channel(magnitude / self._merge_norm.to(w64.device), w64)
+        restored = (w64 - weight * c * lora) / (1.0 - weight + weight * c)
+        self._merge_norm = None
+        return restored.to(weight_matrix.dtype)
+
+
+class DoraSlot(DoraMerge, LoraSlot):
     """A DoRA adapter: a :class:`LoraSlot` plus a trained magnitude ``lora_magnitude`` (d_out,).
 
     Same constructor as :class:`LoraSlot`. The forward is LoRA's fused path followed by
@@ -258,33 +300,6 @@ class DoraSlot(LoraSlot):
         """W' − W for the current base W, (d_out, d_in) fp32."""
         weight = dense_base_weight(self.base_layer).float()
         return self._merge(weight, 1.0)[0] - weight
-
-    def _merge(self, weight_matrix: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        w64 = weight_matrix.double()
-        lora = (self.lora_B.double() @ self.lora_A.double()).to(w64.device) * self.scaling
-        direction = w64 + lora
-        norm = torch.linalg.vector_norm(direction, dim=1)
-        factor = (self.magnitude.detach().double().to(w64.device) / norm).unsqueeze(1)
-        return (w64 + weight * (factor * direction - w64)).to(weight_matrix.dtype), norm
-
-    def merged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
-        """W + w·(m ⊙ (W + s·B A)/n − W), n = ‖W + s·B A‖_row ((d_out, d_in); computed in fp64)."""
-        out, self._merge_norm = self._merge(weight_matrix, weight)
-        return out
-
-    def unmerged(self, weight_matrix: torch.Tensor, weight: float) -> torch.Tensor:
-        """Inverse of :meth:`merged` with the n of that merge: W = (W' − w·c⊙sBA)/(1 − w + w·c), c = m/n."""
-        if self._merge_norm is None:
-            raise MergeError(
-                f"DoRA adapter {self.name!r}: unmerging needs the weight norm of its merge, which this slot does not "
-                f"have (was it merged by another process?); reload the base model instead"
-            )
-        w64 = weight_matrix.double()
-        lora = (self.lora_B.double() @ self.lora_A.double()).to(w64.device) * self.scaling
-        c = (self.magnitude.detach().double().to(w64.device) / self._merge_norm.to(w64.device)).unsqueeze(1)
-        restored = (w64 - weight * c * lora) / (1.0 - weight + weight * c)
-        self._merge_norm = None
-        return restored.to(weight_matrix.dtype)
 
     def describe(self) -> str:
         return super().describe() + ", dora"
