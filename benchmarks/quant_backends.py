@@ -43,7 +43,12 @@ from pathlib import Path
 
 CONFIGS = {
     "fp32 LoRA": None,
-    "bitsandbytes nf4 (+dq)": {"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4", "double_quant": True},
+    "bitsandbytes nf4 (+dq)": {
+        "backend": "bitsandbytes",
+        "bits": 4,
+        "quant_type": "nf4",
+        "double_quant": True,
+    },
     "bitsandbytes fp4": {"backend": "bitsandbytes", "bits": 4, "quant_type": "fp4", "double_quant": False},
     "bitsandbytes int8": {"backend": "bitsandbytes", "bits": 8},
     "torchao int8": {"backend": "torchao", "scheme": "int8"},
@@ -55,7 +60,9 @@ MODELS = ("smollm2-135m", "llama-672m")
 
 
 def _mem() -> dict[str, int]:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
@@ -124,7 +131,9 @@ def run_one(name: str, model_name: str, steps: int, batch: int, seq: int, thread
     warnings.simplefilter("ignore")
     torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     path = model_path(model_name)
-    tok = AutoTokenizer.from_pretrained(peftlab.resolve_model_path("smollm2-135m"))  # 672M: SmolLM2's tokenizer
+    tok = AutoTokenizer.from_pretrained(
+        peftlab.resolve_model_path("smollm2-135m")
+    )  # 672M: SmolLM2's tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -164,7 +173,8 @@ def run_one(name: str, model_name: str, steps: int, batch: int, seq: int, thread
     # merge / unmerge on the trained adapter
     model.eval()
     with torch.no_grad():
-        adapted = model(**ev).logits
+        adapted_out = model(**ev)
+    adapted = adapted_out.logits
     before = stored(model)
     peftlab.merge(model)
     with torch.no_grad():
@@ -191,6 +201,8 @@ def run_one(name: str, model_name: str, steps: int, batch: int, seq: int, thread
         "step_s_median": statistics.median(times[1:] if len(times) > 1 else times),
         "peak_rss_rise_training_mb": (end["VmHWM"] - setup["VmRSS"]) / 1e6 if reset else None,
         "losses": losses,
+        "loss_eval_after_training": adapted_out.loss.item(),
+        "loss_train_last10_mean": statistics.mean(losses[-10:]),
         "merge_rel": (merged - adapted).abs().mean().item() / adapted.abs().mean().item(),
         "merge_max_abs": (merged - adapted).abs().max().item(),
         "adapter_effect_rel": None,
@@ -237,11 +249,23 @@ def bytes_rows(model_name: str) -> dict:
         seen.add(id(p))
         rest += p.numel() * 4
     n = sum(m.weight.numel() for m in linears)
-    rows = [{"config": "fp32", "linear_bytes": 4 * n, "bits_per_param": 32.0, "model_mb": (4 * n + rest) / 1e6}]
+    rows = [
+        {"config": "fp32", "linear_bytes": 4 * n, "bits_per_param": 32.0, "model_mb": (4 * n + rest) / 1e6}
+    ]
     for name, (backend, scheme, opts) in BYTES_SPECS.items():
-        b = sum(get_backend(backend).bytes_for(m.out_features, m.in_features, scheme, **opts) for m in linears)
-        rows.append({"config": name, "linear_bytes": b, "bits_per_param": 8 * b / n, "model_mb": (b + rest) / 1e6})
-    return {"model": model_name, "linears": len(linears), "linear_params": n, "other_fp32_bytes": rest, "rows": rows}
+        b = sum(
+            get_backend(backend).bytes_for(m.out_features, m.in_features, scheme, **opts) for m in linears
+        )
+        rows.append(
+            {"config": name, "linear_bytes": b, "bits_per_param": 8 * b / n, "model_mb": (b + rest) / 1e6}
+        )
+    return {
+        "model": model_name,
+        "linears": len(linears),
+        "linear_params": n,
+        "other_fp32_bytes": rest,
+        "rows": rows,
+    }
 
 
 def bytes_table(tables: list[dict]) -> str:
@@ -293,29 +317,42 @@ def table(rounds: list[list[dict]], meta: dict) -> str:
         "Command: see COMMAND. MB = 10⁶ bytes.",
         "",
         "| backend | bits/param (quantized linears) | quantized linears MB | model MB | output error vs fp32 base "
-        "| LoRA step: peak RSS rise MB (× fp32) | step time × fp32 | merge: logit change | unmerge bit-exact |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| LoRA step: peak RSS rise MB (× fp32) | step time × fp32 "
+        f"| eval loss after {meta['steps']} steps (Δ vs fp32 LoRA) | merge: logit change | unmerge bit-exact |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in first:
-        bpp = f"{r['bits_per_param_quantized_linears']:.2f}" if r["bits_per_param_quantized_linears"] else "32"
+        bpp = (
+            f"{r['bits_per_param_quantized_linears']:.2f}" if r["bits_per_param_quantized_linears"] else "32"
+        )
         qmb = f"{r['quantized_linear_bytes'] / 1e6:.1f}" if r["quantized_linear_bytes"] else "-"
         rss = r["peak_rss_rise_training_mb"]
         base_rss = ref["peak_rss_rise_training_mb"]
         rss_s = f"{rss:.0f} ({rss / base_rss:.2f}×)" if rss and base_rss else "-"
         err = "0 (reference)" if r["config"] == "fp32 LoRA" else f"{100 * r['output_rel_err_vs_fp32']:.2f}%"
         exact = r["unmerge_exact_weights"] and r["unmerge_exact_packed"]
+        after = r.get("loss_eval_after_training")
+        if after is None:
+            loss_s = "not measured"
+        elif r["config"] == "fp32 LoRA":
+            loss_s = f"{after:.4f}"
+        else:
+            loss_s = f"{after:.4f} ({after - ref['loss_eval_after_training']:+.4f})"
         lines.append(
             f"| {r['config']} | {bpp} | {qmb} | {r['model_mb']:.0f} | {err} | {rss_s} "
-            f"| {_ratio_cell(ratios[r['config']]) if meta['steps'] >= 3 else 'not measured'} | {100 * r['merge_rel']:.3g}% | {'yes' if exact else 'NO'} |"
+            f"| {_ratio_cell(ratios[r['config']]) if meta['steps'] >= 3 else 'not measured'} | {loss_s} | {100 * r['merge_rel']:.3g}% | {'yes' if exact else 'NO'} |"
         )
     lines += [
         "",
         "Output error: mean |logits − fp32 logits| / mean |fp32 logits| of the quantized base (no adapter) on 4 × "
         f"{meta['seq']} evaluation tokens; causal-LM loss there: fp32 {ref['loss_fp32_base']:.4f}, "
-        + ", ".join(f"{r['config']} {r['loss_quantized_base']:.4f}" for r in first if r["config"] != "fp32 LoRA")
+        + ", ".join(
+            f"{r['config']} {r['loss_quantized_base']:.4f}" for r in first if r["config"] != "fp32 LoRA"
+        )
         + ". Merge: mean |logits after `merge` − logits of the unmerged adapter| / mean |logits| (plain "
         "requantization of W + ΔW; fp32 merges in float). Unmerge bit-exact: every base weight (dequantized, and "
-        "the packed data) equal to before the merge.",
+        "the packed data) equal to before the merge. Eval loss after training: the causal-LM loss of the adapted "
+        "model on that evaluation batch (never trained on), the same batches and seed in every row.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -327,9 +364,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (1 on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads per run (1 on a shared machine)"
+    )
     parser.add_argument("--out", default="benchmarks/results/quant_backends")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (e.g. steps50)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--bytes-only", action="store_true", help="only the stored bytes of every backend, "
                         "for every model, from the backends' byte counts (seconds, no weights loaded)")  # fmt: skip
@@ -366,7 +406,9 @@ def main() -> None:
             shown = {k: v for k, v in results[-1].items() if k not in ("losses", "step_s")}
             print(time.strftime("%H:%M:%S"), f"round {rnd}", shown, flush=True)
         rounds.append(results)
-        (out / f"quant_backends_{args.model}.json").write_text(json.dumps({"rounds": rounds}, indent=1))
+        (out / f"quant_backends_{args.model}{'_' + args.tag if args.tag else ''}.json").write_text(
+            json.dumps({"rounds": rounds}, indent=1)
+        )
     import bitsandbytes
     import torch
     import torchao
@@ -377,8 +419,12 @@ def main() -> None:
         "torchao": torchao.__version__, "model": args.model, "steps": args.steps, "batch": args.batch,
         "seq": args.seq, "threads": args.threads, "load_before": f"{load_before:.2f}", "load_after": f"{os.getloadavg()[0]:.2f}",
     }  # fmt: skip
-    (out / f"quant_backends_{args.model}.json").write_text(json.dumps({"meta": meta, "rounds": rounds}, indent=1))
-    (out / f"quant_backends_{args.model}.md").write_text(table(rounds, meta))
+    (out / f"quant_backends_{args.model}{'_' + args.tag if args.tag else ''}.json").write_text(
+        json.dumps({"meta": meta, "rounds": rounds}, indent=1)
+    )
+    (out / f"quant_backends_{args.model}{'_' + args.tag if args.tag else ''}.md").write_text(
+        table(rounds, meta)
+    )
     print(table(rounds, meta))
 
 
