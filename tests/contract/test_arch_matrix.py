@@ -93,8 +93,8 @@ PEFT_CANNOT = {
 PEFT_DROPS = {
     "Token type ids are not supported": (
         "HF PEFT loads this export but drops token_type_ids under prefix tuning (its warning), so PaliGemma's image "
-        "and prompt tokens no longer attend to each other; without them, in eager attention (causal in both), its "
-        "logits equal ours (checked, and peftlab's import of peft's re-save gives our logits)"
+        "and prompt tokens no longer attend to each other (checked: without them, in eager attention, causal in "
+        "both, its logits equal ours, and peftlab's import of peft's re-save gives our logits)"
     ),
 }
 
