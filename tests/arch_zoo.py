@@ -224,6 +224,13 @@ ARCHS: dict[str, Arch] = {
         Arch("LFM2", "Lfm2ForCausalLM", "Lfm2Config", dict(_DECODER, layer_types=["conv", "full_attention"]), "causal-lm"),
         Arch("Gemma-3", "Gemma3ForCausalLM", "Gemma3TextConfig", dict(_DECODER, head_dim=8, sliding_window=4),
              "causal-lm", length=8),
+        Arch("Gemma-4", "Gemma4ForCausalLM", "Gemma4TextConfig",  # full-attention layers twice as wide, as Gemma-4's
+             dict(_DECODER, head_dim=8, global_head_dim=16, sliding_window=4,  # 512 vs 256; per-layer inputs (PLE)
+                  layer_types=["sliding_attention", "full_attention"], vocab_size_per_layer_input=VOCAB,
+                  hidden_size_per_layer_input=8), "causal-lm", length=8),
+        Arch("Qwen3.5", "Qwen3_5ForCausalLM", "Qwen3_5TextConfig",
+             dict(_DECODER, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                  linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]), "causal-lm"),
         Arch("Llava", "LlavaForConditionalGeneration", "LlavaConfig",
              dict(vision_config=dict(_VISION, model_type="clip_vision_model"),
                   text_config=dict(_DECODER, model_type="llama"), image_token_index=VOCAB - 1,
@@ -234,6 +241,10 @@ ARCHS: dict[str, Arch] = {
                   vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
                                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
                   image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3), "vlm"),
+        Arch("PaliGemma", "PaliGemmaForConditionalGeneration", "PaliGemmaConfig",
+             dict(vision_config=dict(_VISION, model_type="siglip_vision_model", vision_use_head=False),
+                  text_config=dict(_DECODER, head_dim=8, model_type="gemma"), image_token_index=VOCAB - 1,
+                  vocab_size=VOCAB, projection_dim=32, hidden_size=32), "vlm"),
         Arch("CLIP", "CLIPModel", "CLIPConfig",
              dict(text_config=_TEXT, vision_config=_VISION, projection_dim=16), "contrastive"),
         Arch("SigLIP", "SiglipModel", "SiglipConfig", dict(text_config=_TEXT, vision_config=_VISION), "contrastive"),
@@ -241,6 +252,8 @@ ARCHS: dict[str, Arch] = {
         Arch("Swin", "SwinForImageClassification", "SwinConfig",
              dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
                   num_labels=3), "image-cls"),
+        Arch("ConvNeXt", "ConvNextForImageClassification", "ConvNextConfig",  # attention-free: convolutions + MLPs
+             dict(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3), "image-cls"),
         Arch("Whisper", "WhisperForConditionalGeneration", "WhisperConfig",
              dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                   decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
@@ -256,6 +269,11 @@ ARCHS: dict[str, Arch] = {
         Arch("ModernBERT", "ModernBertForSequenceClassification", "ModernBertConfig",
              dict(_ENCODER, pad_token_id=0, eos_token_id=2, bos_token_id=1, cls_token_id=1, sep_token_id=2),
              "seq-cls"),
+        Arch("XLM-R", "XLMRobertaForSequenceClassification", "XLMRobertaConfig", dict(_ENCODER, pad_token_id=1),
+             "seq-cls"),
+        Arch("mT5", "MT5ForConditionalGeneration", "MT5Config",
+             dict(num_layers=2, num_heads=4, d_model=32, d_kv=8, d_ff=64, vocab_size=VOCAB, decoder_start_token_id=0),
+             "seq2seq"),
     ]
 }
 
@@ -312,9 +330,12 @@ def inputs(label: str, batch: int = 2, length: int | None = None) -> dict[str, t
 def _vlm_inputs(arch: Arch, ids: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
     batch = ids.shape[0]
     image = arch.config["image_token_index" if "image_token_index" in arch.config else "image_token_id"]
-    if arch.model_cls.startswith("Llava"):  # 4x4 patches of 8 pixels, CLS dropped ("default"): 16 image tokens
+    if arch.model_cls.startswith(("Llava", "PaliGemma")):  # 4x4 patches of 8 pixels (Llava drops CLS): 16 tokens
         ids = torch.cat([torch.full((batch, 16), image), ids], dim=1)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": _pixels(gen, batch)}
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": _pixels(gen, batch)}
+        if arch.model_cls.startswith("PaliGemma"):  # as its processor gives them for training: 0 on the image and
+            out["token_type_ids"] = (torch.arange(ids.shape[1]) >= ids.shape[1] - 3).long().expand(batch, -1)
+        return out  # prompt (attending to each other), 1 on the suffix (3 tokens, causal)
     # Qwen2-VL: a 16x16 image = 4x4 patches of 4 (x2 frames), merged 2x2: 4 image tokens after <vision_start>
     start = arch.config["vision_start_token_id"]
     ids = torch.cat([torch.full((batch, 1), start), torch.full((batch, 4), image), ids], dim=1)

@@ -256,15 +256,19 @@ def _dims(module: nn.Module) -> tuple[int, int]:
     return layer_dims(module)
 
 
-def _attention_sites(block: nn.Module, bpath: str) -> list[AttentionSite]:
-    """The innermost attention modules of a block that own q/k/v (or fused) projections, in order."""
+def _attention_sites(block: nn.Module, bpath: str, like: frozenset = frozenset()) -> list[AttentionSite]:
+    """The innermost attention modules of a block that own q/k/v (or fused) projections, in order. A module of a
+    type in ``like`` (the attention types of the other blocks of its stack) needs only a query projection: it reads
+    another layer's keys and values (Gemma-4's KV-shared layers: q and o only) or uses its keys as values
+    (Gemma-4's ``attention_k_eq_v`` full-attention layers: no v)."""
     cores: list[tuple[str, nn.Module]] = []
     for name, sub in block.named_modules():
         if not name or not _is_attention(sub):
             continue
         lin = _linears(sub, f"{bpath}.{name}")
         roles = {_role(p.rsplit(".", 1)[-1]) for p, _ in lin}
-        if not ({"q", "k", "v"} <= roles or "qkv" in roles or {"q", "kv"} <= roles):
+        full = {"q", "k", "v"} <= roles or "qkv" in roles or {"q", "kv"} <= roles
+        if not (full or (type(sub) in like and "q" in roles)):
             continue
         cores = [(n, m) for n, m in cores if not name.startswith(n + ".")]  # keep the innermost
         if not any(n.startswith(name + ".") for n, _ in cores):
@@ -328,8 +332,29 @@ def _moe_block(block: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSite:
-    sites = _attention_sites(block, bpath)
+def _one_feed_forward(others: list[tuple[str, nn.Module]], bpath: str) -> list[tuple[str, nn.Module]]:
+    """The linear layers of a block's feed-forward among its non-attention ones: those of the first child module
+    that holds a whole feed-forward (a layer reading the hidden width and one writing it) when others lie outside
+    it (Gemma-4's per-layer-input gate and projection beside its ``mlp``); all of them otherwise (BERT's
+    ``intermediate.dense`` and ``output.dense`` are one feed-forward across two children)."""
+    if not others:
+        return others
+    hidden = _dims(others[0][1])[0]
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    for path, module in others:
+        rel = path[len(bpath) + 1 :]
+        if "." in rel:
+            groups.setdefault(rel.split(".", 1)[0], []).append((path, module))
+    for members in groups.values():
+        reads = any(_dims(m)[0] == hidden for _, m in members)
+        writes = any(_dims(m)[1] == hidden for _, m in members)
+        if reads and writes and len(members) < len(others):
+            return members
+    return others
+
+
+def _block_site(block: nn.Module, bpath: str, stack: str, index: int, like: frozenset = frozenset()) -> BlockSite:
+    sites = _attention_sites(block, bpath, like)
     taken = {p for s in sites for p in (*s.projections(), s.o) if p}
     attn_paths = tuple(s.path + "." for s in sites) + _mixers(block, bpath)
     others = [(p, m) for p, m in _linears(block, bpath) if p not in taken and not p.startswith(attn_paths)]
@@ -339,6 +364,7 @@ def _block_site(block: nn.Module, bpath: str, stack: str, index: int) -> BlockSi
         moe = _moe_block(block)
         if moe is not None:
             site.ffn_out, site.ffn_in, site.moe_width = f"{bpath}.{moe[0]}", [f"{bpath}.{moe[0]}"], moe[1]
+    others = _one_feed_forward(others, bpath)
     if others:
         hidden = _dims(others[0][1])[0]
         outs = [p for p, m in others if _dims(m)[1] == hidden]
@@ -361,6 +387,8 @@ def structure(model: nn.Module) -> Structure:
       multi-head latent); in hybrid stacks (Qwen3-Next, Jamba, Granite-4-H, LFM2) the Mamba / linear-attention /
       convolution layers are blocks without attention. Nested lists inside a block (T5's ``layer``) are part of
       it; a list of stages that each hold a list of attention blocks (Swin) is not a stack, its inner lists are.
+      A model with no attention at all (ConvNeXt) has blocks without attention: the members of the innermost
+      lists whose every member has a feed-forward (ConvNeXt's ``stages.i.layers`` with ``pwconv1``/``pwconv2``).
     * attention roles by projection name (q/query/q_proj/q_lin..., k..., v..., fused c_attn /
       query_key_value / qkv_proj / Wqkv, output o/o_proj/out_proj/dense/c_proj/out_lin); a BERT-style
       output projection beside the attention core is found under their common parent.
@@ -383,8 +411,13 @@ def structure(model: nn.Module) -> Structure:
         found = [_block_site(child, f"{prefix}{i}", path, i) for i, child in enumerate(members)]
         if not any(site.attention for site in found) or any(_holds_stack(child) for child in members):
             continue  # no attention anywhere (experts, convolution stages), or stages of inner block lists (Swin)
+        like = frozenset(_attention_types(members, found))
+        if any(not site.attention for site in found):  # layers whose attention borrows keys/values (Gemma-4)
+            found = [_block_site(child, f"{prefix}{i}", path, i, like) for i, child in enumerate(members)]
         blocks.extend(found)
         stacks.append(path)
+    if not stacks:  # no attention anywhere (ConvNeXt): stacks of feed-forward blocks, if any
+        blocks, stacks = _feed_forward_stacks(model)
     inp = _input_embeddings(model)
     head: list[str] = []
     for name, child in model.named_children():
@@ -394,6 +427,31 @@ def structure(model: nn.Module) -> Structure:
             continue
         head.append(name)
     return Structure(blocks=blocks, stacks=stacks, head=head, language=_language_root(model, inp, stacks))
+
+
+def _attention_types(members: list[nn.Module], found: list[BlockSite]) -> set[type]:
+    """The module types of the attention sites found in a stack's blocks."""
+    return {
+        type(child.get_submodule(a.path[len(site.path) + 1 :])) for child, site in zip(members, found) for a in site.attention
+    }
+
+
+def _feed_forward_stacks(model: nn.Module) -> tuple[list[BlockSite], list[str]]:
+    """Blocks of an attention-free model (ConvNeXt: a depthwise convolution mixes tokens, then an MLP of
+    linear layers): the innermost ``ModuleList`` s whose every member has a feed-forward (linear layers reading
+    and writing one width); their blocks have no attention site. Lists holding such lists (ConvNeXt's stages)
+    are not stacks."""
+    lists: list[tuple[str, list[BlockSite]]] = []
+    for path, module in base_view(model):
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        members = [m.base_layer if isinstance(m, AdapterLayer) else m for m in module]
+        prefix = f"{path}." if path else ""
+        found = [_block_site(child, f"{prefix}{i}", path, i) for i, child in enumerate(members)]
+        if all(site.ffn_out and site.ffn_in for site in found):
+            lists.append((path, found))
+    inner = [(p, f) for p, f in lists if not any(q.startswith(f"{p}.") for q, _ in lists)]
+    return [b for _, found in inner for b in found], [p for p, _ in inner]
 
 
 def _holds_stack(module: nn.Module) -> bool:

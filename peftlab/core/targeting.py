@@ -37,7 +37,9 @@ def default_targets(model: nn.Module) -> list[str]:
     model, read from the model's structure (:func:`structure`, :meth:`~.structure.Structure.main`); a fused
     query-key-value projection (``c_attn``, ``query_key_value``, ``qkv_proj``, ``Wqkv``) is targeted whole;
     multi-head latent attention (DeepSeek) gives its query and key-value up-projections (``q_b_proj`` or
-    ``q_proj``, ``kv_b_proj``); attention-free layers of a hybrid stack (Mamba, linear attention) get none.
+    ``q_proj``, ``kv_b_proj``); attention-free layers of a hybrid stack (Mamba, linear attention) get none. A model
+    with no attention at all but blocks with a feed-forward (ConvNeXt) gets those blocks' feed-forward linear layers
+    (``pwconv1``, ``pwconv2``; HF PEFT has no default for it).
     Returned as distinct module names, so the saved and exported ``target_modules`` are the names HF PEFT uses;
     for a VLM, whose vision tower may use the same names, as the full paths of the language model's modules.
 
@@ -55,6 +57,10 @@ def default_targets(model: nn.Module) -> list[str]:
             paths.append(attn.qkv)
         else:
             paths.extend(p for p in (attn.q, attn.v or attn.kv) if p)
+    if not paths and not main.attention():  # attention-free blocks (ConvNeXt): their feed-forward's linear layers
+        view = dict(base_view(model))
+        for block in main.blocks:
+            paths.extend(p for p in (*block.ffn_in, block.ffn_out) if p and is_linear(view[p]))
     if paths and main is not found:  # another tower has modules of these names: name the language model's own
         return paths
     names = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in paths))

@@ -12,7 +12,7 @@ from peftlab.core.targeting import default_targets
 
 @pytest.mark.parametrize(
     ("label", "attention_layers"),
-    [("Qwen3-Next", [1]), ("Jamba", [1]), ("Granite-4-H", [1]), ("LFM2", [1])],
+    [("Qwen3-Next", [1]), ("Jamba", [1]), ("Granite-4-H", [1]), ("LFM2", [1]), ("Qwen3.5", [1])],
 )
 def test_hybrid_stacks_have_blocks_without_attention(label, attention_layers):
     found = structure(build(label))
@@ -49,7 +49,10 @@ def test_swin_stages_are_not_blocks():
     assert all(len(b.attention) == 1 and b.attention[0].kind == "self" for b in found.blocks)
 
 
-@pytest.mark.parametrize(("label", "vision"), [("Llava", "model.vision_tower"), ("Qwen2-VL", "model.visual")])
+@pytest.mark.parametrize(
+    ("label", "vision"),
+    [("Llava", "model.vision_tower"), ("Qwen2-VL", "model.visual"), ("PaliGemma", "model.vision_tower")],
+)
 def test_vlm_towers_found_separately(label, vision):
     found = structure(build(label))
     assert found.language == "model.language_model"
@@ -59,3 +62,23 @@ def test_vlm_towers_found_separately(label, vision):
     assert main.stacks == towers["language"] and all(b.stack in main.stacks for b in main.blocks)
     targets = default_targets(build(label))  # the language model's q/v, by full path (the tower has q/v too)
     assert targets and all(t.startswith("model.language_model.") for t in targets)
+
+
+def test_attention_free_convnext_has_feed_forward_blocks():
+    """ConvNeXt has no attention: its blocks are the innermost lists of MLP blocks (not the stages that hold them),
+    LoRA's default is their feed-forward (HF PEFT has none), and the backbone is not a head."""
+    found = structure(build("ConvNeXt"))
+    assert found.stacks == ["convnext.encoder.stages.0.layers", "convnext.encoder.stages.1.layers"]
+    assert all(not b.attention for b in found.blocks)
+    assert [b.ffn_out.rsplit(".", 1)[-1] for b in found.blocks] == ["pwconv2", "pwconv2"]
+    assert [b.ffn_in for b in found.blocks][0] == ["convnext.encoder.stages.0.layers.0.pwconv1"]
+    assert found.head == ["classifier"]
+    assert default_targets(build("ConvNeXt")) == ["pwconv1", "pwconv2"]
+
+
+def test_gemma4_per_layer_input_projection_is_not_the_feed_forward():
+    """Gemma-4's per-layer-input gate and projection sit beside the MLP in each block; the feed-forward is the MLP."""
+    found = structure(build("Gemma-4"))
+    for block in found.blocks:
+        assert block.ffn_out.endswith("mlp.down_proj")
+        assert [p.rsplit(".", 1)[-1] for p in block.ffn_in] == ["gate_proj", "up_proj"]

@@ -201,6 +201,13 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, An
                 f"adapter layers {missing} do not exist in {type(model).__name__}; its blocks are {have[0]}..{have[-1]}"
             )
     for kind in kinds:
+        if kind == "attn" and sites and not any(s.kind == kind for s in sites):  # attention-free blocks (ConvNeXt)
+            raise TargetError(
+                f"{config.style} adapters can't be placed in {type(model).__name__}: they go "
+                f"{'beside' if parallel else 'after'} both the attention and the feed-forward sublayer of each block, "
+                f"and its blocks have no attention (a convolution mixes the tokens); style='pfeiffer' adapts the "
+                f"feed-forward alone"
+            )
         if not any(s.kind == kind for s in chosen):
             have = sorted({s.index for s in sites if s.kind == kind})
             raise TargetError(

@@ -8,6 +8,9 @@ the original one::
     K' = [P_K ; K],  V' = [P_V ; V]        P_K, P_V: (batch, kv_heads, n_prefix, head_dim)
     mask' = [attend-all (n_prefix columns) | mask]
 
+A layer narrower than the table (Gemma-4's sliding layers: a smaller head dim than its full-attention
+layers) takes its first key/value heads and head-dim columns, as HF PEFT slices its one-width table.
+
 On a sliding-window layer (Gemma-2/3, Mistral, Qwen2, GPT-OSS) a prefix column j leaves the window of the
 token at position p once (n_prefix + p) − j ≥ window, exactly as HF PEFT's prefix (a KV cache at positions
 0..n−1) does.
@@ -103,6 +106,16 @@ def _slide_prefix_out(mask: torch.Tensor, n_prefix: int, k_len: int, window: int
     return torch.cat([front, mask[..., n_prefix:]], dim=-1)
 
 
+def fit(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """A layer's prefix keys or values, (batch, kv_heads, n, head_dim), cut to the layer's own key/value heads and
+    head dim where it is narrower than the table (Gemma-4's sliding layers: the first heads and the first columns,
+    as HF PEFT slices its one-width table)."""
+    heads, dim = states.shape[1], states.shape[-1]
+    if prefix.shape[1] == heads and prefix.shape[-1] == dim:
+        return prefix
+    return prefix[:, :heads, :, :dim]
+
+
 def _eager_for(module: nn.Module):
     """The eager attention function of the module's own modeling file (softcapping, scaling...), else Llama's."""
     import sys
@@ -128,8 +141,8 @@ def _make_attention(impl_name: str):
         elif holder is not None and holder.enabled and holder.layer_kv is not None:
             batch = query.shape[0]
             pk, pv = holder.layer_kv(module._peftlab_prefix_layer)
-            pk = pk.unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype)
-            pv = pv.unsqueeze(0).expand(batch, -1, -1, -1).to(value.dtype)
+            pk = fit(pk.unsqueeze(0).expand(batch, -1, -1, -1).to(key.dtype), key)
+            pv = fit(pv.unsqueeze(0).expand(batch, -1, -1, -1).to(value.dtype), value)
             attention_mask = _prefix_mask(
                 attention_mask, module, query.shape[2], key.shape[2], holder.n_prefix, query
             )

@@ -1,6 +1,6 @@
 """Where and with which shapes a prefix goes in a model: the attention modules of its language model
 (:meth:`~peftlab.core.structure.Structure.main`), the table's layer count, key/value heads and head dim (one
-width for every layer, as HF PEFT's prefix table has), and whether the prefix reaches attention through
+width for every layer, as HF PEFT's prefix table has: the widest layer's, narrower layers read a slice of it), and whether the prefix reaches attention through
 transformers' attention interface or, on encoder-decoder models, through the decoder's KV cache."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Geometry:
     decoder's self-attention KV cache starts with the prefix, exactly as HF PEFT passes it).
     ``n_layers``: L, the table's layer count; ``attention``: the modules that get a prefix (interface
     mode); ``rows(i)``: the table rows (K, V) of attention layer i; ``submodules``: HF PEFT's
-    ``num_transformer_submodules``.
+    ``num_transformer_submodules``; ``sources``: per attention layer, the layer whose rows it reads.
     """
 
     mode: str
@@ -44,6 +44,11 @@ class Geometry:
     attention: list
     decoder_layers: int = 0
     submodules: int = 1
+    #: per attention layer, the layer whose rows it reads (itself; a KV-shared layer: the layer it reads from)
+    sources: list | None = None
+    #: the module whose ``position_ids`` move past the prefix: "" (the model) or a VLM's language model, which
+    #: gets the positions its VLM computes (PaliGemma counts from 1, Qwen2-VL's are multimodal)
+    positions_at: str = ""
 
     def rows(self, i: int) -> tuple[int, int]:
         if self.submodules == 2:  # HF PEFT repeats the table and reads 4 rows per decoder layer, modulo 2L
@@ -54,6 +59,15 @@ class Geometry:
 def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
     """Where and with which shapes a prefix goes in ``model`` (read from :func:`~peftlab.core.structure.structure`)."""
     text = _text_config(model)
+    found = structure(model).main()  # a VLM's language model only, as HF PEFT
+    selfs = found.attention("self")
+    if not selfs:
+        raise TargetError(
+            f"prefix tuning can't find attention layers in {type(model).__name__}: no repeated blocks with an attention "
+            f"module (q/k/v or fused qkv projections)"
+            + (", its blocks mix tokens without attention (convolutions)" if found.blocks else "")
+            + "; a prefix is keys and values prepended to attention, in HF PEFT too"
+        )
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
     if not isinstance(heads, int) or not isinstance(hidden, int):
@@ -61,13 +75,6 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
             f"prefix tuning can't size a prefix for {type(model).__name__}: its config has no single "
             f"num_attention_heads and hidden_size (got {heads!r}, {hidden!r}; per-stage values, as Swin's, differ "
             f"in width between layers, and HF PEFT's prefix has one width for every layer too)"
-        )
-    found = structure(model).main()  # a VLM's language model only, as HF PEFT
-    selfs = found.attention("self")
-    if not selfs:
-        raise TargetError(
-            f"prefix tuning can't find attention layers in {type(model).__name__}: no repeated blocks with an attention "
-            f"module (q/k/v or fused qkv projections)"
         )
     if any(a.kv for a in selfs):
         raise TargetError(
@@ -96,16 +103,54 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
             f"itself (ALiBi / disentangled position terms / its own kernels) instead of calling transformers' attention "
             f"interface, where peftlab prepends the prefix keys and values"
         )
-    kv_heads, head_dim = _kv_geometry(model, text, selfs, heads, hidden)
-    return Geometry("interface", len(modules), kv_heads, head_dim, modules)
+    sources = _kv_sources(model, selfs)
+    kv_heads, head_dim = _kv_geometry(model, text, [selfs[j] for j in sources], heads, hidden)
+    return Geometry(
+        "interface", len(modules), kv_heads, head_dim, modules, sources=sources, positions_at=found.language or ""
+    )
+
+
+def _kv_sources(model: nn.Module, selfs) -> list[int]:
+    """For each attention layer, the layer whose prefix rows it reads: itself, or, for a layer without key and
+    value projections that reads another layer's keys and values (Gemma-4's KV-shared layers), that layer: the
+    last earlier one with its own keys and the same head dim and sliding window (Gemma-4's rule: the last
+    non-shared layer of its type), whose keys and values reach it with their prefix in HF PEFT's cache."""
+    out: list[int] = []
+    for i, site in enumerate(selfs):
+        if site.k or site.v or site.qkv or site.kv:
+            out.append(i)
+            continue
+        same = [j for j in range(i) if out[j] == j and _kind(model, selfs[j]) == _kind(model, site)]
+        if not same:
+            raise TargetError(
+                f"prefix tuning can't tell whose keys and values attention layer {i} of {type(model).__name__} reads: "
+                f"it has no key/value projections and no earlier layer of its kind (head dim, sliding window) has them"
+            )
+        out.append(same[-1])
+    return out
+
+
+def _kind(model: nn.Module, site) -> tuple:
+    module = model.get_submodule(site.path)
+    return getattr(module, "head_dim", None), getattr(module, "sliding_window", None)
 
 
 def _kv_geometry(model: nn.Module, text, selfs, heads: int, hidden: int) -> tuple[int, int]:
-    """(key/value heads, head dim) of the prefixed layers: from each attention module (its ``head_dim`` and its
-    key projection's width) where it says, else from the config; one for all layers, or a refusal."""
+    """(key/value heads, head dim) of the prefix table: read from each attention module (its ``head_dim`` and its
+    key projection's width) where it says, else from the config.
+
+    Where layers differ (Gemma-4: the full-attention layers' heads are twice as wide as the sliding layers'), the
+    table is HF PEFT's: one width for every layer, that of the layer with the largest head dim (the first such
+    layer's key/value heads), and a narrower layer reads the first key/value heads and the first head-dim columns
+    of its rows (as HF PEFT slices ``key_states[:, :heads, :, :head_dim]``; see :mod:`.attention`).
+
+    Raises:
+        TargetError: a layer has more key/value heads than the widest layer (HF PEFT skips such layers, leaving
+            them without a prefix).
+    """
     default_dim = _config_value(text, "head_dim") or hidden // heads
     default_kv = _config_value(text, "num_key_value_heads") or heads
-    seen = set()
+    shapes = []
     for site in selfs:
         module = model.get_submodule(site.path)
         dim = getattr(module, "head_dim", None) or default_dim
@@ -113,14 +158,19 @@ def _kv_geometry(model: nn.Module, text, selfs, heads: int, hidden: int) -> tupl
         if site.k and isinstance(dim, int) and dim:
             out = getattr(model.get_submodule(site.k), "out_features", None)
             kv = out // dim if out else kv
-        seen.add((kv, dim))
-    if len(seen) > 1:
+        shapes.append((kv, dim))
+    if not shapes:
+        return default_kv, default_dim
+    widest = max(shapes, key=lambda s: s[1])  # the first layer with the largest head dim
+    misfit = [i for i, (kv, dim) in enumerate(shapes) if kv > widest[0] or dim > widest[1]]
+    if misfit:
         raise TargetError(
-            f"prefix tuning can't give every layer of {type(model).__name__} one prefix table: its attention layers "
-            f"differ in (key/value heads, head dim): {sorted(seen)} (Gemma-4's full-attention layers are wider than "
-            f"its sliding ones); HF PEFT's prefix has one width for every layer too"
+            f"prefix tuning can't give every layer of {type(model).__name__} a prefix: its attention layers differ in "
+            f"(key/value heads, head dim), {sorted(set(shapes))}, and layers {misfit} have more key/value heads than the "
+            f"widest layers {widest}, whose width HF PEFT gives its one prefix table (it skips those layers, leaving "
+            f"them without a prefix)"
         )
-    return next(iter(seen)) if seen else (default_kv, default_dim)
+    return widest
 
 
 def _config_value(config, name: str):

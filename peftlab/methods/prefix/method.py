@@ -158,7 +158,7 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]
             prefix_attention.register()
             for i, module in enumerate(geo.attention):
                 module._peftlab_prefix = holder
-                module._peftlab_prefix_layer = i
+                module._peftlab_prefix_layer = geo.sources[i] if geo.sources else i
             model.config._attn_implementation = f"peftlab_prefix_{impl}"
         setattr(model, PREFIX_HOLDER_ATTR, holder)
         txn.undo.append(lambda: _detach_holder(model, impl))
@@ -180,8 +180,10 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]
     txn.undo.append(lambda: _drop_table(model, config.adapter_name))
     name = config.adapter_name
     limit = _position_limit(model) if geo.mode == "interface" else None
-    # models whose forward takes no position_ids (DistilBERT) keep positions 0..T-1 for the real tokens
-    takes_positions = "position_ids" in inspect.signature(type(model).forward).parameters
+    # models whose forward takes no position_ids (DistilBERT) keep positions 0..T-1 for the real tokens; a VLM's
+    # language model moves the positions its VLM gives it (as HF PEFT's cache of n tokens makes the VLM count)
+    shift_at = model.get_submodule(geo.positions_at) if geo.positions_at else model
+    takes_positions = "position_ids" in inspect.signature(type(shift_at).forward).parameters
     n, kvh, hd = encoder.n, geo.kv_heads, geo.head_dim
 
     def layer_kv(i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,12 +218,19 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]
             # first checkpointed block's prefix would get no gradient (as HF PEFT, make the embeddings' output require grad)
             mod.enable_input_require_grads()
         holder.layer_kv = layer_kv
-        if takes_positions:
+        if takes_positions and shift_at is model:
             kwargs = _shift_positions(args, kwargs, n)
         _check_positions(kwargs, n, limit)
         return args, kwargs
 
+    def shift_hook(mod, args, kwargs):
+        if getattr(holder, "rows", None) is not None or holder.running() != name:
+            return args, kwargs
+        return args, _shift_positions(args, kwargs, n)
+
     txn.hook(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    if takes_positions and shift_at is not model:
+        txn.hook(shift_at.register_forward_pre_hook(shift_hook, with_kwargs=True))
     return Injected(
         targets=[],
         shapes={},
@@ -324,7 +333,7 @@ def _shift_positions(args, kwargs, n_prefix: int) -> dict:
     if ref is None:
         return kwargs
     batch, length = ref.shape[0], ref.shape[1]
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     positions = (
         torch.arange(past + n_prefix, past + n_prefix + length, device=ref.device)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...core.state import adapters
 from ...util.errors import ConfigError
-from .attention import PREFIX_HOLDER_ATTR, PREFIX_TABLES_ATTR
+from .attention import PREFIX_HOLDER_ATTR, PREFIX_TABLES_ATTR, fit
 
 
 class PrefixRows:
@@ -37,8 +37,8 @@ class PrefixRows:
         batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
         layer = getattr(module, "_peftlab_prefix_layer", None)
         layer = module.layer_idx if layer is None else layer
-        pk = self.kv[layer, 0].to(key.dtype)
-        pv = self.kv[layer, 1].to(value.dtype)
+        pk = fit(self.kv[layer, 0].to(key.dtype), key)  # a narrower layer (Gemma-4's sliding ones): its slice
+        pv = fit(self.kv[layer, 1].to(value.dtype), value)
         if pk.shape[0] != batch:
             raise RuntimeError(f"mixed batch: prefix rows for {pk.shape[0]} rows, attention got {batch}")
         n = pk.shape[2]
