@@ -201,9 +201,10 @@ def test_combine_expert_adapters_is_the_weighted_sum_of_updates(arch, how, kw):
     torch.testing.assert_close(_out(model, arch), both, rtol=1e-4, atol=1e-5)
 
 
-def test_combine_all_linear_adapters_on_linears_stacks_and_router():
+def test_combine_all_linear_adapters_on_linears_stacks_and_router(tmp_path):
     """all-linear on Mixtral adapts attention linears, the experts (gate_up_proj at rank 2r) and the router weight;
-    cat combines all three kinds into one adapter with the logits of the two active at those weights."""
+    cat combines all three kinds into one adapter with the logits of the two active at those weights, and HF PEFT
+    loads its export with those logits."""
     model = build("Mixtral")
     for name, r in (("a", 2), ("b", 4)):
         peftlab.wrap(model, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", adapter_name=name))
@@ -215,6 +216,11 @@ def test_combine_all_linear_adapters_on_linears_stacks_and_router():
     peftlab.set_active_adapters(model, ["c"])
     torch.testing.assert_close(_out(model, "Mixtral"), both, rtol=1e-4, atol=1e-5)
     assert _trainable_of(model, "c") == _trainable_of(model, "a") + _trainable_of(model, "b")  # cat: ranks add
+    peftlab.export_peft(model, tmp_path, adapter_name="c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build("Mixtral"), tmp_path).eval()
+    torch.testing.assert_close(_out(loaded, "Mixtral"), both, rtol=1e-4, atol=1e-5)
 
 
 def _trainable_of(model, name) -> int:
