@@ -155,6 +155,10 @@ class Slot:
     #: weight) instead of adding to the module's output; empty for output-adding slots. Such a slot answers
     #: :meth:`reparametrized`, and the layer runs the base module's own forward on the adapted values.
     params: tuple[str, ...] = ()
+    #: For a slot with ``params``: whether a mixed batch may run the base module once per group of rows (every tensor
+    #: argument and output with the input's leading size holds one entry per row or token of a row, as an MoE block's
+    #: experts and router); False: mixed batches refuse the slot.
+    rows_separable: bool = True
     #: True when the adapter adapts every module that shares the base weight alike (trainable tokens and their tied
     #: head): merging into the shared weight then keeps the outputs of all of them, so no tie warning.
     keeps_ties: bool = False

@@ -1,5 +1,6 @@
 r"""Mixed batches through layers whose adapters adapt the base module's parameters (slots with ``params``: LoRA on
-3-D MoE expert stacks and routers via ``target_parameters``, LoRA on ``nn.MultiheadAttention``).
+3-D MoE expert stacks and routers via ``target_parameters``). A slot whose module's call cannot be split by rows
+(``rows_separable`` False: LoRA on ``nn.MultiheadAttention``, whose attention mask is not per row) is refused.
 
 Such an adapter changes the module's weights, W' = W + s·ΔW_a, not its output, so one call cannot serve rows of
 different adapters. The layer instead runs the base module once per group of rows that share W'::
@@ -62,7 +63,7 @@ def _place(full: Any, part: Any, index: torch.Tensor, n: int, whole: bool) -> An
     if isinstance(part, (tuple, list)):
         full = full if full is not None else [None] * len(part)
         return type(part)(_place(f, p, index, n, whole) for f, p in zip(full, part))
-    if whole:
+    if whole or part is None:
         return part
     if not isinstance(part, torch.Tensor) or part.dim() == 0 or part.shape[0] != index.numel():
         raise RuntimeError(
@@ -82,6 +83,14 @@ def grouped_forward(layer, router, x: torch.Tensor, args: tuple, kwargs: dict, a
         layer: the :class:`~peftlab.core.layer.AdapterLayer`; router: the batch's router.
         adapting: ``[(j, slot)]``: the router's adapters (index j) whose slot here adapts parameters.
     """
+    refused = [(router.adapters[j], s) for j, s in adapting if not s.rows_separable]
+    if refused:
+        name, slot = refused[0]
+        raise RuntimeError(
+            f"mixed batch: adapter {name!r} adapts parameters of {type(layer.base_layer).__name__} "
+            f"({', '.join(slot.params)}) whose call cannot be split by rows ({type(slot).__name__}; HF PEFT 0.21 "
+            f"refuses mixed batches here too); run this adapter in separate calls, or merge it"
+        )
     n = x.shape[0]
     rows = entry_rows(router, n, x.device)
     group_of = torch.full(

@@ -33,7 +33,7 @@ adapters together are one shrink ``t = x A_aᵀ`` and one expand ``y += t B_tab[
   (n_used·(L_max·T + 1) against B·(T + 2), counted in units of r·(d_in + d_out)).
 
 **Other adapters.** Bottleneck adapters and ``modules_to_save`` head copies run per segment on their
-rows. Adapters that adapt the module's parameters (MoE expert stacks, routers, ``nn.MultiheadAttention``) run
+rows. Adapters that adapt the module's parameters (MoE expert stacks, routers; not ``nn.MultiheadAttention``) run
 the base module once per group of rows sharing its adapted weights (:mod:`peftlab.serving.param_rows`; also
 when the module sees the rows flattened to (batch·T) tokens, as MoE experts do). Prefix tuning: the prefixes
 of the rows' adapters are stacked into one per-row table padded to the longest prefix, with a per-row mask

@@ -112,3 +112,25 @@ def test_a_layer_whose_rows_cannot_be_told_is_refused():
     assert entry_rows(router, 15, "cpu").tolist() == [0] * 5 + [1] * 5 + [2] * 5
     with pytest.raises(RuntimeError, match=r"got 7 entries for a batch of 3 rows of 5 tokens.*\(3\).*3·T"):
         entry_rows(router, 7, "cpu")
+
+
+def test_multihead_attention_adapters_are_refused_in_mixed_batches():
+    """nn.MultiheadAttention's call takes masks that are not per row (and rows come second without batch_first):
+    a mixed batch refuses its LoRA with the reason, as HF PEFT 0.21 does, instead of splitting it."""
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = Tower()
+    for name in ("a", "b"):
+        peftlab.wrap(model, peftlab.LoraConfig(r=2, target_modules=["attn"], adapter_name=name))
+    with pytest.raises(
+        RuntimeError, match=r"adapter 'a' adapts parameters of MultiheadAttention .*cannot be split"
+    ):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 16), adapter_names=["a", "b"])

@@ -40,6 +40,9 @@ class MhaLoraSlot(Slot):
     roles = ("lora_A", "lora_B", ROLE_OUT_A, ROLE_OUT_B)
     method = "lora"
     params = (IN_PARAM, OUT_PARAM)
+    #: its attention mask need not be per row, and without batch_first the rows are not first: no mixed batches
+    #: (HF PEFT 0.21 refuses them too)
+    rows_separable = False
 
     def __init__(self, layer, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
                  use_kernel: str = "auto") -> None:  # fmt: skip
