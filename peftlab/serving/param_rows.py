@@ -59,20 +59,26 @@ def _split(value: Any, index: torch.Tensor, n: int) -> Any:
 
 
 def _place(full: Any, part: Any, index: torch.Tensor, n: int, whole: bool) -> Any:
-    """Put a group's output ``part`` into ``full`` (None: make it) at ``index``; tuples element by element."""
+    """Put a group's output ``part`` into ``full`` (None: make it) at ``index``; tuples element by element. An
+    output with t entries per input entry (a module that flattens its (rows, T, d) input to tokens, as DeepSeek-V3's
+    router does) goes to entries index·t … index·t + t − 1."""
     if isinstance(part, (tuple, list)):
         full = full if full is not None else [None] * len(part)
         return type(part)(_place(f, p, index, n, whole) for f, p in zip(full, part))
     if whole or part is None:
         return part
-    if not isinstance(part, torch.Tensor) or part.dim() == 0 or part.shape[0] != index.numel():
+    g = index.numel()
+    if not isinstance(part, torch.Tensor) or part.dim() == 0 or part.shape[0] % g:
         raise RuntimeError(
             f"mixed batch: a layer whose adapters adapt its parameters returned {type(part).__name__}"
-            f"{list(part.shape) if isinstance(part, torch.Tensor) else ''} for {index.numel()} of its {n} entries; "
-            f"only outputs with one entry per input entry can be put back per row"
+            f"{list(part.shape) if isinstance(part, torch.Tensor) else ''} for {g} of its {n} entries; "
+            f"only outputs with the same number of entries for each input entry can be put back per row"
         )
+    t = part.shape[0] // g
+    if t > 1:
+        index = (index[:, None] * t + torch.arange(t, device=index.device)).reshape(-1)
     if full is None:
-        full = part.new_zeros((n, *part.shape[1:]))
+        full = part.new_zeros((n * t, *part.shape[1:]))
     return full.index_copy(0, index, part)
 
 

@@ -20,13 +20,13 @@ NAMES = ["x", "y", BASE, "z", "x", "y"]
 
 
 def zoo(arch: str):
-    """x: LoRA on the expert stacks only; y: all-linear (attention, expert stacks and router); z: q_proj only."""
+    """x: LoRA on the expert stacks only; y: all-linear (attention, expert stacks and router); z: o_proj only."""
     model = build(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peftlab.wrap(model, peftlab.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS, adapter_name="x"))
         peftlab.wrap(model, peftlab.LoraConfig(r=2, alpha=2, target_modules="all-linear", adapter_name="y"))
-        peftlab.wrap(model, peftlab.LoraConfig(r=4, target_modules=["q_proj"], adapter_name="z"))
+        peftlab.wrap(model, peftlab.LoraConfig(r=4, target_modules=["o_proj"], adapter_name="z"))
     perturb(model, 0.2)
     return model.eval()
 
@@ -46,10 +46,14 @@ def alone(model, name, **inputs):
     return model(**inputs).logits
 
 
-@pytest.mark.parametrize("arch", ["Qwen3-MoE", "OLMoE", "Mixtral"])
+@pytest.mark.parametrize("arch", ["Qwen3-MoE", "OLMoE", "Mixtral", "DeepSeek-V3"])
 def test_rows_with_expert_adapters_equal_each_row_alone(arch):
+    """DeepSeek-V3's router flattens its (rows, T, d) input itself: its outputs go back per token. (transformers
+    5.24's DeepSeek-V3 fails on a left-padded batch without any adapter, so its rows are not padded here.)"""
     model = zoo(arch)
     ids, mask = batch()
+    if arch == "DeepSeek-V3":
+        mask = torch.ones_like(mask)
     with torch.no_grad():
         mixed = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
         for name in dict.fromkeys(
