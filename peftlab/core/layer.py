@@ -155,6 +155,10 @@ class Slot:
     #: weight) instead of adding to the module's output; empty for output-adding slots. Such a slot answers
     #: :meth:`reparametrized`, and the layer runs the base module's own forward on the adapted values.
     params: tuple[str, ...] = ()
+    #: For a slot with ``params``: whether a mixed batch may run the base module once per group of rows (every tensor
+    #: argument and output with the input's leading size holds one entry per row or token of a row, as an MoE block's
+    #: experts and router); False: mixed batches refuse the slot.
+    rows_separable: bool = True
     #: True when the adapter adapts every module that shares the base weight alike (trainable tokens and their tied
     #: head): merging into the shared weight then keeps the outputs of all of them, so no tie warning.
     keeps_ties: bool = False
@@ -224,6 +228,18 @@ class Slot:
     def reparametrized(self, param: str, value: torch.Tensor, weight: float) -> torch.Tensor:
         """value + w·ΔW of base parameter ``param`` (differentiable; ``weight`` −w undoes a merge)."""
         raise MergeError(f"{type(self).__name__} adapts no base parameter {param!r}")
+
+    def param_low_rank_factors(self, param: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (E, r, d_in), B (E, d_out, r), s) when the update of base parameter ``param`` is, per expert e,
+        s · B_e A_e in the (d_out, d_in) orientation (a 2-D weight: E = 1); what ``combine`` stacks. None (the
+        default): not such a product, and ``combine`` refuses the slot."""
+        return None
+
+    def param_tensors(self, param: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This slot kind's stored tensors for factors ``a`` (E, r, d_in), ``b`` (E, d_out, r) of ``param`` (the
+        inverse of :meth:`param_low_rank_factors`, s = 1), keyed relative to the layer as ``adapter_tensors``
+        names them without the adapter name (``combine`` writes a new adapter with them)."""
+        raise MergeError(f"{type(self).__name__} adapts no base parameter {param!r} through low-rank factors")
 
     def describe(self) -> str:
         return ""
@@ -318,13 +334,13 @@ class AdapterLayer(nn.Module):
         if replacing:
             result = replacing[0].contribute(x, None, 1.0, *args, **kwargs)
         else:
-            result = self._base_forward(running, x, args, kwargs)
+            result = self.adapted_base_forward(running, x, args, kwargs)
         for slot, weight in running:
             if not slot.replaces_base and not slot.params:
                 result = slot.contribute(x, result, weight)
         return result
 
-    def _base_forward(self, running: list[tuple[Slot, float]], x: torch.Tensor, args: tuple, kwargs: dict):
+    def adapted_base_forward(self, running: list[tuple[Slot, float]], x: torch.Tensor, args: tuple, kwargs: dict):
         """The base module's forward, on its parameters as the running parameter slots adapt them."""
         values: dict[str, torch.Tensor] = {}
         for slot, weight in running:

@@ -56,6 +56,11 @@ class EstimateRules:
         activation: ``config -> name`` of the adapter's nonlinearity, for its saved activations.
         for_config: ``config -> EstimateRules``: the rules for one config when a variant counts differently
             (LoRA with ``use_dora``: DoRA's magnitude and saved LoRA output); None: these rules for every config.
+        embedding_saved: ``(graph, counts, rows) -> bool``: what the method's adapters on the input embeddings save
+            for backward (``rows(path)``: the rows an embedding looks up), recorded on the graph; returns whether the
+            embeddings' output requires grad because of them. Reads what ``extra_params`` noted in ``counts.notes``.
+        head_saved: ``(graph, counts, x, rows)``: what they save at the output head (a tied head's rows), on its
+            input ``x``.
     """
 
     adapted_linears: Callable | None = None
@@ -67,6 +72,8 @@ class EstimateRules:
     params_in_model_dtype: bool = False
     activation: Callable | None = None
     for_config: Callable | None = None
+    embedding_saved: Callable | None = None
+    head_saved: Callable | None = None
 
 
 @dataclass

@@ -18,6 +18,9 @@ inputs requires grad). Tensors are named, so one saved twice (x for q, k and v) 
 * bottleneck adapters: the adapted sublayer output h (W_down's input), the activation's output (ReLU:
   W_up's input, shared), plus the pre-activation for GELU/SiLU.
 * prefix tuning: k and v get n_prefix more positions and require grad in every layer (the prefix trains).
+* adapters on the input embeddings (LoRA, trainable tokens) and a head tied to them: the method's rules
+  (:class:`~peftlab.core.registry.EstimateRules` ``embedding_saved`` / ``head_saved``); the embeddings' output
+  then requires grad.
 
 With gradient checkpointing a block keeps only :func:`peftlab.training.memory.checkpoint_kept_bytes`: its input,
 plus with selective checkpointing the outputs of its GEMMs and attention (counted here as ``kept``).
@@ -228,11 +231,20 @@ def block_cost(
     return BlockCost(saved=g.total(), gemm_outputs=g.gemm, input=m * h * e, transient=transient)
 
 
+def embedding_rows(path: str, b: int, s: int) -> int:
+    """Rows an input embedding looks up for a (b, s) batch: BERT's position table is looked up with (1, s) ids
+    shared by the batch; word and token-type tables (and Llama's) with (b, s) ids."""
+    return s if path.endswith("position_embeddings") else b * s
+
+
 def embedding_cost(counts, b: int, s: int, e: int, device: str) -> tuple[int, bool]:
     """(saved bytes, output requires grad) of the embeddings."""
     cfg, m = counts.config, b * s
     g = Graph(e, device)
     g.rg["emb"] = counts.embeddings_train
+    hook = getattr(counts.rules, "embedding_saved", None)
+    if hook is not None and hook(g, counts, lambda path: embedding_rows(path, b, s)):
+        g.rg["emb"] = True
     if counts.family == "bert":
         g.layernorm("emb", "ln", m, cfg.hidden_size, counts.norms_train)
         g.dropout("ln", "out", m * cfg.hidden_size, getattr(cfg, "hidden_dropout_prob", 0.0) or 0.0)
@@ -250,8 +262,11 @@ def head_cost(counts, x_rg: bool, b: int, s: int, e: int, device: str) -> int:
     m, h = b * s, counts.config.hidden_size
     g = Graph(e, device)
     g.rg["x"] = x_rg
+    hook = getattr(counts.rules, "head_saved", None)
     if counts.family == "llama":
         g.rms("x", "nf", m, h, counts.norms_train)
+        if hook is not None:
+            hook(g, counts, "nf", lambda path: embedding_rows(path, b, s))
         if counts.head_trains:
             g.save(
                 "nf", m * h * e

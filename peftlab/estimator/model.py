@@ -179,6 +179,9 @@ class Counts:
     prefix_tokens: int = 0
     other: dict[str, Linear] = field(default_factory=dict)  # linears outside the blocks (pooler, heads)
     late_grad_bytes: int = 0  # gradients that arrive after every block's backward (untied embeddings)
+    late_numels: int = 0  # adapter elements among ``trainable_numels`` whose gradients arrive that late
+    rules: Any = None  # the method's EstimateRules (None: full fine-tuning)
+    notes: dict[str, Any] = field(default_factory=dict)  # what the rules' extra_params noted for their other hooks
 
 
 def _suffix_match(path: str, names) -> bool:
@@ -197,7 +200,7 @@ def count(config, kind: str, rules, peft_config, precision: str, quant: str | No
     e = torch.finfo(DTYPES[precision]).bits // 8
     model = meta_model(config, kind)
     heads = head_module_names(model)
-    out = Counts(family=family, config=config, kind=kind, n_layers=config.num_hidden_layers)
+    out = Counts(family=family, config=config, kind=kind, n_layers=config.num_hidden_layers, rules=rules)
     block_re = re.compile(BLOCK_RE[family])
     out.blocks = [{} for _ in range(out.n_layers)]
     out.adapter_sites = [{} for _ in range(out.n_layers)]
@@ -273,6 +276,7 @@ def count(config, kind: str, rules, peft_config, precision: str, quant: str | No
         out.trainable_bytes += n * ab
         out.adapter_bytes += n * ab
         out.trainable_numels.append(n)
+    out.late_grad_bytes += out.late_numels * ab
     return out
 
 

@@ -19,6 +19,11 @@ With adapters i = 1..n, weights wᵢ and per-layer updates ΔWᵢ = sᵢ Bᵢ A�
 Everything is computed in fp32 (so bf16 and fp16 models work; HF PEFT's SVD fails in half
 precision, peft #1353) and the result is cast to the adapter dtype. Bottleneck adapters and
 prefixes are not linear in their weights, so they cannot be combined.
+
+LoRA on parameters (``target_parameters``: MoE expert stacks, a router's weight) combines per expert with the same
+rules: ΔW_e = Σ wᵢ sᵢ B_ie A_ie (``cat``/``linear``: the per-expert factors stacked, exact; the SVD modes: each
+expert's best rank-k approximation of the combined (E, d_out, d_in) stack, trim and drop taken over the whole
+stack). HF PEFT 0.21's ``add_weighted_adapter`` refuses adapters with ``target_parameters``.
 """
 
 from __future__ import annotations
@@ -70,10 +75,16 @@ def combine(
     names, weights = _check_inputs(model, names, weights, how, new_name, rank, density, seed)
     _validate(model, names, weights, how, new_name, density)
     slot_maps = [_target_slots(model, n) for n in names]
-    targets = list(slot_maps[0])
+    targets = [p for p, slot in slot_maps[0].items() if not slot.params]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    for path, slot in slot_maps[0].items():
+        for param in slot.params:  # expert stacks / router weights (target_parameters): per-expert factors
+            slots = [m[path] for m in slot_maps]
+            a, b = _combine_param(slots, param, weights, how, rank, density, gen)
+            tensors.update({f"{path}.{k}": v for k, v in slot.param_tensors(param, a, b).items()})
+            ranks[f"{path}.{param}"] = a.shape[1]
     for path in targets:
         slots = [m[path] for m in slot_maps]
         if how in ("cat", "linear"):
@@ -89,16 +100,33 @@ def combine(
         ranks[path] = a.shape[0]
     r = max(ranks.values())
     pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+    parameters = [p for p in ranks if p not in targets]
     config = LoraConfig(
         r=r,
         alpha=float(r),  # s = alpha / r = 1: the scale lives in B
-        target_modules=targets,
+        target_modules=targets or None,  # None with target_parameters: the parameters alone
+        target_parameters=parameters or None,
         rank_pattern=pattern,
         alpha_pattern={p: float(k) for p, k in pattern.items()},
         adapter_name=new_name,
     )
     _attach(model, config, tensors)
     return new_name
+
+
+def _combine_param(slots, param: str, weights, how, rank, density, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert factors (A (E, k, d_in), B (E, d_out, k)) of the combination of base parameter ``param``'s
+    updates s_i·B_ie A_ie: stacked for ``cat``/``linear`` (exact), else the modes' dense combination of the
+    (E, d_out, d_in) updates (trim and drop over the whole stack) and each expert's best rank-k SVD."""
+    factors = [s.param_low_rank_factors(param) for s in slots]
+    if how in ("cat", "linear"):
+        a = torch.cat([f[0].detach().float() for f in factors], dim=1)
+        b = torch.cat([w * f[2] * f[1].detach().float() for f, w in zip(factors, weights)], dim=2)
+        return a, b
+    deltas = [f[2] * torch.bmm(f[1].detach().float(), f[0].detach().float()) for f in factors]
+    merged = combine_deltas(deltas, weights, how, density, gen)
+    k = min(rank or max(f[0].shape[1] for f in factors), min(merged.shape[1:]))
+    return best_rank_k_factors(merged, k)
 
 
 def _attach(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -154,14 +182,17 @@ def _target_slots(model: nn.Module, name: str) -> dict:
 
 
 def slot_rank(slot) -> int:
+    if slot.params:
+        return max(slot.param_low_rank_factors(p)[0].shape[1] for p in slot.params)
     factors = slot.low_rank_factors()
     return factors[0].shape[0] if factors is not None else min(slot.delta_weight().shape)
 
 
 def best_rank_k_factors(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) = (V_kᵀ, U_k S_k) of the fp32 SVD of ``delta`` (d_out, d_in): B A is the best rank-k approximation."""
+    """(A, B) = (V_kᵀ, U_k S_k) of the fp32 SVD of ``delta`` (d_out, d_in): B A is the best rank-k approximation.
+    A stack (E, d_out, d_in) gives each expert's: A (E, k, d_in), B (E, d_out, k)."""
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    return vh[:k], u[:, :k] * s[:k]
+    return vh[..., :k, :], u[..., :k] * s[..., None, :k]
 
 
 def combine_deltas(
@@ -239,11 +270,13 @@ def _validate(model, names, weights, how, new_name, density) -> None:
                     f"combine adapters without it"
                 )
             if slot.params:
-                raise ConfigError(
-                    f"cannot combine adapter {n!r}: it adapts parameters of {path} ({', '.join(slot.params)}, e.g. MoE "
-                    f"expert stacks via target_parameters), which combine does not handle yet; combine adapters on "
-                    f"linear layers, or merge this one"
-                )
+                if any(slot.param_low_rank_factors(p) is None for p in slot.params):
+                    raise ConfigError(
+                        f"cannot combine adapter {n!r}: its {type(slot).__name__} on {path} adapts parameters "
+                        f"({', '.join(slot.params)}) in a way combine cannot rebuild (expert stacks and router weights "
+                        f"of target_parameters combine); merge it, or combine adapters without it"
+                    )
+                continue
             if stacked and slot.low_rank_factors() is None:
                 raise ConfigError(
                     f"how={how!r} stacks low-rank factors, but adapter {n!r} ({methods[n]}, {type(slot).__name__} on "
@@ -259,6 +292,8 @@ def _validate(model, names, weights, how, new_name, density) -> None:
     if len(set(methods.values())) > 1:
         raise ConfigError(f"cannot combine adapters of different methods: {methods}; combine one method at a time")
     target_sets = {n: set(states[n].targets) for n in names}
+    target_sets = {n: t | {f"{p}.{q}" for p, s in _target_slots(model, n).items() for q in s.params}
+                   for n, t in target_sets.items()}
     first = names[0]
     for n in names[1:]:
         if target_sets[n] != target_sets[first]:

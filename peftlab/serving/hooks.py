@@ -158,6 +158,17 @@ def _batch_size(args, kwargs) -> int | None:
     return None
 
 
+def _seq_len(args, kwargs) -> int | None:
+    """The call's sequence length T (its ``input_ids`` / ``inputs_embeds`` are (batch, T, ...)), or None."""
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if value is not None:
+            return value.shape[1] if value.dim() > 1 else None
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1:
+        return args[0].shape[1]
+    return None
+
+
 def _route(model: nn.Module, state: MixedState, router: Router) -> None:
     for layer in state.layers:
         if layer.router is not router:
@@ -203,6 +214,7 @@ def _pre_hook(model: nn.Module, args, kwargs):
     if router is None or router.names != names or router.version != state.version:
         router = state.router = Router(names, state.version)
     router.streams, router.lengths = state.streams, state.lengths
+    router.tokens = _seq_len(args, kwargs)  # how layers that see (batch·T) tokens map them to rows (param_rows)
     _route(model, state, router)
     for method in state.methods:  # whole-model adapters (prefix tuning) route their own per-row state
         if method.route_rows is not None:

@@ -33,9 +33,11 @@ adapters together are one shrink ``t = x A_aᵀ`` and one expand ``y += t B_tab[
   (n_used·(L_max·T + 1) against B·(T + 2), counted in units of r·(d_in + d_out)).
 
 **Other adapters.** Bottleneck adapters and ``modules_to_save`` head copies run per segment on their
-rows. Prefix tuning: the prefixes of the rows' adapters are stacked into one per-row table padded
-to the longest prefix, with a per-row mask over the padded prefix columns and per-row position
-shifts (the prefix method's routing hooks, :mod:`peftlab.methods.prefix.mixed_rows`).
+rows. Adapters that adapt the module's parameters (MoE expert stacks, routers; not ``nn.MultiheadAttention``) run
+the base module once per group of rows sharing its adapted weights (:mod:`peftlab.serving.param_rows`; also
+when the module sees the rows flattened to (batch·T) tokens, as MoE experts do). Prefix tuning: the prefixes
+of the rows' adapters are stacked into one per-row table padded to the longest prefix, with a per-row mask
+over the padded prefix columns and per-row position shifts (the prefix method's routing hooks, :mod:`peftlab.methods.prefix.mixed_rows`).
 
 In training mode with gradients on, the layers take the differentiable path of
 :mod:`peftlab.serving.train_rows` instead (tables stacked from the parameters per forward, every row's
@@ -55,7 +57,7 @@ from typing import Any
 import torch
 
 from ..kernels import triton_available
-from . import train_rows
+from . import param_rows, train_rows
 
 BASE = "__base__"
 ROUTING_ATTR = "_peftlab_mixed"
@@ -91,6 +93,7 @@ class Router:
         self.starts = list(itertools.accumulate([0] + self.counts[:-1]))
         self.order = [m for j in range(len(self.adapters)) for m in range(self.batch) if ids[m] == j]
         self.max_count = max(self.counts, default=0)
+        self.tokens: int | None = None  # the call's sequence length, set per forward (peftlab.serving.param_rows)
         self._cache: dict[tuple, Any] = {}
 
     def cached(self, key: tuple, make):
@@ -307,43 +310,53 @@ def mixed_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     batch; LoRA-like slots through the stacked tables; other slots per segment of rows.
     """
     router: Router = layer.router
-    adapting = [n for n in router.adapters if n in layer.slots and layer.slots[n].params]
-    if adapting:
-        raise RuntimeError(
-            f"mixed batch: adapter(s) {adapting} adapt parameters of {type(layer.base_layer).__name__} "
-            f"({', '.join(layer.slots[adapting[0]].params)}), which every row of a call shares (HF PEFT refuses this "
-            f"too); run these adapters in separate calls, or merge one of them"
-        )
-    if x.shape[0] != router.batch:
-        raise RuntimeError(
-            f"mixed batch: a layer got {x.shape[0]} rows but adapter_names routes {router.batch}; "
-            f"layers must see the batch dimension first"
-        )
     plan = layer.__dict__.get(LAYER_PLAN_ATTR)
     if plan is None or plan[0] != router.uid:
         merged = {n for n, _ in layer.merged_stack}
         present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
                    if n in layer.slots and n not in layer.disabled and n not in merged]
+        adapting = [(j, s) for j, s in present if s.params]  # they adapt the module's parameters: per group of rows
+        present = [(j, s) for j, s in present if not s.params]
         others = [(j, s) for j, s in present if not is_lora_like(s)]
         lora = len(others) < len(present)
-        plan = layer.__dict__[LAYER_PLAN_ATTR] = (router.uid, lora, others, lora and _use_triton(layer, x))
-    _, lora, others, triton = plan
+        plan = (router.uid, lora, others, lora and _use_triton(layer, x), adapting)
+        layer.__dict__[LAYER_PLAN_ATTR] = plan
+    _, lora, others, triton, adapting = plan
+    if not lora and not others and not adapting:  # none of the batch's adapters is here: the base for every row
+        return layer.base_layer(x, *args, **kwargs)
+    if not adapting and x.shape[0] != router.batch:
+        raise RuntimeError(
+            f"mixed batch: a layer got {x.shape[0]} rows but adapter_names routes {router.batch}; "
+            f"layers must see the batch dimension first"
+        )
     train = layer.training and torch.is_grad_enabled()
-    if lora and not others and not args and not kwargs and len(router.adapters) == 1 and router.counts[0] == router.batch:
+    if (lora and not others and not adapting and not args and not kwargs and len(router.adapters) == 1
+            and router.counts[0] == router.batch):
         # every row runs the same adapter: the single-adapter fused path (no gather, no stacked tables)
         slot = layer.slots.get(router.adapters[0])
         with train_rows.job_rng(router, router.adapters[0], layer) if train else contextlib.nullcontext():
             out = slot.fused_forward(x, 1.0) if slot is not None else None
         if out is not None:
             return out
+    if adapting:  # the base module once per group of rows sharing its adapted parameters
+        result = param_rows.grouped_forward(layer, router, x, args, kwargs, adapting)
+        if not lora and not others:
+            return result
+        if x.shape[0] != router.batch:
+            raise RuntimeError(
+                f"mixed batch: {type(layer.base_layer).__name__} got {x.shape[0]} entries for {router.batch} rows and "
+                f"holds adapters on its output beside adapters on its parameters; run them in separate calls"
+            )
+    else:
+        result = None
     if train:  # differentiable tables, per-job random streams (peftlab.serving.train_rows)
-        result = layer.base_layer(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs) if result is None else result
         if lora:
             present = [(j, layer.slots[n]) for j, n in enumerate(router.adapters)
                        if n in layer.slots and n not in layer.disabled and is_lora_like(layer.slots[n])]
             result = train_rows.add_lora_train(layer, router, x, result, present, kernels=triton)
         return train_rows.segment_train(layer, router, x, result, others, *args, **kwargs)
-    result = layer.base_layer(x, *args, **kwargs)
+    result = layer.base_layer(x, *args, **kwargs) if result is None else result
     if lora:
         result = _add_lora(layer, router, x, result, triton)
     for j, slot in others:  # bottleneck adapters, head copies, unknown variants: per segment

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...util.errors import ConfigError
 from .slot import LoraSlot, adapter_tensor_kwargs
 
 
@@ -46,3 +47,12 @@ class EmbeddingLoraSlot(LoraSlot):
         if scale is not None:
             delta = delta * (scale.to(delta.dtype) if isinstance(scale, torch.Tensor) else scale)
         return result + delta.to(result.dtype)
+
+
+def check_embedding_config(config, path: str) -> None:
+    """LoRA on an embedding takes the default or Gaussian init and no DoRA (HF PEFT's ``lora.Embedding``)."""
+    if config.use_dora or config.init not in ("default", "gaussian"):
+        raise ConfigError(
+            f"LoRA on the embedding {path} takes the default init (A = 0, B ~ N(0, 1), as HF PEFT) without DoRA; got "
+            f"init={config.init!r}, use_dora={config.use_dora}. Leave the embedding out of target_modules for these"
+        )

@@ -17,7 +17,7 @@ from ...util.errors import ConfigError
 from . import estimate
 from .config import LoraConfig
 from .conv import conv_slot, is_conv
-from .embedding import EmbeddingLoraSlot
+from .embedding import EmbeddingLoraSlot, check_embedding_config
 from .interop import (
     from_peft_config,
     from_peft_key,
@@ -102,14 +102,6 @@ def is_lora_target(module: nn.Module) -> bool:
     """What LoRA adapts by module: linear layers (``all-linear``'s), and ``nn.Embedding``,
     ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` when named."""
     return is_linear(module) or isinstance(module, (nn.Embedding, nn.MultiheadAttention)) or is_conv(module)
-
-
-def check_embedding_config(config: LoraConfig, path: str) -> None:
-    if config.use_dora or config.init not in ("default", "gaussian"):
-        raise ConfigError(
-            f"LoRA on the embedding {path} takes the default init (A = 0, B ~ N(0, 1), as HF PEFT) without DoRA; got "
-            f"init={config.init!r}, use_dora={config.use_dora}. Leave the embedding out of target_modules for these"
-        )
 
 
 def check_patterns(config, targets: list[str]) -> None:

@@ -7,7 +7,7 @@ As in HF PEFT, both get a rank-r LoRA and the module's own forward runs on the a
     W_in' = W_in + s · B A         A (r, d) Kaiming-uniform,  B (3d, r) = 0
     W_out' = W_out + s · B_o A_o    A_o (r, d) Kaiming-uniform,  B_o (d, r) = 0
 
-(reparametrized per forward through :meth:`AdapterLayer._base_forward`, so attention masks, ``need_weights`` and
+(reparametrized per forward through :meth:`AdapterLayer.adapted_base_forward`, so attention masks, ``need_weights`` and
 every fast path are the module's own). Merging adds s·B A into both weights exactly. The factors are stored as HF
 PEFT stores them: ``lora_A``/``lora_B`` of the module for the input projection, the out projection's under
 ``base_layer.out_proj`` in its export. Limits (HF PEFT's too): separate q/k/v weights (``kdim``/``vdim`` ≠
@@ -40,6 +40,9 @@ class MhaLoraSlot(Slot):
     roles = ("lora_A", "lora_B", ROLE_OUT_A, ROLE_OUT_B)
     method = "lora"
     params = (IN_PARAM, OUT_PARAM)
+    #: its attention mask need not be per row, and without batch_first the rows are not first: no mixed batches
+    #: (HF PEFT 0.21 refuses them too)
+    rows_separable = False
 
     def __init__(self, layer, name: str, r: int, alpha: float, scaling: float, dropout: float = 0.0,
                  use_kernel: str = "auto") -> None:  # fmt: skip

@@ -13,8 +13,8 @@ with the factors stored as HF PEFT stores them: ``A`` (E·r, d_in), Kaiming-unif
 (E = 1): W' = W + s·B A. The module's own forward runs on W' (one ``baddbmm`` per forward), so whatever routing
 or kernel the module uses sees the adapted experts; merge folds s·ΔW into W and unmerge subtracts it.
 
-Limits (HF PEFT's too): no dropout (x cannot be factored out of the expert matmuls), no DoRA, no mixed-adapter
-batches.
+Limits (HF PEFT's too): no dropout (x cannot be factored out of the expert matmuls), no DoRA. Mixed-adapter batches
+(:mod:`peftlab.serving.param_rows`) and ``combine`` work; HF PEFT 0.21 refuses both for ``ParamWrapper``.
 """
 
 from __future__ import annotations
@@ -98,6 +98,21 @@ class ParamLoraSlot(Slot):
         b_e = b.reshape(d_out, r, e).permute(2, 0, 1)  # (E, d_out, r)
         lhs, rhs = (a_e.transpose(1, 2), b_e.transpose(1, 2)) if transposed else (b_e, a_e)
         return lhs, rhs, self.specs[param][2]
+
+    def param_low_rank_factors(self, param: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (E, r, d_in), B (E, d_out, r), s): expert e's update is s·B_e A_e in the (d_out, d_in) orientation,
+        whatever the stack's layout (what ``combine`` stacks)."""
+        e, _, d_out, _ = self.layouts[param]
+        a = self.layer.lora_param_A[self.name][param]
+        b = self.layer.lora_param_B[self.name][param]
+        r = a.shape[0] // e
+        return a.reshape(e, r, a.shape[-1]), b.reshape(d_out, r, e).permute(2, 0, 1), self.specs[param][2]
+
+    def param_tensors(self, param: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """HF PEFT's stored layout of per-expert factors a (E, r, d_in), b (E, d_out, r): A (E·r, d_in) with row
+        block e = a_e, B (d_out, r·E) with B.view(d_out, r, E)[:, :, e] = b_e."""
+        e, r, d_in = a.shape
+        return {f"{ROLE_A}.{param}": a.reshape(e * r, d_in), f"{ROLE_B}.{param}": b.permute(1, 2, 0).reshape(b.shape[1], r * e)}
 
     def delta(self, param: str) -> torch.Tensor:
         """s · ΔW in the parameter's shape, fp32."""

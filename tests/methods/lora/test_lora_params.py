@@ -162,11 +162,89 @@ def test_bad_target_parameters_are_refused_with_the_reason():
     assert not hasattr(model, "peftlab_adapters")
 
 
-def test_mixed_batches_and_combine_refuse_parameter_adapters():
+def _two_expert_adapters(arch="Qwen3-MoE", **kw_b):
+    model = peftlab.wrap(build(arch), peftlab.LoraConfig(r=2, alpha=4, target_parameters=EXPERTS, adapter_name="a"))
+    peftlab.wrap(model, peftlab.LoraConfig(r=kw_b.pop("r", 2), alpha=3, target_parameters=EXPERTS, adapter_name="b",
+                                           **kw_b))
+    perturb(model, scale=0.2)
+    return model.eval()
+
+
+def _deltas(model, name):
+    """{module path.param: s·ΔW (E, d1, d2)} of adapter ``name``'s parameter slots."""
+    return {
+        f"{p}.{q}": m.slots[name].delta(q)
+        for p, m in model.named_modules() if name in getattr(m, "slots", {}) and m.slots[name].params
+        for q in m.slots[name].params
+    }
+
+
+@pytest.mark.parametrize("arch, how, kw", [
+    ("Qwen3-MoE", "cat", {"r": 3, "use_rslora": True}),  # ranks and scalings differ: cat stacks them
+    ("GPT-OSS", "linear", {}),  # the transposed (E, in, out) stacks
+    ("Qwen3-MoE", "svd", {"rank": 4}),  # rank 4 = r_a + r_b: the SVD of each expert's sum is exact
+])
+def test_combine_expert_adapters_is_the_weighted_sum_of_updates(arch, how, kw):
+    """combine on target_parameters adapters: every expert's ΔW is w_a ΔW_a + w_b ΔW_b, and the logits are those of
+    the two adapters active at those weights (HF PEFT's add_weighted_adapter refuses these adapters)."""
+    kw = dict(kw)
+    rank = kw.pop("rank", None)
+    model = _two_expert_adapters(arch, **kw)
+    peftlab.combine(model, ["a", "b"], [0.7, -0.4], how=how, new_name="c", rank=rank)
+    da, db, dc = _deltas(model, "a"), _deltas(model, "b"), _deltas(model, "c")
+    assert set(dc) == set(da) == set(db)
+    for key in dc:
+        torch.testing.assert_close(dc[key], 0.7 * da[key] + -0.4 * db[key], rtol=1e-4, atol=1e-5)
+    peftlab.set_active_adapters(model, ["a", "b"], [0.7, -0.4])
+    both = _out(model, arch)
+    peftlab.set_active_adapters(model, ["c"])
+    torch.testing.assert_close(_out(model, arch), both, rtol=1e-4, atol=1e-5)
+
+
+def test_combine_all_linear_adapters_on_linears_stacks_and_router(tmp_path):
+    """all-linear on Mixtral adapts attention linears, the experts (gate_up_proj at rank 2r) and the router weight;
+    cat combines all three kinds into one adapter with the logits of the two active at those weights, and HF PEFT
+    loads its export with those logits."""
+    model = build("Mixtral")
+    for name, r in (("a", 2), ("b", 4)):
+        peftlab.wrap(model, peftlab.LoraConfig(r=r, alpha=2 * r, target_modules="all-linear", adapter_name=name))
+    perturb(model, scale=0.2)
+    model.eval()
+    peftlab.combine(model, ["a", "b"], [0.5, 1.5], how="cat", new_name="c")
+    peftlab.set_active_adapters(model, ["a", "b"], [0.5, 1.5])
+    both = _out(model, "Mixtral")
+    peftlab.set_active_adapters(model, ["c"])
+    torch.testing.assert_close(_out(model, "Mixtral"), both, rtol=1e-4, atol=1e-5)
+    assert _trainable_of(model, "c") == _trainable_of(model, "a") + _trainable_of(model, "b")  # cat: ranks add
+    peftlab.export_peft(model, tmp_path, adapter_name="c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(build("Mixtral"), tmp_path).eval()
+    torch.testing.assert_close(_out(loaded, "Mixtral"), both, rtol=1e-4, atol=1e-5)
+
+
+def _trainable_of(model, name) -> int:
+    from peftlab.core.tensors import adapter_tensors
+
+    return sum(t.numel() for t in adapter_tensors(model, name).values())
+
+
+def test_combine_ties_on_expert_stacks_follows_the_dense_rule():
+    """The task-arithmetic modes act on the dense (E, d_out, d_in) stacks (trim over the whole stack); at full rank
+    the result is exactly combine_deltas of the two adapters' updates."""
+    from peftlab.persist.combine import combine_deltas
+
+    model = _two_expert_adapters()
+    peftlab.combine(model, ["a", "b"], [1.0, 0.5], how="ties", density=0.5, rank=32, new_name="c")
+    da, db, dc = _deltas(model, "a"), _deltas(model, "b"), _deltas(model, "c")
+    for key in dc:
+        want = combine_deltas([da[key], db[key]], [1.0, 0.5], "ties", 0.5)
+        torch.testing.assert_close(dc[key], want, rtol=1e-4, atol=1e-5)
+
+
+def test_combine_refuses_expert_adapters_on_different_parameters():
     model = peftlab.wrap(build("Qwen3-MoE"), peftlab.LoraConfig(target_parameters=EXPERTS, adapter_name="a"))
-    peftlab.wrap(model, peftlab.LoraConfig(target_parameters=EXPERTS, adapter_name="b"))
-    with pytest.raises(RuntimeError, match="adapt parameters of"):
-        with torch.no_grad():
-            model(**inputs("Qwen3-MoE"), adapter_names=["a", "b"])
-    with pytest.raises(ConfigError, match="adapts parameters of .*experts"):
-        peftlab.combine(model, ["a", "b"], [0.5, 0.5], how="svd", new_name="c")
+    peftlab.wrap(model, peftlab.LoraConfig(target_parameters=EXPERTS[:1], adapter_name="b"))
+    with pytest.raises(ConfigError, match="adapt different modules .*down_proj"):
+        peftlab.combine(model, ["a", "b"], [0.5, 0.5], how="cat", new_name="c")
+    assert peftlab.list_adapters(model) == ["a", "b"]
