@@ -14,7 +14,7 @@ of similar lengths) on SST-2 train, then on SST-2 test (872 sentences):
    relative RMS output error of the plain and of the accurate rounding on the calibration sentences
    (``--calib`` training sentences) and on ``--valid`` other training sentences the rounding never sees
    (the plain merge of step 2 measures its own on the same sentences). A format the error-feedback rounding
-   cannot re-round (torchao int4) records why and skips step 3.
+   cannot re-round (torchao int4 on CUDA, tile-packed) records why and skips step 3.
 
 Training runs on a float copy of the model whose linears hold the *dequantized* quantized weights (made by
 ``peftlab.dequantize_model`` from the same quantized load), the values the quantized forward computes with;
@@ -201,7 +201,7 @@ def run(
         extra = {"calibration": strip(calib), "validation": strip(valid), "damp": damp}
         try:
             report = merge_quantized(model, None, requantize=mode, **extra)
-        except MergeError as exc:  # a format the error-feedback rounding cannot re-round (torchao int4)
+        except MergeError as exc:  # a format the error-feedback rounding cannot re-round (torchao int4 on CUDA)
             if peftlab.is_merged(model):
                 raise
             result[f"acc_{mode}"] = None

@@ -406,7 +406,12 @@ class AdapterLayer(nn.Module):
                     f"Nothing was written (pass safe=False to merge anyway)"
                 )
             record = snapshot_base_weight(self.base_layer)
-            set_base_weight(self.base_layer, new.to(current.dtype) if current.is_floating_point() else new)
+            try:
+                set_base_weight(self.base_layer, new.to(current.dtype) if current.is_floating_point() else new)
+            except BaseException:  # e.g. an accurate requantization refused after the plain one was written
+                if record is not None:
+                    restore_base_weight(self.base_layer, record)
+                raise
         self._keep_snapshot(name, record)
         self.merged_stack.append((name, weight))
 

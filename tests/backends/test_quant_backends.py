@@ -129,10 +129,12 @@ def test_gptq_round_minimises_the_calibrated_output_error_and_is_nearest_for_a_w
 
 
 @pytest.mark.parametrize("backend,scheme", [("bitsandbytes", "nf4"), ("bitsandbytes", "fp4"), ("bitsandbytes", "int8"),
-                                            ("fp8", "fp8"), ("torchao", "int8"), ("mxfp4", "mxfp4")])  # fmt: skip
+                                            ("fp8", "fp8"), ("torchao", "int8"), ("torchao", "int4"),
+                                            ("mxfp4", "mxfp4")])  # fmt: skip
 def test_write_levels_stores_the_grid_values_in_the_format(tiny, backend, scheme):
     """write_levels(nearest codes) reproduces the plain requantization byte for byte, and any codes dequantize
-    to levels[codes] · scale: the packing of the accurate path is the library's own."""
+    to levels[codes] · scale (+ offset, torchao int4's zero points): the packing of the accurate path is the
+    library's own."""
     if backend == "torchao":
         pytest.importorskip("torchao")
     gen = torch.Generator().manual_seed(2)
@@ -142,8 +144,11 @@ def test_write_levels_stores_the_grid_values_in_the_format(tiny, backend, scheme
     layer = b.quantize_linear(dense, None, scheme, opts)
     plain = [t.clone() for t in stored(layer)]
     scale, levels = b.rounding_grid(layer)
+    offset = b.rounding_offset(layer)
+    offset = torch.zeros_like(scale) if offset is None else offset
+    assert (backend, scheme) == ("torchao", "int4") or not offset.any()  # only int4 is asymmetric
     deq = b.dequantize(layer).float()
-    codes = torch.bucketize(torch.where(scale > 0, deq / scale, 0 * deq), (levels[1:] + levels[:-1]) / 2)
+    codes = torch.bucketize(torch.where(scale > 0, (deq - offset) / scale, 0 * deq), (levels[1:] + levels[:-1]) / 2)
     b.write_levels(layer, codes)
     if scheme == "fp4":  # FP4 has two codes for zero: compare values
         assert torch.equal(b.dequantize(layer).float(), deq)
@@ -152,7 +157,7 @@ def test_write_levels_stores_the_grid_values_in_the_format(tiny, backend, scheme
     codes = torch.randint(0, len(levels), codes.shape, generator=gen)
     scale, levels = b.rounding_grid(layer)
     b.write_levels(layer, codes)
-    torch.testing.assert_close(b.dequantize(layer).float(), levels[codes] * scale, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b.dequantize(layer).float(), levels[codes] * scale + offset, rtol=1e-6, atol=1e-6)
 
 
 def test_accurate_merge_lowers_each_layers_calibrated_error_and_still_unmerges_exactly(tiny):
@@ -245,7 +250,7 @@ def test_a_model_quantized_by_transformers_torchaoconfig_wraps_and_trains(tiny, 
     assert losses[-1] < losses[0] - 0.1
 
 
-def test_torchao_bad_options_say_what_is_valid(tiny):
+def test_torchao_bad_options_say_what_is_valid(tiny, monkeypatch):
     pytest.importorskip("torchao")
     with pytest.raises(ConfigError, match=r"known: bitsandbytes, fp8, mxfp4, torchao"):
         quantize(tiny("llama"), backend="gptq")
@@ -259,8 +264,42 @@ def test_torchao_bad_options_say_what_is_valid(tiny):
         with pytest.raises(ConfigError, match=r"compute capability 8.9"):
             quantize(tiny("llama"), backend="torchao", scheme="float8")
     model, _ = lora_train(quantize(tiny("llama"), backend="torchao", scheme="int4", group_size=32), steps=1)
+    backend = get_backend("torchao")
+    monkeypatch.setattr(backend, "rounding_grid", lambda module: None)  # a layout it cannot unpack (e.g. DA8W4)
+    before = [stored(m) for m in quantized_bases(model)]
     with pytest.raises(MergeError, match="requantize='accurate' is not available for torchao int4"):
         merge_quantized(model, {"input_ids": X}, requantize="accurate")
+    assert not peftlab.is_merged(model)  # all or nothing: every layer keeps its stored bytes
+    assert all(all(torch.equal(x, y) for x, y in zip(stored(m), b)) for m, b in zip(quantized_bases(model), before))
+
+
+def test_torchao_int4_nearest_rounding_on_its_own_grid_is_torchaos_plain_quantization():
+    """Reference check of the int4 grid: error-feedback rounding with H = I and no damping is round to nearest,
+    and on the group scales and zero points of the plain requantization it stores torchao's own packed bytes."""
+    pytest.importorskip("torchao")
+    backend = get_backend("torchao")
+    gen = torch.Generator().manual_seed(5)
+    for d_out, d_in, group in [(80, 128, 64), (48, 64, 32)]:
+        dense = torch.randn(d_out, d_in, generator=gen)
+        layer = backend.quantize_linear(dense, None, "int4", {"device": "cpu", "group_size": group})
+        plain = [t.clone() for t in stored(layer)]
+        backend.requantize_accurate(layer, dense, torch.eye(d_in), damp=0.0)
+        assert all(torch.equal(x, y) for x, y in zip(stored(layer), plain))
+
+
+def test_accurate_merge_into_torchao_int4_lowers_the_calibrated_error_and_unmerges_exactly(tiny):
+    pytest.importorskip("torchao")
+    model, _ = lora_train(quantize(tiny("llama"), backend="torchao", scheme="int4", group_size=32), steps=4, lr=2e-2)
+    before = [stored(m) for m in quantized_bases(model)]
+    calib = {"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(3))}
+    # calib_rel_plain: the plain requantization's error on the calibration batch, measured in the same merge
+    acc = merge_quantized(model, requantize="accurate", calibration=calib)
+    assert acc["quantized_layers"] == 14
+    for path, e in acc["layers"].items():
+        assert e["calib_rel"] < e["calib_rel_plain"], path
+    assert acc["calib_rel_mean"] < 0.85 * acc["calib_rel_plain_mean"]
+    peftlab.unmerge(model)
+    assert all(all(torch.equal(x, y) for x, y in zip(stored(m), b)) for m, b in zip(quantized_bases(model), before))
 
 
 # ---- FP8 block-scaled checkpoints -----------------------------------------------------------------------

@@ -8,7 +8,9 @@ A backend (bitsandbytes, torchao, FP8 block-scaled checkpoints) answers, for a b
   the input gradient ``dY · Ŵ``, with no dense weight outliving the call (the LoRA ops in
   :mod:`peftlab.backends.lora_ops` call these, never a library type);
 * :meth:`QuantBackend.requantize` (plain) and :meth:`QuantBackend.requantize_accurate` (error-feedback
-  rounding on a calibration batch, :func:`gptq_round`): write a dense weight back in the layer's format;
+  rounding on a calibration batch, :func:`gptq_round`, on the grid a backend describes with
+  :meth:`QuantBackend.rounding_grid` / :meth:`QuantBackend.rounding_offset` and stores with
+  :meth:`QuantBackend.write_levels`): write a dense weight back in the layer's format;
 * :meth:`QuantBackend.snapshot` / :meth:`QuantBackend.restore`: the stored weight (packed data and
   quantization state) kept by a merge, so that unmerge restores it bit for bit;
 * :meth:`QuantBackend.weight_bytes` (a layer) and :meth:`QuantBackend.bytes_for` (a shape and scheme):
@@ -119,6 +121,11 @@ class QuantBackend:
         so that every stored value is ``L[k] · S_ij``; None when the format cannot be re-rounded."""
         return None
 
+    def rounding_offset(self, module: nn.Module) -> torch.Tensor | None:
+        """After :meth:`requantize`: the per-element offset Z (d_out, d_in) of an asymmetric format, whose stored
+        values are ``L[k] · S_ij + Z_ij`` (torchao int4's zero points); None when there is none (``Z = 0``)."""
+        return None
+
     def write_levels(self, module: nn.Module, codes: torch.Tensor) -> None:
         """Store the level indices ``codes`` (d_out, d_in; into :meth:`rounding_grid`'s L) keeping the scales."""
         raise NotImplementedError
@@ -127,8 +134,9 @@ class QuantBackend:
         self, module: nn.Module, dense: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01
     ) -> None:
         """Requantize ``dense`` choosing the rounding that minimises the output error on a calibration batch
-        (``hessian`` = XᵀX / n, (d_in, d_in)): the scales of the plain requantization, levels by
-        :func:`gptq_round` (``damp``: its damping)."""
+        (``hessian`` = XᵀX / n, (d_in, d_in)): the scales (and offsets) of the plain requantization, levels by
+        :func:`gptq_round` (``damp``: its damping). With an offset Z the grid ``L · S + Z`` is the grid ``L · S``
+        shifted by Z, so W − Z is rounded on ``L · S``: the same errors, hence the same error feedback."""
         self.requantize(module, dense)
         grid = self.rounding_grid(module)
         if grid is None:
@@ -137,7 +145,9 @@ class QuantBackend:
                 f"use requantize='plain' or dequantize first"
             )
         scale, levels = grid
-        codes = gptq_round(dense.float(), hessian.to(dense.device), scale, levels, damp=damp)
+        offset = self.rounding_offset(module)
+        target = dense.float() if offset is None else dense.float() - offset.float()
+        codes = gptq_round(target, hessian.to(dense.device), scale, levels, damp=damp)
         self.write_levels(module, codes)
 
     def snapshot(self, module: nn.Module) -> dict[str, Any]:

@@ -11,7 +11,9 @@ Schemes (``peftlab.quantize(model, backend="torchao", scheme=...)``):
   :meth:`TorchAoBackend.dequantize` unpacks it itself (:func:`_unpack_cpu_int4`; the row-block size, which
   depends on the CPU's vector width, is found once by packing a probe), or, if no known layout fits, reads
   the dense weight through the packed kernel: ``Ŵᵀ = I · Ŵᵀ`` (exact: each output is one weight times 1 plus
-  zeros), a temporary costing one d_in × d_in × d_out GEMM.
+  zeros), a temporary costing one d_in × d_in × d_out GEMM. The accurate merge re-rounds the CPU layout on
+  the plain requantization's group scales and zero points (levels q − 8, offset Z: :meth:`rounding_offset`)
+  and packs the chosen q with ``aten._convert_weight_to_int4pack_for_cpu``, as torchao's ``from_hp`` does.
 * ``"float8"``: float8 e4m3 weights with per-row scales and dynamically quantized float8 activations
   (``Float8DynamicActivationFloat8WeightConfig``). CUDA with compute capability 8.9 or later only (H100, L4,
   RTX 40xx); refused elsewhere with a clear error. Not tested on this project's CPU runners.
@@ -191,18 +193,29 @@ class TorchAoBackend(QuantBackend):
         group_size = info.get("group_size") or (int(block[-1]) if block is not None else 64)
         return scheme, group_size, module.weight.dtype
 
+    def _int4_parts(self, weight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(q (d_out, d_in) int4 values 0..15, per-element scale S and zero point Z (d_out, d_in) fp32) of a CPU
+        int4 weight, ``Ŵ = (q − 8) · S + Z``; None for a layout we cannot unpack (an unknown row-block size,
+        an activation pre-scale, or the DA8W4 packing)."""
+        block_n = _cpu_int4_block_n()
+        if block_n is None or weight.act_pre_scale is not None or getattr(weight, "act_mapping_type", None):
+            return None
+        d_out, d_in = weight.shape
+        q = _unpack_cpu_int4(weight.qdata, weight.qdata.shape[0], d_in, block_n)[:d_out]
+        group = weight.block_size[1]
+        sz = weight.scale_and_zero[:, :d_out].float()  # (d_in / group, d_out, 2): scale, zero
+        scale = sz[..., 0].t().repeat_interleave(group, 1)
+        zero = sz[..., 1].t().repeat_interleave(group, 1)
+        return q, scale, zero
+
     def dequantize(self, module):
         weight = module.weight
         if _int4_cpu(weight):
             d_out, d_in = weight.shape
             dtype = weight.scale_and_zero.dtype
-            block_n = _cpu_int4_block_n()
-            if block_n is not None and weight.act_pre_scale is None:
-                q = _unpack_cpu_int4(weight.qdata, weight.qdata.shape[0], d_in, block_n)[:d_out]
-                group = weight.block_size[1]
-                sz = weight.scale_and_zero[:, :d_out].float()  # (d_in / group, d_out, 2): scale, zero
-                scale = sz[..., 0].t().repeat_interleave(group, 1)
-                zero = sz[..., 1].t().repeat_interleave(group, 1)
+            parts = self._int4_parts(weight)
+            if parts is not None:
+                q, scale, zero = parts
                 return torch.addcmul(zero, q.float() - 8, scale).to(dtype)  # the kernel's own fused multiply-add
             eye = torch.eye(d_in, dtype=dtype, device=weight.qdata.device)
             cols = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -222,8 +235,14 @@ class TorchAoBackend(QuantBackend):
         scheme, group_size, dtype = self._settings(module)
         module.weight = self._quantized_weight(dense, scheme, group_size, dtype)
 
+    # -- accurate requantization: the grid of the stored weight ---------------------------------------
     def rounding_grid(self, module):
         weight = module.weight
+        if _int4_cpu(weight):  # Ŵ = (q − 8) · S + Z: levels −8..7 on the group scales, offset Z (rounding_offset)
+            parts = self._int4_parts(weight)
+            if parts is None:
+                return None
+            return parts[1], torch.arange(-8, 8, dtype=torch.float32, device=parts[1].device)
         if type(weight).__name__ != "Int8Tensor" or weight.qdata.shape != weight.shape:
             return None
         scale = weight.scale.float().expand(weight.shape) if weight.scale.dim() == 2 else None
@@ -231,8 +250,18 @@ class TorchAoBackend(QuantBackend):
             return None
         return scale, torch.arange(-128, 128, dtype=torch.float32, device=scale.device)  # torchao: [-128, 127]
 
+    def rounding_offset(self, module):
+        weight = module.weight
+        parts = self._int4_parts(weight) if _int4_cpu(weight) else None
+        return None if parts is None else parts[2]
+
     def write_levels(self, module, codes):
-        module.weight.qdata.copy_((codes - 128).to(torch.int8))
+        weight = module.weight
+        if _int4_cpu(weight):  # level k is q − 8 with q = k: pack q as torchao's from_hp does
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+            weight.qdata.copy_(packed.view_as(weight.qdata))
+            return
+        weight.qdata.copy_((codes - 128).to(torch.int8))
 
     def weight_bytes(self, module):
         weight = module.weight
