@@ -1,6 +1,7 @@
 """Where and with which shapes a prefix goes in a model: the attention modules of its language model
 (:meth:`~peftlab.core.structure.Structure.main`), the table's layer count, key/value heads and head dim (one
-width for every layer, as HF PEFT's prefix table has: the widest layer's, narrower layers read a slice of it), and whether the prefix reaches attention through
+width for every layer, as HF PEFT's prefix table has: the widest layer's, narrower layers read a slice of it; Swin's stages: the
+envelope of their widths), and whether the prefix reaches attention through
 transformers' attention interface or, on encoder-decoder models, through the decoder's KV cache."""
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
         )
     heads = getattr(text, "num_attention_heads", None)
     hidden = getattr(text, "hidden_size", None)
-    if not isinstance(heads, int) or not isinstance(hidden, int):
+    per_stage = not isinstance(heads, int) or not isinstance(hidden, int)
+    if per_stage and not all(_module_width(model, a) for a in selfs):
         raise TargetError(
             f"prefix tuning can't size a prefix for {type(model).__name__}: its config has no single "
-            f"num_attention_heads and hidden_size (got {heads!r}, {hidden!r}; per-stage values, as Swin's, differ "
-            f"in width between layers, and HF PEFT's prefix has one width for every layer too)"
+            f"num_attention_heads and hidden_size (got {heads!r}, {hidden!r}), and its attention modules don't say "
+            f"their own head_dim and key width"
         )
     if any(a.kv for a in selfs):
         raise TargetError(
@@ -90,6 +92,11 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
                 f"prefix tuning can't reach the decoder of {type(model).__name__}: on encoder-decoder models the prefix "
                 f"goes into the decoder's self-attention KV cache (as in HF PEFT), and this model's forward takes no cache"
             )
+        if per_stage:
+            raise TargetError(
+                f"prefix tuning can't size the decoder prefix of {type(model).__name__}: its config has no single "
+                f"num_attention_heads and hidden_size (got {heads!r}, {hidden!r})"
+            )
         decoder_layers = sum(any(a.kind == "cross" for a in b.attention) for b in found.blocks)
         n_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None) or decoder_layers
         return Geometry(
@@ -104,7 +111,11 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
             f"interface, where peftlab prepends the prefix keys and values"
         )
     sources = _kv_sources(model, selfs)
-    kv_heads, head_dim = _kv_geometry(model, text, [selfs[j] for j in sources], heads, hidden)
+    layers = [selfs[j] for j in sources]
+    if per_stage:
+        kv_heads, head_dim = _stage_envelope(model, layers)
+    else:
+        kv_heads, head_dim = _kv_geometry(model, text, layers, heads, hidden)
     return Geometry(
         "interface", len(modules), kv_heads, head_dim, modules, sources=sources, positions_at=found.language or ""
     )
@@ -171,6 +182,30 @@ def _kv_geometry(model: nn.Module, text, selfs, heads: int, hidden: int) -> tupl
             f"them without a prefix)"
         )
     return widest
+
+
+def _module_width(model: nn.Module, site) -> tuple[int, int] | None:
+    """(key/value heads, head dim) an attention module states itself (its ``head_dim`` and its key projection's
+    ``out_features``), or None where it doesn't."""
+    module = model.get_submodule(site.path)
+    dim = getattr(module, "head_dim", None)
+    out = getattr(model.get_submodule(site.k), "out_features", None) if site.k else None
+    if not isinstance(dim, int) or dim <= 0 or not isinstance(out, int) or out % dim:
+        return None
+    return out // dim, dim
+
+
+def _stage_envelope(model: nn.Module, selfs) -> tuple[int, int]:
+    """(key/value heads, head dim) of the prefix table of a model whose stages differ in width (Swin: per-stage
+    ``num_heads`` and a hidden size that doubles per stage): the most key/value heads and the widest head dim of
+    any layer, so every layer reads its own first heads and first head-dim columns (:func:`.attention.fit`).
+
+    HF PEFT has no table for such a model (its prefix reads one ``num_attention_heads`` from the config), so
+    there is no layout to match; the envelope gives each layer exactly its own width of trainable rows that
+    it reads, plus columns no layer reads (they get no gradient and stay at their initial values).
+    """
+    widths = [_module_width(model, site) for site in selfs]
+    return max(w[0] for w in widths), max(w[1] for w in widths)
 
 
 def _config_value(config, name: str):
