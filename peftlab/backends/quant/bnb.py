@@ -27,6 +27,7 @@ from torch import nn
 from ...util.errors import ConfigError
 from .base import PROBE_ROWS, MissingDependencyError, QuantizationError  # noqa: F401 (re-exported)
 from .base import quiet_merge_warnings as _quiet_merge_warnings
+from .bnb_cpu_fix import ensure_correct_cpu_dequantize
 
 INSTALL_HINT = "pip install 'peftlab[quant]' (or pip install bitsandbytes)"
 QUANT_TYPES = ("nf4", "fp4")
@@ -45,6 +46,7 @@ def require_bnb():
         )
     import bitsandbytes
 
+    ensure_correct_cpu_dequantize()
     return bitsandbytes
 
 
@@ -66,7 +68,10 @@ def is_bnb_linear(module: nn.Module) -> bool:
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None or not isinstance(module, nn.Linear):
         return False
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    found = isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    if found:  # a layer quantized elsewhere (transformers' BitsAndBytesConfig) computes with a right kernel too
+        ensure_correct_cpu_dequantize()
+    return found
 
 
 def quant_bits(module: nn.Module) -> int | None:
