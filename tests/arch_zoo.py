@@ -372,3 +372,13 @@ def logits(output) -> torch.Tensor:
     """The output a matrix cell compares: ``.logits``, or a contrastive model's ``logits_per_image``."""
     value = getattr(output, "logits", None)
     return output.logits_per_image if value is None else value
+
+
+def gemma4_moe() -> torch.nn.Module:
+    """The "Gemma-4" row with its MoE layout (26B-A4B): router and experts held by the decoder layer itself beside
+    a dense mlp, the two branches normed, summed and normed again in the layer's forward (no module outputs the
+    sum)."""
+    torch.manual_seed(0)
+    config = tf.Gemma4TextConfig(**{**ARCHS["Gemma-4"].config, "enable_moe_block": True, "num_experts": 4,
+                                    "top_k_experts": 2, "moe_intermediate_size": 16})  # fmt: skip
+    return tf.Gemma4ForCausalLM(config).eval()

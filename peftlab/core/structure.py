@@ -171,6 +171,9 @@ class BlockSite:
     #: the hidden width d of a mixture-of-experts feed-forward, whose ``ffn_out`` (= ``ffn_in[0]``) is the whole
     #: MoE block (the module holding the experts, router and any shared expert), not a linear layer
     moe_width: int | None = None
+    #: a mixture of experts held directly by the block, with no module around it (Gemma-4's ``experts`` beside its
+    #: dense ``mlp``, combined in the block's forward): the experts' path; the block then has no ``ffn_out``
+    inline_experts: str | None = None
 
 
 @dataclass
@@ -310,6 +313,13 @@ def _has_experts(block: nn.Module) -> bool:
     )
 
 
+def _expert_holders(block: nn.Module) -> list[str]:
+    """Paths in ``block`` of the modules that hold experts (see :func:`_has_experts`)."""
+    return [
+        n for n, m in block.named_modules() if n and (n.rsplit(".", 1)[-1] == "experts" or "experts" in type(m).__name__.lower())
+    ]
+
+
 def _moe_block(block: nn.Module) -> tuple[str, int] | None:
     """(path in ``block``, hidden width) of the module that holds a block's experts (Qwen3-MoE's ``mlp``, Jamba's
     ``feed_forward``, Granite's ``block_sparse_moe``): its input is the sublayer input and its output (or the
@@ -364,6 +374,8 @@ def _block_site(block: nn.Module, bpath: str, stack: str, index: int, like: froz
         moe = _moe_block(block)
         if moe is not None:
             site.ffn_out, site.ffn_in, site.moe_width = f"{bpath}.{moe[0]}", [f"{bpath}.{moe[0]}"], moe[1]
+        else:
+            site.inline_experts = next((f"{bpath}.{n}" for n in _expert_holders(block) if "." not in n), None)
     others = _one_feed_forward(others, bpath)
     if others:
         hidden = _dims(others[0][1])[0]

@@ -186,6 +186,46 @@ class BottleneckSlot(Slot):
         return f"{kind}, bottleneck={self.tensor('adapter_down').out_features}"
 
 
+def _is_linear_like(module: nn.Module) -> bool:
+    try:
+        layer_dims(module)
+    except TypeError:
+        return False
+    return True
+
+
+def _output_width(module: nn.Module, path: str) -> int:
+    """d, the width of the hidden state ``module`` outputs: a linear-like layer's out_features, or a norm's (its
+    1-D scale has one entry per channel; a module named with ``ffn_out`` / ``attn_out`` may be the norm a block
+    applies to its sublayer's output, as Gemma-4's ``post_feedforward_layernorm``)."""
+    if _is_linear_like(module):
+        return layer_dims(module)[1]
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 1:
+        return weight.shape[0]
+    raise TargetError(
+        f"bottleneck adapter: can't tell the output width of {path} ({type(module).__name__}); name a linear layer, a "
+        f"norm (its weight is one scale per channel) or a mixture-of-experts block as the sublayer output"
+    )
+
+
+def _inline_experts_note(model: nn.Module) -> str:
+    """Why a model whose blocks hold their experts directly (Gemma-4's 26B-A4B: ``router`` and ``experts`` beside a
+    dense ``mlp``, their outputs combined in the block's forward) has no feed-forward site, and what to name."""
+    from ...core.structure import structure
+
+    held = [b.inline_experts for b in structure(model).main().blocks if b.inline_experts]
+    if not held:
+        return ""
+    return (
+        f": its blocks hold their experts directly ({held[0]}) and combine them with the other feed-forward branches "
+        f"in the block's own forward, so no module outputs the whole feed-forward sublayer. Name the module whose "
+        f"output is that sublayer's output (before the residual add) with a regex whose first group is the layer "
+        f"index, e.g. on Gemma-4 AdapterConfig(ffn_out=r'.*layers\\.(\\d+)\\.post_feedforward_layernorm') (and "
+        f"ffn_in=r'.*layers\\.(\\d+)\\.pre_feedforward_layernorm' for parallel adapters)"
+    )
+
+
 def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, Any]:
     """A :class:`BottleneckSlot` on each residual point that :func:`~.adapter_arch.find_sites` finds."""
     overrides = {k: getattr(config, k) for k in ("attn_out", "ffn_out", "attn_in", "ffn_in")}
@@ -213,11 +253,12 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, An
             raise TargetError(
                 f"no {kind} sublayer to adapt in {type(model).__name__}"
                 + (f" for layers {config.layers}; its blocks are numbered {have}" if config.layers is not None else "")
+                + (_inline_experts_note(model) if kind == "ffn" and config.layers is None else "")
             )
     targets, shapes = [], {}
     for site in chosen:
         base = base_layer_of(submodule(model, site.out))
-        d = site.width or layer_dims(base)[1]
+        d = site.width or _output_width(base, site.out)
         if parallel and not site.inp:
             raise TargetError(
                 f"parallel adapter: no sublayer-input module for {site.kind} of block {site.index} ({site.out}); "
@@ -233,7 +274,7 @@ def inject_adapter(model: nn.Module, config: AdapterConfig, txn) -> dict[str, An
         if parallel:
             txn.hook(submodule(model, site.inp).register_forward_pre_hook(_capture(slot), with_kwargs=True))
         targets.append(site.out)
-        if site.width is None:  # a linear layer (a MoE block has no single weight to check)
+        if site.width is None and _is_linear_like(base):  # a MoE block or a norm has no (out, in) weight to check
             shapes[site.out] = weight_shape(base)
     extra: list[str] = []
     if config.train_layernorm:

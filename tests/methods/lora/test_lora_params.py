@@ -248,3 +248,24 @@ def test_combine_refuses_expert_adapters_on_different_parameters():
     with pytest.raises(ConfigError, match="adapt different modules .*down_proj"):
         peftlab.combine(model, ["a", "b"], [0.5, 0.5], how="cat", new_name="c")
     assert peftlab.list_adapters(model) == ["a", "b"]
+
+
+def test_gemma4_moe_experts_held_by_the_layer_merge_exactly_and_load_in_peft(tmp_path):
+    """Gemma-4's MoE layout (experts beside a dense mlp in the decoder layer, no MoE block module): per-expert LoRA
+    changes the logits, merges exactly, and HF PEFT computes our logits from the export."""
+    from arch_zoo import gemma4_moe
+
+    model = peftlab.wrap(gemma4_moe(), peftlab.LoraConfig(r=2, alpha=4, target_modules=["q_proj"],
+                                                          target_parameters=EXPERTS))  # fmt: skip
+    perturb(model, 0.5)
+    x = inputs("Gemma-4")
+    with torch.no_grad():
+        ours = model(**x).logits
+        assert (ours - gemma4_moe()(**x).logits).abs().max() > 1e-2
+    peftlab.export_peft(model, tmp_path / "export")
+    theirs = peft.PeftModel.from_pretrained(gemma4_moe(), str(tmp_path / "export")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**x).logits, ours, rtol=0, atol=1e-5)
+    peftlab.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, ours, rtol=0, atol=1e-5)
