@@ -119,6 +119,11 @@ def hf_quantize_4bit(model, device: str, compute_dtype: torch.dtype):
     import bitsandbytes as bnb
     import peft
 
+    from peftlab.backends.quant.bnb_cpu_fix import ensure_correct_cpu_dequantize
+
+    # the same right CPU kernel as peftlab's process (bitsandbytes 0.50's AVX-512 one reads wrong block scales on
+    # rows that are not whole blocks, as the dry run's toy widths are; see bnb_cpu_fix)
+    ensure_correct_cpu_dequantize()
     head = model.get_output_embeddings()
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
