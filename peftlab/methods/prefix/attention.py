@@ -55,6 +55,8 @@ class PrefixHolder:
         self.folded: dict[str, torch.Tensor] = {}
         self.active: list[str] = []
         self.disabled: set[str] = set()
+        #: the module whose ``position_ids`` move past the prefix: "" (the model) or a VLM's language model
+        self.positions_at = ""
 
     def running(self) -> str | None:
         """The prefix adapter that runs now (None: none); two active at once is an error."""

@@ -183,6 +183,7 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]
     # models whose forward takes no position_ids (DistilBERT) keep positions 0..T-1 for the real tokens; a VLM's
     # language model moves the positions its VLM gives it (as HF PEFT's cache of n tokens makes the VLM count)
     shift_at = model.get_submodule(geo.positions_at) if geo.positions_at else model
+    holder.positions_at = geo.positions_at  # where a mixed batch shifts its rows' positions too
     takes_positions = "position_ids" in inspect.signature(type(shift_at).forward).parameters
     n, kvh, hd = encoder.n, geo.kv_heads, geo.head_dim
 

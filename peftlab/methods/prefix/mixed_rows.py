@@ -106,7 +106,7 @@ def shift_positions(args, kwargs: dict, shift: torch.Tensor) -> dict:
     ref = ids if ids is not None else kwargs.get("inputs_embeds")
     if ref is None:
         return kwargs
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     positions = torch.arange(past, past + ref.shape[1], device=ref.device).view(1, -1) + shift.view(-1, 1)
     return {**kwargs, "position_ids": positions}
@@ -127,8 +127,22 @@ def route_rows(model: nn.Module, router, args, kwargs: dict) -> dict:
     else:
         rows = router.cached(("prefix", str(device)), lambda: prefix_rows(model, router, device))
     holder.rows = rows
-    if rows.kv is not None and "position_ids" in inspect.signature(type(model).forward).parameters:
-        kwargs = shift_positions(args, kwargs, rows.shift)
+    old = getattr(holder, "rows_hook", None)
+    if old is not None:  # generate's steps and training forwards route again without clearing in between
+        old.remove()
+        holder.rows_hook = None
+    if rows.kv is None:
+        return kwargs
+    at = model.get_submodule(holder.positions_at) if getattr(holder, "positions_at", "") else model
+    if "position_ids" not in inspect.signature(type(at).forward).parameters:
+        return kwargs
+    if at is model:
+        return shift_positions(args, kwargs, rows.shift)
+    # a VLM's language model: shift the positions its VLM computes for it (PaliGemma counts from 1, Qwen2-VL's are
+    # multimodal, (3, batch, T)), as a single prefix does, once for the whole routed forward
+    holder.rows_hook = at.register_forward_pre_hook(
+        lambda module, a, kw: (a, shift_positions(a, kw, rows.shift)), with_kwargs=True
+    )
     return kwargs
 
 
@@ -137,6 +151,10 @@ def clear_rows(model: nn.Module) -> None:
     holder = getattr(model, PREFIX_HOLDER_ATTR, None)
     if holder is not None:
         holder.rows = None
+        hook = getattr(holder, "rows_hook", None)
+        if hook is not None:
+            hook.remove()
+            holder.rows_hook = None
 
 
 def routing_key(model: nn.Module) -> tuple:
