@@ -1,8 +1,8 @@
 """Where and with which shapes a prefix goes in a model: the attention modules of its language model
 (:meth:`~peftlab.core.structure.Structure.main`), the table's layer count, key/value heads and head dim (one
-width for every layer, as HF PEFT's prefix table has: the widest layer's, narrower layers read a slice of it; Swin's stages: the
-envelope of their widths), and whether the prefix reaches attention through
-transformers' attention interface or, on encoder-decoder models, through the decoder's KV cache."""
+width for every layer, as HF PEFT's prefix table has: the widest layer's, narrower layers read a slice of it;
+Swin's stages, which HF PEFT can't size: the envelope of their widths), and whether the prefix reaches attention
+through transformers' attention interface or, on encoder-decoder models, through the decoder's KV cache."""
 
 from __future__ import annotations
 
