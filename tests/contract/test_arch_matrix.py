@@ -283,7 +283,7 @@ def test_readme_table_is_the_matrix():
 # ---- prefix specifics: fused qkv and encoder-decoder generation, positions, checkpointing --------------
 
 
-@pytest.mark.parametrize("label", ["GPT-2", "GPT-NeoX", "Phi-3", "T5", "BART"])
+@pytest.mark.parametrize("label", ["GPT-2", "GPT-NeoX", "Phi-3", "T5", "BART", "BLOOM"])
 def test_prefix_generation_cached_equals_uncached(label):
     torch.manual_seed(0)
     model = peftlab.wrap(build(label), peftlab.PrefixConfig(num_virtual_tokens=3, projection_dim=8))

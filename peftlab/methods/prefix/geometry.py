@@ -50,6 +50,9 @@ class Geometry:
     #: the module whose ``position_ids`` move past the prefix: "" (the model) or a VLM's language model, which
     #: gets the positions its VLM computes (PaliGemma counts from 1, Qwen2-VL's are multimodal)
     positions_at: str = ""
+    #: "cache" mode on a decoder-only model (BLOOM): the cache is the model's own, and its attention mask gets the
+    #: prefix columns
+    decoder_only: bool = False
 
     def rows(self, i: int) -> tuple[int, int]:
         if self.submodules == 2:  # HF PEFT repeats the table and reads 4 rows per decoder layer, modulo 2L
@@ -104,11 +107,24 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
             submodules=2 if task == "SEQ_2_SEQ_LM" or (task is None and getattr(text, "is_encoder_decoder", False)) else 1,
         )  # fmt: skip
     bad = sorted({type(m).__name__ for m in modules if not _uses_attention_interface(m)})
+    if bad and _takes_cache(model) and not per_stage and _cache_heads(text) is not None:
+        # attention computed by the model itself (BLOOM's ALiBi) but a forward that takes a KV cache: the prefix
+        # starts the cache, as HF PEFT passes it (and the attention mask gets n leading columns)
+        kv_heads = _cache_heads(text)
+        return Geometry(
+            "cache", len(modules), kv_heads, hidden // heads, [], decoder_layers=len(modules), decoder_only=True
+        )
     if bad:
+        cache_note = (
+            ", and the KV cache its forward takes holds keys with fewer heads than its queries (multi-query), unlike "
+            "the cache HF PEFT's prefix fills (one head per query head)"
+            if _takes_cache(model) and not per_stage
+            else ", and its forward takes no KV cache to start with the prefix (HF PEFT's route)"
+        )
         raise TargetError(
             f"prefix tuning can't reach the attention of {type(model).__name__}: {', '.join(bad)} computes attention "
             f"itself (ALiBi / disentangled position terms / its own kernels) instead of calling transformers' attention "
-            f"interface, where peftlab prepends the prefix keys and values"
+            f"interface, where peftlab prepends the prefix keys and values" + cache_note
         )
     sources = _kv_sources(model, selfs)
     layers = [selfs[j] for j in sources]
@@ -119,6 +135,22 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
     return Geometry(
         "interface", len(modules), kv_heads, head_dim, modules, sources=sources, positions_at=found.language or ""
     )
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" in params or "past_key_values" in params
+
+
+def _cache_heads(text) -> int | None:
+    """Key/value heads of a model whose attention reads the KV cache itself: the config's attention heads when
+    its keys have as many (BLOOM), None where they have fewer (Falcon's multi-query / grouped layouts, whose cache
+    holds other shapes than HF PEFT's prefix table)."""
+    heads = text.num_attention_heads
+    kv = _config_value(text, "num_key_value_heads") or _config_value(text, "num_kv_heads") or heads
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv = 1
+    return heads if kv == heads else None
 
 
 def _kv_sources(model: nn.Module, selfs) -> list[int]:

@@ -209,8 +209,8 @@ def inject_prefix(model: nn.Module, config: PrefixConfig, txn) -> dict[str, Any]
         if geo.mode == "cache":
             if checkpointing:
                 raise ConfigError(
-                    f"prefix tuning on the encoder-decoder {type(mod).__name__} can't train with gradient checkpointing: "
-                    f"the prefix lives in the decoder's KV cache, which transformers drops when checkpointing "
+                    f"prefix tuning on {type(mod).__name__} can't train with gradient checkpointing: "
+                    f"the prefix lives in the (decoder's) KV cache, which transformers drops when checkpointing "
                     f"(cache=None); call model.gradient_checkpointing_disable() to train the prefix"
                 )
             return args, _fill_cache(model, geo, layer_kv, args, kwargs)
@@ -282,7 +282,7 @@ def _fill_cache(model: nn.Module, geo: Geometry, layer_kv, args, kwargs) -> dict
         # from the real tokens only, so move its cache_position past the prefix
         if n and kwargs.get("cache_position") is not None:
             kwargs = {**kwargs, "cache_position": kwargs["cache_position"] + n}
-        return kwargs
+        return _prefix_columns(geo, kwargs, n) if n else kwargs
     ref = kwargs.get("input_ids", args[0] if args else None)
     for k in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"):
         if ref is None:
@@ -291,7 +291,7 @@ def _fill_cache(model: nn.Module, geo: Geometry, layer_kv, args, kwargs) -> dict
         ref = kwargs["encoder_outputs"][0]
     batch = ref.shape[0]
     if cache is None:
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cache = DynamicCache() if geo.decoder_only else EncoderDecoderCache(DynamicCache(), DynamicCache())
     self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     for i in range(min(geo.n_layers, geo.decoder_layers)):
         k, v = layer_kv(i)
@@ -303,7 +303,18 @@ def _fill_cache(model: nn.Module, geo: Geometry, layer_kv, args, kwargs) -> dict
     out = {**{k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}, key: cache}
     if out.get("cache_position") is not None:  # computed by generate before the prefix was in the cache
         out["cache_position"] = out["cache_position"] + cache._peftlab_prefix
-    return out
+    return _prefix_columns(geo, out, cache._peftlab_prefix)
+
+
+def _prefix_columns(geo: Geometry, kwargs: dict, n: int) -> dict:
+    """A decoder-only model's attention mask gets n leading ones for the prefix in its cache (as HF PEFT prepends
+    them; BLOOM also builds its ALiBi offsets from this mask). An encoder-decoder's ``attention_mask`` is the
+    encoder's, which the prefix does not touch."""
+    mask = kwargs.get("attention_mask")
+    if not geo.decoder_only or mask is None or mask.dim() != 2:
+        return kwargs
+    ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
+    return {**kwargs, "attention_mask": torch.cat([ones, mask], dim=1)}
 
 
 def _drop_table(model: nn.Module, name: str) -> None:

@@ -75,8 +75,9 @@ def prefix_rows(model: nn.Module, router, device, grad: bool = False) -> PrefixR
     cached = [n for n in prefixed if states[n].info.get("mode", "interface") != "interface"]
     if cached:
         raise ConfigError(
-            f"prefix adapter(s) {cached} reach {type(model).__name__} through the decoder's KV cache (encoder-decoder "
-            f"models), which a mixed batch cannot fill per row; run them in their own batch with set_active_adapters"
+            f"prefix adapter(s) {cached} reach {type(model).__name__} through its (decoder's) KV cache (encoder-decoder "
+            f"models, and models whose attention reads the cache itself, as BLOOM's), which a mixed batch cannot fill "
+            f"per row; run them in their own batch with set_active_adapters"
         )
     tables = getattr(model, PREFIX_TABLES_ATTR)
     with torch.enable_grad() if grad else torch.no_grad():
