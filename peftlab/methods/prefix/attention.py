@@ -57,6 +57,14 @@ class PrefixHolder:
         self.disabled: set[str] = set()
         #: the module whose ``position_ids`` move past the prefix: "" (the model) or a VLM's language model
         self.positions_at = ""
+        #: during a mixed batch on a VLM: the hook that shifts the language model's positions per row
+        self.rows_hook = None
+
+    def drop_rows_hook(self) -> None:
+        """Remove the per-row position hook of a mixed batch, if any."""
+        if self.rows_hook is not None:
+            self.rows_hook.remove()
+            self.rows_hook = None
 
     def running(self) -> str | None:
         """The prefix adapter that runs now (None: none); two active at once is an error."""

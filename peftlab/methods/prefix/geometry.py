@@ -107,20 +107,23 @@ def _geometry(model: nn.Module, task: str | None = None) -> Geometry:
             submodules=2 if task == "SEQ_2_SEQ_LM" or (task is None and getattr(text, "is_encoder_decoder", False)) else 1,
         )  # fmt: skip
     bad = sorted({type(m).__name__ for m in modules if not _uses_attention_interface(m)})
-    if bad and _takes_cache(model) and not per_stage and _cache_heads(text) is not None:
+    cache_heads = None if (per_stage or not bad or not _takes_cache(model)) else _cache_heads(text)
+    if cache_heads is not None:
         # attention computed by the model itself (BLOOM's ALiBi) but a forward that takes a KV cache: the prefix
         # starts the cache, as HF PEFT passes it (and the attention mask gets n leading columns)
-        kv_heads = _cache_heads(text)
         return Geometry(
-            "cache", len(modules), kv_heads, hidden // heads, [], decoder_layers=len(modules), decoder_only=True
+            "cache", len(modules), cache_heads, hidden // heads, [], decoder_layers=len(modules), decoder_only=True
         )
     if bad:
-        cache_note = (
-            ", and the KV cache its forward takes holds keys with fewer heads than its queries (multi-query), unlike "
-            "the cache HF PEFT's prefix fills (one head per query head)"
-            if _takes_cache(model) and not per_stage
-            else ", and its forward takes no KV cache to start with the prefix (HF PEFT's route)"
-        )
+        if not _takes_cache(model):
+            cache_note = ", and its forward takes no KV cache to start with the prefix (HF PEFT's route)"
+        elif per_stage:
+            cache_note = ", and its stages differ in width, where HF PEFT's cache route has one width for every layer"
+        else:
+            cache_note = (
+                ", and the KV cache its forward takes holds keys with fewer heads than its queries (multi-query), "
+                "unlike the cache HF PEFT's prefix fills (one head per query head)"
+            )
         raise TargetError(
             f"prefix tuning can't reach the attention of {type(model).__name__}: {', '.join(bad)} computes attention "
             f"itself (ALiBi / disentangled position terms / its own kernels) instead of calling transformers' attention "

@@ -128,13 +128,10 @@ def route_rows(model: nn.Module, router, args, kwargs: dict) -> dict:
     else:
         rows = router.cached(("prefix", str(device)), lambda: prefix_rows(model, router, device))
     holder.rows = rows
-    old = getattr(holder, "rows_hook", None)
-    if old is not None:  # generate's steps and training forwards route again without clearing in between
-        old.remove()
-        holder.rows_hook = None
+    holder.drop_rows_hook()  # generate's steps and training forwards route again without clearing in between
     if rows.kv is None:
         return kwargs
-    at = model.get_submodule(holder.positions_at) if getattr(holder, "positions_at", "") else model
+    at = model.get_submodule(holder.positions_at) if holder.positions_at else model
     if "position_ids" not in inspect.signature(type(at).forward).parameters:
         return kwargs
     if at is model:
@@ -152,10 +149,7 @@ def clear_rows(model: nn.Module) -> None:
     holder = getattr(model, PREFIX_HOLDER_ATTR, None)
     if holder is not None:
         holder.rows = None
-        hook = getattr(holder, "rows_hook", None)
-        if hook is not None:
-            hook.remove()
-            holder.rows_hook = None
+        holder.drop_rows_hook()
 
 
 def routing_key(model: nn.Module) -> tuple:
